@@ -1,0 +1,1 @@
+"""Matcher core: preprocessing, networks, backends, post-processing. No ROS imports here."""

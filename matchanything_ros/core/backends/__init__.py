@@ -1,0 +1,1 @@
+"""Inference backends. Each backend is one module implementing `base.Backend`."""

@@ -1,0 +1,26 @@
+"""The one small interface every inference backend implements.
+
+A variant's network is split into named graphs with fixed-shape outputs (ELoFTR: "coarse"
+then "fine"; RoMa: "dense"). Pre- and post-processing are shared numpy code outside the
+backends; a backend only runs graphs: named numpy arrays in, named numpy arrays out.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str  # "torch" | "onnxruntime" | "tensorrt"
+    device: str  # what actually runs, e.g. "cpu", "cuda:0", "CUDAExecutionProvider"
+    precision: str  # "fp32" | "fp16"
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one named graph of the variant's network."""
+        ...
+
+    def close(self) -> None:
+        """Free every resource (GPU memory, sessions, streams). Idempotent."""
+        ...
