@@ -20,7 +20,8 @@ def add_param_args(parser: argparse.ArgumentParser, names: Iterable[str]) -> Non
     """Add `--flag` options for the named parameters (defaults and help from PARAMS)."""
     for name in names:
         spec = PARAMS_BY_NAME[name]
-        kw: dict[str, Any] = {"dest": name, "default": spec.default, "help": f"{spec.description} (default: {spec.default!r})"}
+        kw: dict[str, Any] = {"dest": name, "default": spec.default,
+                              "help": f"{spec.description} (default: {spec.default!r})"}
         if spec.type is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:

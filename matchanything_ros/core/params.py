@@ -28,7 +28,8 @@ class ParamSpec:
     choices: tuple[Any, ...] | None = None
     min: float | None = None
     max: float | None = None
-    group: str = "matcher"  # "matcher" (library+CLI+node) | "node" (ROS only) | "engine"
+    # "matcher" (library+CLI+node) | "node" (ROS only) | "engine" | "build" (export/build-engine only)
+    group: str = "matcher"
 
     @property
     def type(self) -> type:
@@ -108,6 +109,16 @@ PARAMS: tuple[ParamSpec, ...] = (
     _P("force_engine_update", False, "Rebuild the TensorRT engine even if one exists", group="engine"),
     _P("max_workspace_size", 4 << 30, "TensorRT builder workspace limit in bytes", min=1 << 20,
        max=1 << 40, group="engine"),
+    _P("engine_min_size", 416, "ELoFTR engine/export: smallest canvas side the optimisation profile accepts "
+       "(multiple of 32)", min=32, max=8192, group="build"),
+    _P("engine_opt_size", 832, "ELoFTR engine: canvas side TensorRT tunes for (multiple of 32)", min=32, max=8192,
+       group="build"),
+    _P("engine_max_size", 1664, "ELoFTR engine/export: largest canvas side the optimisation profile accepts "
+       "(multiple of 32)", min=32, max=8192, group="build"),
+    _P("engine_max_matches", 20000, "ELoFTR engine: most coarse matches the fine graph accepts per pair "
+       "(the profile's M range is 1..this)", min=1, max=1 << 22, group="build"),
+    _P("timing_cache_path", "", "TensorRT timing cache file (empty = one per GPU and TensorRT version in the cache "
+       "dir); makes rebuilds much faster", group="build"),
     # --- node only -----------------------------------------------------------------------------
     _P("mode", "stereo", "stereo: pair image0 with image1 by stamp; sequential: pair each image0 frame "
        "with the previous one (visual odometry)", choices=SYNC_MODES, group="node"),

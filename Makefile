@@ -1,0 +1,45 @@
+# Entry points (README): `make demo` (the main job), `make test` (what CI runs).
+# Every target that needs the environment runs `setup` first; it is idempotent and quick when
+# nothing changed. Extra pytest arguments: make test PYTEST_ARGS="-k messages -x".
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+IN_ENV := cd $(ROOT) && . ./env.sh &&
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lint typecheck clean distclean help
+
+help:
+	@echo "make setup      create .venv, install pinned requirements, build + install the package into install/"
+	@echo "make demo       the matcher node on a bundled stereo pair, writing a PNG of the matches"
+	@echo "make test       setup, then the test suite (what CI runs)"
+	@echo "make lint       ruff;  make typecheck: mypy on matchanything_ros/core"
+	@echo "make clean      remove build/ install/ log/;  make distclean: also .venv"
+
+setup:
+	@bash $(ROOT)/tools/setup.sh
+
+# pytest exits 5 when it collects no test: that is a failure, say so
+test: setup
+	@$(IN_ENV) rc=0; python -m pytest test $(PYTEST_ARGS) || rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+demo: setup
+	@$(IN_ENV) if python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("matchanything_ros.cli.demo") is None)'; then \
+	  matchanything demo; \
+	else \
+	  echo "make demo: not available yet: the 'matchanything demo' subcommand (matchanything_ros/cli/demo.py) has not landed, so nothing was run." >&2; \
+	  exit 1; \
+	fi
+
+lint: setup
+	@$(IN_ENV) ruff check .
+
+typecheck: setup
+	@$(IN_ENV) mypy
+
+clean:
+	rm -rf $(ROOT)/build $(ROOT)/install $(ROOT)/log
+
+distclean: clean
+	rm -rf $(ROOT)/.venv $(ROOT)/*.egg-info

@@ -1,0 +1,124 @@
+"""ONNX Runtime backend: runs the exported graphs on CPU, or on the CUDA execution provider where present.
+
+It never falls back silently. ONNX Runtime quietly drops to the CPU provider when the CUDA
+provider fails to load (missing cuDNN, wrong CUDA), and assigns unsupported nodes to the CPU
+one by one; peers' users then measure "GPU" latencies on the CPU. Here a CUDA session is created
+with the CPU-fallback switch off, and the provider that actually runs is read back from the
+session and reported in `device`; anything else than what was asked for is an error.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, ConfigError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(uint8)": np.uint8,
+}
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise BackendUnavailableError(f"onnxruntime is not installed: {exc}") from exc
+    return ort
+
+
+def choose_provider(device: str, available: list[str]) -> tuple[str, int]:
+    """(provider, device id) for a requested device ("cpu", "cuda", "cuda:N", "auto")."""
+    if device == "cpu":
+        return CPU, 0
+    if device == "auto":
+        return (CUDA, 0) if CUDA in available else (CPU, 0)
+    if device == "cuda" or device.startswith("cuda:"):
+        if CUDA not in available:
+            raise BackendUnavailableError(
+                f"device {device!r} asked for, but this onnxruntime has no CUDA execution provider "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu or use --device cpu")
+        return CUDA, int(device.split(":", 1)[1]) if ":" in device else 0
+    raise ConfigError(f"unknown device {device!r} for the onnxruntime backend")
+
+
+class OnnxRuntimeBackend:
+    """`model_paths`: {graph: path to <graph>.onnx}. `device`: cpu, cuda[:N] or auto."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model_paths: dict[str, str | Path], device: str = "cpu", precision: str = "fp32", *,
+                 intra_op_threads: int = 0) -> None:
+        if precision != "fp32":
+            raise ConfigError(f"the onnxruntime backend runs the fp32 export; precision {precision!r} is a TensorRT "
+                              "build option (use --backend tensorrt --precision fp16)")
+        self.precision = precision
+        ort = _import_ort()
+        provider, device_id = choose_provider(device, list(ort.get_available_providers()))
+        self._sessions: dict[str, Any] = {}
+        self._input_types: dict[str, dict[str, Any]] = {}
+        self._output_names: dict[str, list[str]] = {}
+        self._metadata: dict[str, dict[str, str]] = {}
+        for graph, path in model_paths.items():
+            if not Path(path).is_file():
+                raise ConfigError(f"ONNX model for graph {graph!r} not found: {path} (create it with "
+                                  "`matchanything export`)")
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = intra_op_threads
+            opts.log_severity_level = 3
+            if provider == CUDA:
+                # fail at load time instead of running unsupported nodes on the CPU behind the user's back
+                opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+                providers: list[Any] = [(CUDA, {"device_id": device_id})]
+            else:
+                providers = [CPU]
+            try:
+                sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise BackendUnavailableError(f"onnxruntime could not load {path} on {provider}: {exc}") from exc
+            running = sess.get_providers()
+            if not running or running[0] != provider:
+                raise BackendUnavailableError(
+                    f"onnxruntime runs {path} on {running} instead of {provider}; refusing a silent fallback")
+            self._sessions[graph] = sess
+            self._input_types[graph] = {i.name: _ORT_TYPES.get(i.type) for i in sess.get_inputs()}
+            self._output_names[graph] = [o.name for o in sess.get_outputs()]
+            self._metadata[graph] = dict(sess.get_modelmeta().custom_metadata_map)
+        self.provider = provider
+        self.device = provider if provider == CPU else f"{provider}:{device_id}"
+
+    @property
+    def graphs(self) -> tuple[str, ...]:
+        return tuple(self._sessions)
+
+    def metadata(self, graph: str) -> dict[str, Any]:
+        """The export's metadata of a graph, JSON values decoded."""
+        out: dict[str, Any] = {}
+        for k, v in self._metadata[graph].items():
+            try:
+                out[k] = json.loads(v)
+            except ValueError:
+                out[k] = v
+        return out
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            sess = self._sessions[graph]
+        except KeyError:
+            raise ConfigError(f"no ONNX model for graph {graph!r} (have: {', '.join(self._sessions)})") from None
+        types = self._input_types[graph]
+        missing = sorted(set(types) - set(inputs))
+        if missing:
+            raise ConfigError(f"graph {graph!r} needs inputs {missing}")
+        feeds = {n: np.ascontiguousarray(inputs[n], dtype=t) if t is not None else inputs[n] for n, t in types.items()}
+        outs = sess.run(self._output_names[graph], feeds)
+        return dict(zip(self._output_names[graph], outs, strict=True))
+
+    def close(self) -> None:
+        self._sessions.clear()

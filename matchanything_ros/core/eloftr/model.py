@@ -1,0 +1,529 @@
+"""ELoFTR network of MatchAnything in PyTorch, split into the two export graphs.
+
+Module and parameter names follow the released checkpoint (`backbone.*`, `loftr_coarse.layers.*`,
+`fine_preprocess.*`), so `EloftrNet.load_state_dict(..., strict=True)` accepts it after the
+`matcher.` prefix is stripped. The numerics follow the official code path (reference SPEC §4):
+
+* `EloftrCoarse` ("coarse" graph): backbone -> coarse transformer -> dual-softmax confidence ->
+  per image0 cell the top-K cells of image1 (or the full confidence matrix when `exact_full_conf`),
+  plus the full-resolution fine feature maps.
+* `EloftrFine` ("fine" graph): fine windows of the selected cell pairs -> sub-pixel keypoints in
+  canvas pixels (with the original's -3.5 px convention and its off-by-one 3x3 regression window).
+
+Selection (threshold, border removal, ordering) is host numpy code in `postprocess.py`, shared by
+every backend.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import EloftrConfig
+
+# ----------------------------------------------------------------------------------------------
+# RepVGG backbone
+# ----------------------------------------------------------------------------------------------
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int, padding: int, eps: float) -> nn.Sequential:
+    seq = nn.Sequential()
+    seq.add_module("conv", nn.Conv2d(cin, cout, kernel, stride, padding, bias=False))
+    seq.add_module("bn", nn.BatchNorm2d(cout, eps=eps))
+    return seq
+
+
+def _fold_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    assert bn.running_var is not None and bn.running_mean is not None
+    std = (bn.running_var + bn.eps).sqrt()
+    t = (bn.weight / std).reshape(-1, 1, 1, 1)
+    return kernel * t, bn.bias - bn.running_mean * bn.weight / std
+
+
+def _conv_bn_parts(seq: nn.Sequential) -> tuple[torch.Tensor, nn.BatchNorm2d]:
+    conv, bn = seq.conv, seq.bn
+    assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+    return conv.weight, bn
+
+
+class RepVGGBlock(nn.Module):
+    """relu(BN(conv3x3 x) + BN(conv1x1 x) [+ BN(x)]): the multi-branch form the checkpoint holds.
+
+    `fuse()` re-parameterises it into one 3x3 conv with bias (equal up to float rounding).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.cin, self.cout, self.stride = cin, cout, stride
+        self.rbr_dense = _conv_bn(cin, cout, 3, stride, 1, eps)
+        self.rbr_1x1 = _conv_bn(cin, cout, 1, stride, 0, eps)
+        self.rbr_identity = nn.BatchNorm2d(cin, eps=eps) if cin == cout and stride == 1 else None
+        self.rbr_reparam: nn.Conv2d | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rbr_reparam is not None:
+            return F.relu(self.rbr_reparam(x))
+        out = self.rbr_dense(x) + self.rbr_1x1(x)
+        if self.rbr_identity is not None:
+            out = out + self.rbr_identity(x)
+        return F.relu(out)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        if self.rbr_reparam is not None:
+            return
+        k3, b3 = _fold_bn(*_conv_bn_parts(self.rbr_dense))
+        k1, b1 = _fold_bn(*_conv_bn_parts(self.rbr_1x1))
+        kernel = k3 + F.pad(k1, (1, 1, 1, 1))
+        bias = b3 + b1
+        if self.rbr_identity is not None:
+            ident = torch.zeros_like(k3)
+            idx = torch.arange(self.cin)
+            ident[idx, idx, 1, 1] = 1.0
+            ki, bi = _fold_bn(ident, self.rbr_identity)
+            kernel, bias = kernel + ki, bias + bi
+        conv = nn.Conv2d(self.cin, self.cout, 3, self.stride, 1, bias=True).to(kernel.device)
+        conv.weight.copy_(kernel)
+        assert conv.bias is not None
+        conv.bias.copy_(bias)
+        self.rbr_reparam = conv
+        del self.rbr_dense, self.rbr_1x1
+        self.rbr_identity = None
+
+
+class RepVGGBackbone(nn.Module):
+    """RepVGG_8_1_align: layer0 (stride 2), layer1 (stride 1), layer2 (stride 2), layer3 (stride 2).
+
+    Returns (feats_c 1/8, feats_x2 1/4, feats_x1 1/2).
+    """
+
+    def __init__(self, cfg: EloftrConfig) -> None:
+        super().__init__()
+        d0, d1, d2 = cfg.block_dims
+        n1, n2, n3 = cfg.layer_depths
+        eps = cfg.bn_eps
+        self.layer0 = RepVGGBlock(1, d0, 2, eps)
+        self.layer1 = nn.Sequential(*[RepVGGBlock(d0, d0, 1, eps) for _ in range(n1)])
+        self.layer2 = nn.Sequential(RepVGGBlock(d0, d1, 2, eps), *[RepVGGBlock(d1, d1, 1, eps) for _ in range(n2 - 1)])
+        self.layer3 = nn.Sequential(RepVGGBlock(d1, d2, 2, eps), *[RepVGGBlock(d2, d2, 1, eps) for _ in range(n3 - 1)])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x1 = self.layer1(self.layer0(x))
+        x2 = self.layer2(x1)
+        x3 = self.layer3(x2)
+        return x3, x2, x1
+
+
+def fuse_repvgg(module: nn.Module) -> nn.Module:
+    """Re-parameterise every RepVGG block of `module` in place (speed form); returns `module`."""
+    for m in module.modules():
+        if isinstance(m, RepVGGBlock):
+            m.fuse()
+    return module
+
+
+# ----------------------------------------------------------------------------------------------
+# Coarse transformer
+# ----------------------------------------------------------------------------------------------
+
+
+class RotaryEncoding2d(nn.Module):
+    """2-D RoPE on the pooled grid: 1-based row/col positions, interleaved per frequency.
+
+    Tables are computed exactly like the original (float32 over the full max grid, then rounded
+    to float16 when `fp16_tables`), kept at half size (before the pairwise duplication).
+    """
+
+    sin_half: torch.Tensor
+    cos_half: torch.Tensor
+
+    def __init__(self, d_model: int, max_grid: int, npe: tuple[int, int, int, int], fp16_tables: bool) -> None:
+        super().__init__()
+        shape = (max_grid, max_grid)
+        i_pos = torch.ones(shape).cumsum(0).float().unsqueeze(-1)
+        j_pos = torch.ones(shape).cumsum(1).float().unsqueeze(-1)
+        train_h, train_w, test_h, test_w = npe
+        i_pos, j_pos = i_pos * train_h / test_h, j_pos * train_w / test_w
+        div_term = torch.exp(torch.arange(0, d_model // 4, 1).float() * (-math.log(10000.0) / (d_model // 4)))
+        div_term = div_term[None, None, :]
+        dtype = torch.float16 if fp16_tables else torch.float32
+        sin = torch.zeros(*shape, d_model // 2, dtype=dtype)
+        cos = torch.zeros(*shape, d_model // 2, dtype=dtype)
+        sin[:, :, 0::2] = torch.sin(i_pos * div_term).to(dtype)
+        sin[:, :, 1::2] = torch.sin(j_pos * div_term).to(dtype)
+        cos[:, :, 0::2] = torch.cos(i_pos * div_term).to(dtype)
+        cos[:, :, 1::2] = torch.cos(j_pos * div_term).to(dtype)
+        self.register_buffer("sin_half", sin, persistent=False)
+        self.register_buffer("cos_half", cos, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, h, w, C] -> x*cos + rotate_half(x)*sin."""
+        h, w = x.shape[1], x.shape[2]
+        cos = self.cos_half[:h, :w].repeat_interleave(2, dim=-1).to(x.dtype)
+        sin = self.sin_half[:h, :w].repeat_interleave(2, dim=-1).to(x.dtype)
+        pairs = x.unflatten(-1, (-1, 2))
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        return x * cos + rotated * sin
+
+
+class AggregatedAttentionLayer(nn.Module):
+    """One ELoFTR encoder layer: aggregated (pooled) attention + MLP on the full-resolution map."""
+
+    def __init__(self, cfg: EloftrConfig) -> None:
+        super().__init__()
+        c = cfg.d_model
+        self.nhead, self.head_dim = cfg.nhead, c // cfg.nhead
+        self.agg_size0, self.agg_size1 = cfg.agg_size0, cfg.agg_size1
+        self.aggregate = nn.Conv2d(c, c, cfg.agg_size0, stride=cfg.agg_size0, bias=False, groups=c)
+        self.q_proj = nn.Linear(c, c, bias=False)
+        self.k_proj = nn.Linear(c, c, bias=False)
+        self.v_proj = nn.Linear(c, c, bias=False)
+        self.merge = nn.Linear(c, c, bias=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * c, 2 * c, bias=False), nn.LeakyReLU(cfg.mlp_leaky_slope), nn.Linear(2 * c, c, bias=False)
+        )
+        self.norm1 = nn.LayerNorm(c)
+        self.norm2 = nn.LayerNorm(c)
+        self.use_sdpa = False  # speed option; the default is the original's explicit softmax attention
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor, rope: RotaryEncoding2d | None) -> torch.Tensor:
+        n, c, h, w = x.shape
+        query = self.norm1(self.aggregate(x).permute(0, 2, 3, 1))
+        kv = self.norm1(F.max_pool2d(source, self.agg_size1, self.agg_size1).permute(0, 2, 3, 1))
+        q, k, v = self.q_proj(query), self.k_proj(kv), self.v_proj(kv)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        hq, wq = q.shape[1], q.shape[2]
+        q = q.reshape(n, -1, self.nhead, self.head_dim)  # [N, Lq, H, D]
+        k = k.reshape(n, -1, self.nhead, self.head_dim)
+        v = v.reshape(n, -1, self.nhead, self.head_dim)
+        if self.use_sdpa:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            out = out.transpose(1, 2)
+        else:  # the original's einsum form (same reduction order on CPU: bit-identical results)
+            scores = torch.einsum("nlhd,nshd->nlsh", q, k)
+            attn = torch.softmax((1.0 / self.head_dim**0.5) * scores, dim=2)
+            out = torch.einsum("nlsh,nshd->nlhd", attn, v)
+        msg = self.merge(out.reshape(n, -1, c))
+        msg = msg.reshape(n, hq, wq, c).permute(0, 3, 1, 2)
+        msg = F.interpolate(msg, scale_factor=float(self.agg_size0), mode="bilinear", align_corners=False)
+        msg = self.mlp(torch.cat([x, msg], dim=1).permute(0, 2, 3, 1))
+        return x + self.norm2(msg).permute(0, 3, 1, 2)
+
+
+class CoarseTransformer(nn.Module):
+    """Self/cross layers on the valid (unpadded) region of both coarse maps.
+
+    As the original (batch 1 with masks): both maps are cropped to the valid rows/cols counted in
+    the masks, floored to multiples of the aggregation size, all layers run on the crops, and the
+    result is zero-padded back (padded positions are exactly 0). The crop sizes depend only on the
+    masks' sums; in eager mode they become Python ints (see docs/eloftr.md on export).
+    """
+
+    def __init__(self, cfg: EloftrConfig) -> None:
+        super().__init__()
+        self.layer_names = cfg.layer_names
+        self.agg_size0, self.agg_size1 = cfg.agg_size0, cfg.agg_size1
+        self.layers = nn.ModuleList([AggregatedAttentionLayer(cfg) for _ in cfg.layer_names])
+        self.rope = (RotaryEncoding2d(cfg.d_model, cfg.rope_max_grid, cfg.npe, cfg.rope_fp16_tables)
+                     if cfg.rope else None)
+
+    @staticmethod
+    def valid_size(mask: torch.Tensor, multiple: int) -> tuple[int, int]:
+        rows = int(mask[0].sum(-2)[0])  # valid rows, counted in column 0 (as the original)
+        cols = int(mask[0].sum(-1)[0])  # valid cols, counted in row 0
+        return rows // multiple * multiple, cols // multiple * multiple
+
+    def forward(
+        self, feat0: torch.Tensor, feat1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        H0, W0 = feat0.shape[-2:]
+        H1, W1 = feat1.shape[-2:]
+        h0, w0 = self.valid_size(mask0, self.agg_size0)
+        h1, w1 = self.valid_size(mask1, self.agg_size1)
+        f0, f1 = feat0[:, :, :h0, :w0], feat1[:, :, :h1, :w1]
+        for layer, name in zip(self.layers, self.layer_names):
+            if name == "self":
+                f0 = layer(f0, f0, self.rope)
+                f1 = layer(f1, f1, self.rope)
+            else:  # cross: image1 attends to the already-updated image0 (sequential, as the original)
+                f0 = layer(f0, f1, None)
+                f1 = layer(f1, f0, None)
+        f0 = F.pad(f0, (0, W0 - w0, 0, H0 - h0))
+        f1 = F.pad(f1, (0, W1 - w1, 0, H1 - h1))
+        return f0, f1
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine feature pyramid
+# ----------------------------------------------------------------------------------------------
+
+
+class FinePreprocess(nn.Module):
+    """FPN from the (normalised) coarse features and the backbone's 1/4, 1/2 maps to full resolution."""
+
+    def __init__(self, cfg: EloftrConfig) -> None:
+        super().__init__()
+        d0, d1, d2 = cfg.block_dims
+        slope = cfg.fpn_leaky_slope
+        self.layer3_outconv = nn.Conv2d(d2, d2, 1, bias=False)
+        self.layer2_outconv = nn.Conv2d(d1, d2, 1, bias=False)
+        self.layer2_outconv2 = nn.Sequential(
+            nn.Conv2d(d2, d2, 3, padding=1, bias=False), nn.BatchNorm2d(d2, eps=cfg.bn_eps), nn.LeakyReLU(slope),
+            nn.Conv2d(d2, d1, 3, padding=1, bias=False),
+        )
+        self.layer1_outconv = nn.Conv2d(d0, d1, 1, bias=False)
+        self.layer1_outconv2 = nn.Sequential(
+            nn.Conv2d(d1, d1, 3, padding=1, bias=False), nn.BatchNorm2d(d1, eps=cfg.bn_eps), nn.LeakyReLU(slope),
+            nn.Conv2d(d1, d0, 3, padding=1, bias=False),
+        )
+
+    def forward(self, feat_c: torch.Tensor, x2: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        up = self.layer3_outconv(feat_c)
+        up = F.interpolate(up, scale_factor=2.0, mode="bilinear", align_corners=False)
+        x2 = self.layer2_outconv2(self.layer2_outconv(x2) + up)
+        x2 = F.interpolate(x2, scale_factor=2.0, mode="bilinear", align_corners=False)
+        x1 = self.layer1_outconv2(self.layer1_outconv(x1) + x2)
+        # coarse stride 8 = backbone 1/2 map upsampled once more to full resolution
+        return F.interpolate(x1, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole network (checkpoint layout) and the two export graphs
+# ----------------------------------------------------------------------------------------------
+
+
+class EloftrNet(nn.Module):
+    """Holds the parameters under the checkpoint's names. Use the graph modules to run it."""
+
+    def __init__(self, cfg: EloftrConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = RepVGGBackbone(cfg)
+        self.loftr_coarse = CoarseTransformer(cfg)
+        self.fine_preprocess = FinePreprocess(cfg)
+
+    channels_last = False  # speed form: convolution maps in channels-last memory layout
+
+    def to_speed_form(self) -> "EloftrNet":
+        """Fused RepVGG, SDPA attention, channels-last convolutions (in place; not bit-exact)."""
+        fuse_repvgg(self.backbone)
+        self.set_sdpa(True)
+        self.channels_last = True
+        return self.to(memory_format=torch.channels_last)
+
+    def set_sdpa(self, enabled: bool) -> None:
+        for layer in self.loftr_coarse.layers:
+            assert isinstance(layer, AggregatedAttentionLayer)
+            layer.use_sdpa = enabled
+
+    def features(
+        self, image0: torch.Tensor, image1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Backbone + transformer + fine FPN; every intermediate the parity tests look at."""
+        if self.channels_last:
+            image0 = image0.contiguous(memory_format=torch.channels_last)
+            image1 = image1.contiguous(memory_format=torch.channels_last)
+        if image0.shape == image1.shape:  # the original batches the pair when sizes agree
+            c, x2, x1 = self.backbone(torch.cat([image0, image1], 0))
+            c0, c1 = c[:1], c[1:]
+            x2_0, x2_1, x1_0, x1_1 = x2[:1], x2[1:], x1[:1], x1[1:]
+        else:
+            c0, x2_0, x1_0 = self.backbone(image0)
+            c1, x2_1, x1_1 = self.backbone(image1)
+        t0, t1 = self.loftr_coarse(c0, c1, mask0, mask1)
+        if t0.shape == t1.shape:
+            f = self.fine_preprocess(_fpn_input(t0, t1), torch.cat([x2_0, x2_1], 0), torch.cat([x1_0, x1_1], 0))
+            ff0, ff1 = f[:1], f[1:]
+        else:
+            ff0 = self.fine_preprocess(_fpn_input(t0), x2_0, x1_0)
+            ff1 = self.fine_preprocess(_fpn_input(t1), x2_1, x1_1)
+        return {"feats_c0": c0, "feats_c1": c1, "feats_x2_0": x2_0, "feats_x2_1": x2_1, "feats_x1_0": x1_0,
+                "feats_x1_1": x1_1, "transformer0": t0, "transformer1": t1, "feat_f0": ff0, "feat_f1": ff1}
+
+
+def _fpn_input(*maps: torch.Tensor) -> torch.Tensor:
+    """Coarse maps / sqrt(C) laid out as the original hands them to the FPN.
+
+    The original flattens to [N, L, C], normalises, concatenates and views back to NCHW, so the
+    FPN's first conv sees channels-last strides; convolution kernels round differently per memory
+    layout, and this layout keeps the fine features bit-identical with the original on CPU.
+    """
+    n, c, h, w = maps[0].shape
+    flat = torch.cat([m.flatten(2).transpose(1, 2) / c**0.5 for m in maps], 0)  # [N, L, C] contiguous
+    return flat.reshape(len(maps) * n, h, w, c).permute(0, 3, 1, 2)
+
+
+def dual_softmax_confidence(
+    t0: torch.Tensor, t1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """[1,C,H0,W0], [1,C,H1,W1] transformer maps -> conf [1, L0, L1] (always float32)."""
+    with torch.autocast(t0.device.type, enabled=False):  # fp16 runs keep the similarity/softmax in fp32
+        f0 = t0.flatten(2).transpose(1, 2).float()
+        f1 = t1.flatten(2).transpose(1, 2).float()
+        scale = f0.shape[-1] ** 0.5
+        f0, f1 = f0 / scale, f1 / scale
+        sim = torch.einsum("nlc,nsc->nls", f0, f1) / temperature
+        valid = mask0.flatten(1)[:, :, None] & mask1.flatten(1)[:, None, :]
+        sim = sim.masked_fill(~valid, -1e9)
+        return torch.softmax(sim, 1) * torch.softmax(sim, 2)
+
+
+def border_valid_cells(mask: torch.Tensor, border: int) -> torch.Tensor:
+    """[1,H,W] bool mask -> [1, H*W] bool: inside the valid region minus `border` cells on each side.
+
+    Tensor ops only (shapes fixed), so the same rule runs inside an exported graph.
+    """
+    m = mask[0]
+    h_valid = m.sum(0).max()  # valid rows (as the original's mask_border_with_padding)
+    w_valid = m.sum(1).max()
+    rows = torch.arange(m.shape[0], device=m.device)[:, None]
+    cols = torch.arange(m.shape[1], device=m.device)[None, :]
+    keep = (rows >= border) & (cols >= border) & (rows < h_valid - border) & (cols < w_valid - border)
+    return keep.flatten()[None]
+
+
+class EloftrCoarse(nn.Module):
+    """Graph "coarse": images + masks -> coarse candidates + fine feature maps (fixed shapes).
+
+    Outputs `cand_j` [1,L0,K] int64 and `cand_conf` [1,L0,K] float32 (top-K image1 cells per image0
+    cell; cells outside the bordered valid region carry confidence 0), or with `exact_full_conf`
+    the whole `conf` [1,L0,L1] instead; plus `feat_f0`, `feat_f1` [1,C_f,S,S].
+    """
+
+    input_names = ("image0", "image1", "mask0", "mask1")
+
+    def __init__(self, net: EloftrNet, exact_full_conf: bool = False) -> None:
+        super().__init__()
+        self.net = net
+        self.cfg = net.cfg
+        self.exact_full_conf = exact_full_conf
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        if self.exact_full_conf:
+            return ("conf", "feat_f0", "feat_f1")
+        return ("cand_j", "cand_conf", "feat_f0", "feat_f1")
+
+    def forward(
+        self, image0: torch.Tensor, image1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        feats = self.net.features(image0, image1, mask0, mask1)
+        return self.head(feats, mask0, mask1)
+
+    def head(
+        self, feats: dict[str, torch.Tensor], mask0: torch.Tensor, mask1: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Coarse matching on `EloftrNet.features` output -> this graph's outputs."""
+        conf = dual_softmax_confidence(feats["transformer0"], feats["transformer1"], mask0, mask1,
+                                       self.cfg.dsmax_temperature)
+        if self.exact_full_conf:
+            return conf, feats["feat_f0"], feats["feat_f1"]
+        return (*topk_candidates(conf, mask1, self.cfg.border_rm, self.cfg.candidates_per_cell),
+                feats["feat_f0"], feats["feat_f1"])
+
+
+def topk_candidates(conf: torch.Tensor, mask1: torch.Tensor, border: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """conf [1,L0,L1] -> (cand_j, cand_conf) [1,L0,K]: the K best image1 cells per image0 cell.
+
+    image1 cells outside the bordered valid region are zeroed first, so they never take a slot.
+    """
+    keep1 = border_valid_cells(mask1, border)
+    k = min(k, conf.shape[2])
+    cand_conf, cand_j = torch.topk(conf * keep1[:, None, :].to(conf.dtype), k, dim=2)
+    return cand_j, cand_conf
+
+
+def gather_windows(feat: torch.Tensor, cell_ids: torch.Tensor, window: int, ring: int, stride: int) -> torch.Tensor:
+    """Windows of `window + 2*ring` pixels around coarse cells -> [M, ww, C] (pixels row-major).
+
+    Equals F.unfold(kernel=window+2*ring, stride=stride, padding=ring) gathered at `cell_ids`,
+    without unfolding the whole map. Outside the canvas is zero (the unfold padding).
+    """
+    c, w = feat.shape[1], feat.shape[3]
+    wc = w // stride
+    size = window + 2 * ring
+    padded = F.pad(feat[0], (ring, ring, ring, ring)).flatten(1)  # [C, (h+2r)*(w+2r)]
+    top = torch.div(cell_ids, wc, rounding_mode="floor") * stride
+    left = (cell_ids % wc) * stride
+    offs = torch.arange(size, device=feat.device)
+    rows = top[:, None, None] + offs[None, :, None]
+    cols = left[:, None, None] + offs[None, None, :]
+    flat = (rows * (w + 2 * ring) + cols).reshape(-1)  # [M*size*size]
+    out = padded.index_select(1, flat).reshape(c, -1, size * size)
+    return out.permute(1, 2, 0)
+
+
+class EloftrFine(nn.Module):
+    """Graph "fine": feat_f0, feat_f1, i_ids [M], j_ids [M] -> mkpts0_c, mkpts1_c [M,2] canvas pixels."""
+
+    input_names = ("feat_f0", "feat_f1", "i_ids", "j_ids")
+    output_names = ("mkpts0_c", "mkpts1_c")
+
+    def __init__(self, cfg: EloftrConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(
+        self, feat_f0: torch.Tensor, feat_f1: torch.Tensor, i_ids: torch.Tensor, j_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        w_win, stride = cfg.fine_window_size, cfg.coarse_stride
+        with torch.autocast(feat_f0.device.type, enabled=False):  # fine matching stays fp32
+            f0 = gather_windows(feat_f0, i_ids, w_win, 0, stride).float()  # [M, W*W, C]
+            f1 = gather_windows(feat_f1, j_ids, w_win, 1, stride).float()  # [M, (W+2)^2, C]
+            return fine_keypoints(f0, f1, i_ids, j_ids, feat_f0.shape[-1] // stride, feat_f1.shape[-1] // stride,
+                                  cfg)
+
+
+def fine_similarities(f0: torch.Tensor, f1: torch.Tensor, cfg: EloftrConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (P inner [M, W*W, W*W] dual softmax, sim_ff [M, W*W, (W+2)^2] regression similarity)."""
+    c = f0.shape[-1]
+    split = c - cfg.fine_regress_dim
+    m, w = f0.shape[0], cfg.fine_window_size
+    sim_ff = torch.einsum("mlc,mrc->mlr", f0[..., split:], f1[..., split:] / cfg.fine_regress_dim**0.5)
+    scale = c**0.5  # the original normalises by the FULL width, not the 56-channel part
+    sim_f = torch.einsum("mlc,mrc->mlr", f0[..., :split] / scale, f1[..., :split] / scale)
+    p = torch.softmax(sim_f, 1) * torch.softmax(sim_f, 2)
+    p = p.reshape(m, w * w, w + 2, w + 2)[..., 1:-1, 1:-1].reshape(m, w * w, w * w)
+    return p, sim_ff
+
+
+def fine_keypoints(
+    f0: torch.Tensor, f1: torch.Tensor, i_ids: torch.Tensor, j_ids: torch.Tensor, wc0: int, wc1: int,
+    cfg: EloftrConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    w, stride = cfg.fine_window_size, cfg.coarse_stride
+    m = f0.shape[0]
+    p, sim_ff = fine_similarities(f0, f1, cfg)
+    idx = p.reshape(m, -1).argmax(-1)
+    l_idx = torch.div(idx, w * w, rounding_mode="floor")
+    r_idx = idx % (w * w)
+    half = (w - 1) / 2.0  # 3.5: the original's pixel-offset convention, kept as is
+
+    def offset(k: torch.Tensor) -> torch.Tensor:
+        return torch.stack([(k % w).float() - half, torch.div(k, w, rounding_mode="floor").float() - half], -1)
+
+    def cell_xy(ids: torch.Tensor, wc: int) -> torch.Tensor:
+        return torch.stack([(ids % wc).float(), torch.div(ids, wc, rounding_mode="floor").float()], -1) * stride
+
+    mkpts0 = cell_xy(i_ids, wc0) + offset(l_idx)
+    mkpts1 = cell_xy(j_ids, wc1) + offset(r_idx)
+    # sub-pixel regression: 3x3 block of sim_ff's row l around inner index r, taken in the 10x10
+    # outer grid WITHOUT the +1 inner->outer shift (as the original; index -1 wraps to the end)
+    ww = w + 2
+    rows_ff = sim_ff.gather(1, l_idx[:, None, None].expand(m, 1, sim_ff.shape[2]))[:, 0]  # [M, ww*ww]
+    d = torch.arange(-1, 2, device=f0.device)
+    ry = (torch.div(r_idx, w, rounding_mode="floor")[:, None] + d[None]) % ww  # [M, 3]
+    rx = (r_idx % w)[:, None] + d[None]
+    rx = rx % ww
+    flat = (ry[:, :, None] * ww + rx[:, None, :]).reshape(m, 9)
+    block = rows_ff.gather(1, flat)
+    heat = torch.softmax(block / cfg.fine_regress_temperature, -1).reshape(m, 3, 3)
+    grid = d.float()
+    ox = (heat.sum(1) * grid[None]).sum(-1)
+    oy = (heat.sum(2) * grid[None]).sum(-1)
+    mkpts1 = mkpts1 + torch.stack([ox, oy], -1)
+    return mkpts0, mkpts1

@@ -1,0 +1,162 @@
+"""ELoFTR variant pipeline: preprocessing -> "coarse" graph -> host selection -> "fine" graph -> pixels."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..params import HF_SPACE_FORCE_RESIZE_WH, PARAMS_BY_NAME
+from ..result import MatchResult
+from .config import EloftrConfig
+from .postprocess import CoarseMatches, select_coarse_matches, to_original_pixels
+from .preprocess import ImageMeta, PreprocessSettings, preprocess_image, to_model_input
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..backends.base import Backend
+
+log = logging.getLogger(__name__)
+
+COARSE_MODES = ("auto", "topk", "full")
+
+
+@dataclass
+class EloftrMeta:
+    image0: ImageMeta
+    image1: ImageMeta
+    mask0: np.ndarray  # [Hc,Wc] bool coarse masks (host copies for selection)
+    mask1: np.ndarray
+    canvas0_u8: np.ndarray  # the model input canvases (parity checks, debugging)
+    canvas1_u8: np.ndarray
+
+
+def _param(config: dict[str, Any], name: str) -> Any:
+    return PARAMS_BY_NAME[name].validate(config.get(name, PARAMS_BY_NAME[name].default))
+
+
+def preprocess_settings(config: dict[str, Any], model_config: EloftrConfig) -> PreprocessSettings:
+    """Params (preset, resize_max, force_resize_*) -> stage-1 settings.
+
+    `hf_space` forces 640x480 as the web UI; explicit force_resize_width/height override the size.
+    """
+    preset = _param(config, "preset")
+    fw, fh = _param(config, "force_resize_width"), _param(config, "force_resize_height")
+    if (fw == 0) != (fh == 0):
+        raise ConfigError("force_resize_width and force_resize_height must both be set (or both 0)")
+    force: tuple[int, int] | None = (fw, fh) if fw else None
+    if force is None and preset == "hf_space":
+        force = HF_SPACE_FORCE_RESIZE_WH
+    return PreprocessSettings(resize_max=_param(config, "resize_max"), force_resize_wh=force,
+                              coarse_stride=model_config.coarse_stride)
+
+
+class EloftrPipeline:
+    name = "eloftr"
+    graphs = ("coarse", "fine")
+
+    def __init__(self, config: dict[str, Any] | None = None, model_config: EloftrConfig | None = None,
+                 coarse_mode: str = "auto") -> None:
+        config = dict(config or {})
+        self.model_config = model_config or EloftrConfig()
+        self.threshold = float(_param(config, "threshold"))
+        self.settings = preprocess_settings(config, self.model_config)
+        if coarse_mode not in COARSE_MODES:
+            raise ConfigError(f"coarse_mode must be one of {COARSE_MODES}, got {coarse_mode!r}")
+        k = self.model_config.candidates_per_cell
+        # top-K is exact when at most K confidences of a row can pass: thr >= 1/(K+1) (a row of the
+        # dual softmax sums to <= 1). Below that the torch graph returns the full matrix instead.
+        self.topk_exact = self.threshold >= 1.0 / (k + 1)
+        self.coarse_full = coarse_mode == "full" or (coarse_mode == "auto" and not self.topk_exact)
+        self.last_coarse: CoarseMatches | None = None
+
+    # --- VariantPipeline -----------------------------------------------------------------------
+    def preprocess(self, image0: np.ndarray, image1: np.ndarray) -> tuple[dict[str, np.ndarray], EloftrMeta]:
+        c0, m0, meta0 = preprocess_image(image0, self.settings)
+        c1, m1, meta1 = preprocess_image(image1, self.settings)
+        inputs = {"image0": to_model_input(c0), "image1": to_model_input(c1), "mask0": m0[None], "mask1": m1[None]}
+        return inputs, EloftrMeta(meta0, meta1, m0, m1, c0, c1)
+
+    def infer(self, backend: "Backend", inputs: dict[str, np.ndarray], meta: EloftrMeta) -> dict[str, np.ndarray]:
+        if hasattr(backend, "keep_on_device"):  # torch: fine maps stay on the GPU between the graphs
+            backend.keep_on_device = {"feat_f0", "feat_f1"}
+        coarse = backend.run("coarse", inputs)
+        if "conf" not in coarse and not self.topk_exact:
+            log.warning("ELoFTR threshold %.4g < 1/(K+1) with the top-%d coarse graph of backend %s: "
+                        "matches may be missing", self.threshold, self.model_config.candidates_per_cell,
+                        getattr(backend, "name", "?"))
+        cm = select_coarse_matches(coarse, meta.mask0, meta.mask1, self.threshold, self.model_config.border_rm)
+        self.last_coarse = cm
+        if cm.i_ids.size == 0:
+            empty = np.zeros((0, 2), np.float32)
+            return {"mkpts0_c": empty, "mkpts1_c": empty.copy(), "mconf": cm.mconf}
+        fine = backend.run("fine", {"feat_f0": coarse["feat_f0"], "feat_f1": coarse["feat_f1"],
+                                    "i_ids": cm.i_ids, "j_ids": cm.j_ids})
+        return {"mkpts0_c": np.asarray(fine["mkpts0_c"], np.float32),
+                "mkpts1_c": np.asarray(fine["mkpts1_c"], np.float32), "mconf": cm.mconf}
+
+    def postprocess(self, outputs: dict[str, np.ndarray], meta: EloftrMeta) -> MatchResult:
+        return MatchResult(
+            keypoints0=to_original_pixels(outputs["mkpts0_c"], meta.image0),
+            keypoints1=to_original_pixels(outputs["mkpts1_c"], meta.image1),
+            confidence=np.asarray(outputs["mconf"], np.float32),
+            image0_size=meta.image0.orig_wh,
+            image1_size=meta.image1.orig_wh,
+            extras={"canvas0": meta.image0.canvas, "canvas1": meta.image1.canvas,
+                    "model_size0": meta.image0.stage1_wh, "model_size1": meta.image1.stage1_wh,
+                    "coarse_mode": "full" if self.coarse_full else "topk"},
+        )
+
+    # --- torch graphs (torch backend, ONNX export) ----------------------------------------------
+    def build_net(self, state_dict: dict[str, "torch.Tensor"]) -> Any:
+        from ..checkpoint import check_keys
+        from .model import EloftrNet
+
+        net = EloftrNet(self.model_config)
+        expected = {k: v.shape for k, v in net.state_dict().items()}
+        check_keys(state_dict, expected, "ELoFTR checkpoint")
+        net.load_state_dict(state_dict, strict=True)
+        return net.eval()
+
+    def torch_graphs(self, state_dict: dict[str, "torch.Tensor"], device: str = "cpu",
+                     full_conf: bool | None = None, precision: str = "fp32",
+                     speed_form: bool | None = None) -> dict[str, "torch.nn.Module"]:
+        """{"coarse": EloftrCoarse, "fine": EloftrFine} on `device`, weights loaded strictly.
+
+        `full_conf` None = this pipeline's choice (full matrix when top-K is not exact for the threshold);
+        the ONNX exporter passes False (fixed-size top-K outputs). `speed_form` (default: on for fp16,
+        which is not exact anyway) fuses RepVGG and uses SDPA + channels-last; fp32 stays the exact form.
+        """
+        from .model import EloftrCoarse, EloftrFine
+
+        net = self.build_net(state_dict).to(device)
+        if speed_form if speed_form is not None else precision == "fp16":
+            net.to_speed_form()
+        full = self.coarse_full if full_conf is None else full_conf
+        return {"coarse": EloftrCoarse(net, exact_full_conf=full).eval(), "fine": EloftrFine(self.model_config).eval()}
+
+    def example_inputs(self, graph: str, canvas: int | tuple[int, int] = 640,
+                       valid_hw: tuple[int, int] | None = None) -> dict[str, "torch.Tensor"]:
+        """Inputs of the right shapes/dtypes for tracing/export (valid region default: whole canvas)."""
+        import torch
+
+        s0, s1 = (canvas, canvas) if isinstance(canvas, int) else canvas
+        stride = self.model_config.coarse_stride
+        if graph == "coarse":
+            def mask(s: int) -> torch.Tensor:
+                m = torch.zeros(1, s // stride, s // stride, dtype=torch.bool)
+                h, w = valid_hw or (s, s)
+                m[:, : h // stride, : w // stride] = True
+                return m
+            return {"image0": torch.rand(1, 1, s0, s0), "image1": torch.rand(1, 1, s1, s1),
+                    "mask0": mask(s0), "mask1": mask(s1)}
+        if graph == "fine":
+            c = self.model_config.fine_d_model
+            n = 4
+            return {"feat_f0": torch.rand(1, c, s0, s0), "feat_f1": torch.rand(1, c, s1, s1),
+                    "i_ids": torch.arange(n, dtype=torch.int64) * 3 + (s0 // stride) * 2,
+                    "j_ids": torch.arange(n, dtype=torch.int64) * 5 + (s1 // stride) * 3}
+        raise ConfigError(f"unknown ELoFTR graph {graph!r}; graphs are {self.graphs}")

@@ -1,0 +1,133 @@
+"""ELoFTR preprocessing, bit-exact with the official HF-space code (reference SPEC §2).
+
+Stage 1 (`match_dense.preprocess`): float32 image, optional shrink so the longest side is at most
+`resize_max`, optional force-resize to W x H (OpenCV INTER_AREA, INTER_LINEAR when either side
+grows), /255, then a bilinear antialiased resize down to multiples of 32 (a no-op when already).
+Stage 2 (the wrapper): x255 and truncating cast to uint8, Pillow "L" grayscale, floor to multiples
+of 32 with Pillow LANCZOS (a no-op after stage 1), zero padding bottom/right to a square canvas,
+/255, and the 1/8 nearest-neighbour masks.
+
+Keypoints map back to original pixels as `(k * hw_new + 0.5) * s - 0.5` (see postprocess.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from ..errors import InputImageError
+
+DFACTOR = 32  # both stages floor image sides to multiples of 32
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    resize_max: int = 832  # 0 = never shrink
+    force_resize_wh: tuple[int, int] | None = None  # (width, height) or None
+    coarse_stride: int = 8
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """How one image went from its original pixels to the model canvas."""
+
+    orig_wh: tuple[int, int]
+    stage1_wh: tuple[int, int]  # the "model frame" of match_images (after the /32 floor)
+    gray_wh: tuple[int, int]  # after stage 2's /32 floor (the valid part of the canvas)
+    canvas: int  # side of the square canvas
+    hw_new: tuple[float, float]  # stage 2 (x, y) factors, 1.0 unless stage 2 resampled
+
+    @property
+    def scale_orig_over_model(self) -> np.ndarray:
+        """(x, y) = original size / stage-1 size, float64 as match_images computes it."""
+        return np.array(self.orig_wh, dtype=np.float64) / np.array(self.stage1_wh, dtype=np.float64)
+
+
+def _resize_cv2_area(image: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    """hloc's resize_image(..., "cv2_area"): INTER_AREA, but INTER_LINEAR if either side grows."""
+    h, w = image.shape[:2]
+    grows = w < size_wh[0] or h < size_wh[1]
+    return cv2.resize(image, size_wh, interpolation=cv2.INTER_LINEAR if grows else cv2.INTER_AREA)
+
+
+def stage1(image_rgb: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
+    """RGB uint8 HxWx3 -> float32 CHW in [0,1] (the tensor match_images gives the model)."""
+    image = image_rgb.astype(np.float32)
+    h, w = image.shape[:2]
+    if settings.resize_max:
+        scale = settings.resize_max / max(w, h)
+        if scale < 1.0:
+            size_new = (int(round(w * scale)), int(round(h * scale)))
+            if min(size_new) < 1:
+                raise InputImageError(f"image {w}x{h} shrinks to nothing with resize_max={settings.resize_max}")
+            image = _resize_cv2_area(image, size_new)
+    if settings.force_resize_wh is not None:
+        image = _resize_cv2_area(image, settings.force_resize_wh)
+    if image.ndim == 2:  # cv2 drops a singleton channel axis; inputs here are always 3-channel
+        image = image[:, :, None]
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1)) / np.float32(255.0)
+    h1, w1 = chw.shape[1:]
+    h2, w2 = h1 // DFACTOR * DFACTOR, w1 // DFACTOR * DFACTOR
+    if min(h2, w2) < DFACTOR:
+        raise InputImageError(
+            f"image is too small: {w}x{h} becomes {w1}x{h1} after stage 1; each side must be >= {DFACTOR} px"
+        )
+    if (h2, w2) != (h1, w1):
+        # torchvision's F.resize on a float tensor = bilinear, antialiased interpolate
+        import torch
+        import torch.nn.functional as F
+
+        t = torch.from_numpy(chw)[None]
+        chw = F.interpolate(t, size=(h2, w2), mode="bilinear", align_corners=False, antialias=True)[0].numpy()
+    return chw.astype(np.float32, copy=False)
+
+
+def pil_gray(rgb_u8: np.ndarray) -> np.ndarray:
+    """Pillow's convert("L"): ITU-R 601-2 luma in 16-bit fixed point, rounded (bit-exact)."""
+    rgb = rgb_u8.astype(np.uint32)
+    luma = (19595 * rgb[..., 0] + 38470 * rgb[..., 1] + 7471 * rgb[..., 2] + 0x8000) >> 16
+    return luma.astype(np.uint8)
+
+
+def stage2(chw: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """Stage-1 float CHW -> (gray uint8 HxW floored to /32, hw_new (x, y) factors)."""
+    rgb_u8 = (chw * np.float32(255.0)).transpose(1, 2, 0).astype(np.uint8)  # truncation, as the original
+    gray = pil_gray(rgb_u8)
+    h, w = gray.shape
+    h2, w2 = h // DFACTOR * DFACTOR, w // DFACTOR * DFACTOR
+    if (h2, w2) != (h, w):
+        gray = np.asarray(Image.fromarray(gray).resize((w2, h2), Image.Resampling.LANCZOS))
+    return gray, (w / w2, h / h2)
+
+
+def pad_to_canvas(gray: np.ndarray, canvas: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad bottom/right to canvas x canvas -> (uint8 canvas, coarse mask [canvas/stride]^2 bool)."""
+    h, w = gray.shape
+    out = np.zeros((canvas, canvas), dtype=np.uint8)
+    out[:h, :w] = gray
+    mask = np.zeros((canvas, canvas), dtype=bool)
+    mask[:h, :w] = True
+    return out, mask[::stride, ::stride].copy()  # nearest x1/8 picks each cell's top-left pixel
+
+
+def preprocess_image(image_rgb: np.ndarray, settings: PreprocessSettings) -> tuple[np.ndarray, np.ndarray, ImageMeta]:
+    """RGB uint8 -> (canvas gray uint8 [S,S], coarse mask bool [S/8,S/8], meta)."""
+    chw = stage1(image_rgb, settings)
+    gray, hw_new = stage2(chw)
+    canvas = max(gray.shape)
+    canvas_u8, mask = pad_to_canvas(gray, canvas, settings.coarse_stride)
+    meta = ImageMeta(
+        orig_wh=(image_rgb.shape[1], image_rgb.shape[0]),
+        stage1_wh=(chw.shape[2], chw.shape[1]),
+        gray_wh=(gray.shape[1], gray.shape[0]),
+        canvas=canvas,
+        hw_new=hw_new,
+    )
+    return canvas_u8, mask, meta
+
+
+def to_model_input(canvas_u8: np.ndarray) -> np.ndarray:
+    """uint8 [S,S] -> float32 [1,1,S,S] in [0,1] (exactly u8.float()/255)."""
+    return (canvas_u8.astype(np.float32) / np.float32(255.0))[None, None]

@@ -1,0 +1,199 @@
+"""Where exported models and TensorRT engines live, and the JSON sidecar that says what an engine is for.
+
+A serialized TensorRT engine only runs on the TensorRT version and GPU it was built with, for the
+ONNX graph, precision and shape range it was built from. Peers ship engines without that record
+and users meet crashes or silently wrong results after an upgrade. Here every engine
+`<dir>/<graph>.engine` has a sidecar `<dir>/<graph>.engine.json`; loading compares it with the
+running system and refuses a mismatch with the exact `matchanything build-engine` command that
+rebuilds it. Default paths come from a cache key of (variant, GPU, TensorRT version, shapes,
+precision, ONNX hash), so an upgrade never picks up a stale engine.
+
+No TensorRT import here: this module is shared by the builder, the backend and the tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any, Iterable
+
+from .. import __version__
+from .errors import ConfigError, EngineMismatchError
+
+SIDECAR_SCHEMA = 1
+ENGINE_SUFFIX = ".engine"
+SIDECAR_SUFFIX = ".engine.json"
+ONNX_SUFFIX = ".onnx"
+EXPORT_MANIFEST = "export.json"  # written by `matchanything export` beside the graph files
+
+# sidecar field -> what a mismatch means for the user (each one makes the engine unusable here)
+CHECKED_FIELDS = {
+    "tensorrt_version": "TensorRT version (serialized engines are not portable across TensorRT releases)",
+    "gpu_name": "GPU model (engines are tuned for and bound to the GPU they were built on)",
+    "compute_capability": "GPU compute capability",
+    "precision": "precision",
+    "onnx_sha256": "ONNX model (the engine was built from another export)",
+    "package_version": "matchanything_ros version (the graph interface may differ)",
+    "variant": "variant",
+    "graph": "graph",
+}
+
+
+def cache_root() -> Path:
+    """$MATCHANYTHING_CACHE_DIR, else $XDG_CACHE_HOME/matchanything_ros, else ~/.cache/matchanything_ros."""
+    env = os.environ.get("MATCHANYTHING_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "matchanything_ros"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def slug(text: str) -> str:
+    """File-name-safe lower-case form of `text` ("NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3")."""
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def shapes_tag(profiles: dict[str, dict[str, list[list[int]]]]) -> str:
+    """Short stable tag of all optimisation profiles: graph -> input -> [min, opt, max] shapes."""
+    canon = json.dumps(profiles, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:10]
+
+
+def engine_cache_key(variant: str, gpu_name: str, compute_capability: str, tensorrt_version: str,
+                     shape_summary: str, precision: str, onnx_sha256: str) -> str:
+    """Directory name for an engine set: every field that makes an engine unusable elsewhere."""
+    return "-".join([
+        slug(variant), slug(gpu_name), "sm" + compute_capability.replace(".", ""), "trt" + slug(tensorrt_version),
+        slug(shape_summary), slug(precision), onnx_sha256[:12],
+    ])
+
+
+def default_engine_dir(key: str) -> Path:
+    return cache_root() / "engines" / key
+
+
+def default_onnx_dir(variant: str, checkpoint_sha256: str, opset: int, tag: str = "") -> Path:
+    """Default export directory: one per (variant, checkpoint, opset[, static-shape tag])."""
+    name = f"{slug(variant)}-{checkpoint_sha256[:12]}-opset{opset}" + (f"-{slug(tag)}" if tag else "")
+    return cache_root() / "onnx" / name
+
+
+def model_dir(path: str | Path) -> Path:
+    """An export/engine location given as a directory or as one of its graph files -> the directory."""
+    p = Path(path).expanduser()
+    if p.suffix in (ONNX_SUFFIX, ENGINE_SUFFIX) or p.name == EXPORT_MANIFEST:
+        return p.parent
+    return p
+
+
+def graph_files(directory: str | Path, graphs: Iterable[str], suffix: str) -> dict[str, Path]:
+    """{graph: <directory>/<graph><suffix>}, or a ConfigError naming every missing file."""
+    d = model_dir(directory)
+    files = {g: d / f"{g}{suffix}" for g in graphs}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise ConfigError(f"missing model file(s): {', '.join(missing)}")
+    return files
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    p = Path(engine_path)
+    return p.with_name(p.name[: -len(ENGINE_SUFFIX)] + SIDECAR_SUFFIX) if p.name.endswith(ENGINE_SUFFIX) \
+        else p.with_name(p.name + ".json")
+
+
+def write_sidecar(engine_path: str | Path, record: dict[str, Any]) -> Path:
+    """Write the sidecar for `engine_path`; adds schema and the engine file's sha256."""
+    out = dict(record)
+    out["schema"] = SIDECAR_SCHEMA
+    out["engine_sha256"] = sha256_file(engine_path)
+    path = sidecar_path(engine_path)
+    path.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def rebuild_command(build_params: dict[str, Any]) -> str:
+    """The `matchanything build-engine` command line that rebuilds an engine set with `build_params`
+    (parameter name -> value, as recorded in the sidecar), forcing the rebuild."""
+    args = ["matchanything", "build-engine"]
+    for name, value in sorted(build_params.items()):
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    if "--force-engine-update" not in args:
+        args = [a for a in args if a != "--no-force-engine-update"] + ["--force-engine-update"]
+    return shlex.join(args)
+
+
+def read_sidecar(engine_path: str | Path) -> dict[str, Any]:
+    path = sidecar_path(engine_path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EngineMismatchError(
+            f"engine {engine_path} has no sidecar {path}: it was not built by `matchanything build-engine`, so "
+            "nothing says which TensorRT/GPU/model it is for. Rebuild it with `matchanything build-engine "
+            "--model-file-path <export dir> --engine-file-path " + shlex.quote(str(Path(engine_path).parent))
+            + " --force-engine-update`") from None
+    except (OSError, ValueError) as exc:
+        raise EngineMismatchError(f"engine sidecar {path} is unreadable ({exc}); rebuild the engine") from exc
+    if not isinstance(data, dict) or data.get("schema") != SIDECAR_SCHEMA:
+        raise EngineMismatchError(f"engine sidecar {path} has an unknown schema; rebuild the engine")
+    return data
+
+
+def check_sidecar(engine_path: str | Path, expected: dict[str, Any], *, verify_engine_hash: bool = True
+                  ) -> dict[str, Any]:
+    """Compare an engine's sidecar with `expected` (keys of CHECKED_FIELDS; a None value is not checked).
+
+    Returns the sidecar. Raises EngineMismatchError listing every mismatch and the exact rebuild
+    command. Also refuses an engine file that is not the one the sidecar was written for.
+    """
+    record = read_sidecar(engine_path)
+    problems = []
+    for key, value in expected.items():
+        if value is None:
+            continue
+        if key not in CHECKED_FIELDS:
+            raise ValueError(f"unknown sidecar field {key!r}")
+        built = record.get(key)
+        if str(built) != str(value):
+            problems.append(f"{CHECKED_FIELDS[key]}: engine built for {built!r}, this system has {value!r}")
+    if verify_engine_hash and not problems:
+        actual = sha256_file(engine_path)
+        if actual != record.get("engine_sha256"):
+            problems.append("engine file does not match its sidecar (replaced or corrupted after the build)")
+    if problems:
+        build_params = record.get("build_params") or {}
+        command = rebuild_command(build_params) if build_params else (
+            "matchanything build-engine --model-file-path <export dir> --engine-file-path "
+            + shlex.quote(str(Path(engine_path).parent)) + " --force-engine-update")
+        raise EngineMismatchError(
+            f"refusing TensorRT engine {engine_path}:\n  - " + "\n  - ".join(problems)
+            + f"\nRebuild it on this machine with:\n  {command}")
+    return record
+
+
+def expected_sidecar_fields(variant: str | None, graph: str, precision: str, onnx_sha256: str | None,
+                            gpu_name: str, compute_capability: str, tensorrt_version: str) -> dict[str, Any]:
+    """The sidecar fields an engine must carry to run here (see CHECKED_FIELDS; None = not checked)."""
+    return {"variant": variant, "graph": graph, "precision": precision, "onnx_sha256": onnx_sha256,
+            "gpu_name": gpu_name, "compute_capability": compute_capability,
+            "tensorrt_version": tensorrt_version, "package_version": __version__}

@@ -1,0 +1,164 @@
+"""The library facade: `Matcher(MatcherConfig(...)).match(image0, image1) -> MatchResult`.
+
+Images are numpy arrays as `images.to_rgb_u8` accepts them; keypoints come back in original-image
+pixels. The same object is what the ROS node and the CLI use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from .errors import CheckpointError, ConfigError
+from .images import to_rgb_u8
+from .params import PARAMS, PARAMS_BY_NAME
+from .result import MatchResult
+from .variants import pipeline_class
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DEMO_ELOFTR_WEIGHTS = DATA_DIR / "demo_eloftr.safetensors"
+DEMO_ELOFTR_CONFIG = DATA_DIR / "demo_eloftr.json"
+MATCHER_GROUPS = ("matcher", "engine")
+
+
+def _d(name: str) -> Any:
+    return PARAMS_BY_NAME[name].default
+
+
+@dataclass(frozen=True)
+class MatcherConfig:
+    """Every `matcher`/`engine` parameter of core/params.py (defaults from there), validated."""
+
+    variant: str = _d("variant")
+    checkpoint_path: str = _d("checkpoint_path")
+    dinov2_path: str = _d("dinov2_path")
+    backend: str = _d("backend")
+    device: str = _d("device")
+    precision: str = _d("precision")
+    threshold: float = _d("threshold")
+    preset: str = _d("preset")
+    resize_max: int = _d("resize_max")
+    force_resize_width: int = _d("force_resize_width")
+    force_resize_height: int = _d("force_resize_height")
+    coarse_res: int = _d("coarse_res")
+    upsample_res: int = _d("upsample_res")
+    sample_mode: str = _d("sample_mode")
+    sample_seed: int = _d("sample_seed")
+    num_samples: int = _d("num_samples")
+    roma_webui_resize: bool = _d("roma_webui_resize")
+    model_file_path: str = _d("model_file_path")
+    engine_file_path: str = _d("engine_file_path")
+    force_engine_update: bool = _d("force_engine_update")
+    max_workspace_size: int = _d("max_workspace_size")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, PARAMS_BY_NAME[f.name].validate(getattr(self, f.name)))
+        if (self.force_resize_width == 0) != (self.force_resize_height == 0):
+            raise ConfigError("force_resize_width and force_resize_height must both be set (or both 0)")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "MatcherConfig":
+        """From a parameter mapping; node-only parameters are ignored, unknown names are an error."""
+        names = {f.name for f in fields(cls)}
+        for k in params:
+            if k not in PARAMS_BY_NAME:
+                raise ConfigError(f"unknown parameter {k!r}")
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+    def to_params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def matcher_param_names() -> set[str]:
+    """Names of the parameters MatcherConfig must hold (test/test_cli_match.py checks they agree)."""
+    return {p.name for p in PARAMS if p.group in MATCHER_GROUPS}
+
+
+def resolve_eloftr_checkpoint(checkpoint_path: str) -> tuple[Path, Any, bool]:
+    """-> (weights path, EloftrConfig, is_demo). Empty path = the bundled demo model.
+
+    A `<name>.json` beside the weights holds EloftrConfig fields (a reduced model); without it the
+    released model's configuration is used.
+    """
+    from .eloftr.config import EloftrConfig
+
+    if not checkpoint_path:
+        if not DEMO_ELOFTR_WEIGHTS.is_file() or not DEMO_ELOFTR_CONFIG.is_file():
+            raise CheckpointError(
+                f"no checkpoint_path given and the bundled demo model is missing ({DEMO_ELOFTR_WEIGHTS}, "
+                f"{DEMO_ELOFTR_CONFIG.name}); pass the released matchanything_eloftr.ckpt"
+            )
+        return DEMO_ELOFTR_WEIGHTS, EloftrConfig.from_json(DEMO_ELOFTR_CONFIG), True
+    path = Path(checkpoint_path).expanduser()
+    sidecar = path.with_suffix(".json")
+    cfg = EloftrConfig.from_json(sidecar) if sidecar.is_file() else EloftrConfig()
+    is_demo = path.resolve() == DEMO_ELOFTR_WEIGHTS.resolve()
+    return path, cfg, is_demo
+
+
+class Matcher:
+    def __init__(self, config: MatcherConfig | None = None) -> None:
+        from .backends.factory import create_backend
+
+        self.config = config or MatcherConfig()
+        params = self.config.to_params()
+        self.is_demo_model = False
+        cls = pipeline_class(self.config.variant)
+        if self.config.variant == "eloftr":
+            path, model_config, self.is_demo_model = resolve_eloftr_checkpoint(self.config.checkpoint_path)
+            params["checkpoint_path"] = str(path)
+            self.pipeline = cls(params, model_config)
+        else:
+            if not self.config.checkpoint_path:
+                raise CheckpointError(f"variant {self.config.variant} needs checkpoint_path (no bundled demo model)")
+            self.pipeline = cls(params)
+        self.checkpoint = params["checkpoint_path"]
+        if not Path(self.checkpoint).is_file():
+            raise CheckpointError(f"checkpoint file not found: {self.checkpoint}")
+        self._sha256: str | None = None
+        self.backend = create_backend(params, self.pipeline)
+
+    def match(self, image0: np.ndarray, image1: np.ndarray) -> MatchResult:
+        t0 = time.perf_counter()
+        rgb0, rgb1 = to_rgb_u8(image0), to_rgb_u8(image1)
+        inputs, meta = self.pipeline.preprocess(rgb0, rgb1)
+        t1 = time.perf_counter()
+        outputs = self.pipeline.infer(self.backend, inputs, meta)
+        t2 = time.perf_counter()
+        result = self.pipeline.postprocess(outputs, meta)
+        t3 = time.perf_counter()
+        result.timings_ms = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3,
+                             "postprocess": (t3 - t2) * 1e3}
+        return result
+
+    @property
+    def info(self) -> dict[str, Any]:
+        from .checkpoint import file_sha256
+
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.checkpoint)
+        c = self.config
+        engine_file = getattr(self.backend, "engine_file", None) or getattr(self.backend, "model_file", None)
+        return {
+            "variant": c.variant, "backend": self.backend.name, "device": self.backend.device,
+            "precision": self.backend.precision, "checkpoint": self.checkpoint, "checkpoint_sha256": self._sha256,
+            "engine_file": str(engine_file) if engine_file else "", "is_demo_model": self.is_demo_model,
+            "preset": c.preset, "resize_max": c.resize_max, "force_resize_width": c.force_resize_width,
+            "force_resize_height": c.force_resize_height, "coarse_res": c.coarse_res,
+            "upsample_res": c.upsample_res, "threshold": c.threshold, "package_version": __version__,
+        }
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Matcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

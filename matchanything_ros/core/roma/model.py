@@ -1,0 +1,314 @@
+"""The MatchAnything-RoMa network in PyTorch: dense warp + certainty from two preprocessed images.
+
+Structure and parameter names follow the released checkpoint (`matcher.model.` + these names):
+`encoder.cnn.layers.*` (VGG19-BN features[:40]) and `decoder.*` (projections, GP, embedding
+decoder, ConvRefiners). DINOv2 is a separate module (`dinov2`, Meta's file). Behaviour follows
+`shared/reference/roma/SPEC.md` section 1.4-1.5: symmetric batch [A, B] vs [B, A], pass 1 at the
+coarse size (scales 16..1), pass 2 at the upsample size (scales 8..1, VGG only), certainty
+attenuation, sigmoid, out-of-range zeroing, clamp.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dinov2 import Block, DinoV2ViTL14
+from .gp import GaussianProcessMatch, GpSolver
+
+CLS_RES = 64  # classification grid of the embedding decoder (64 x 64 cells)
+REFINE_INIT = 4.0
+DISP_EMB_SCALE = 40 / 32
+# scale -> (input channels of its ConvRefiner, displacement-embedding channels, local-corr radius)
+REFINER_DIMS: dict[str, tuple[int, int, int]] = {
+    "16": (2 * 512 + 128 + (2 * 7 + 1) ** 2, 128, 7),
+    "8": (2 * 512 + 64 + (2 * 3 + 1) ** 2, 64, 3),
+    "4": (2 * 256 + 32 + (2 * 2 + 1) ** 2, 32, 2),
+    "2": (2 * 64 + 16, 16, 0),
+    "1": (2 * 9 + 6, 6, 0),
+}
+# scale -> (input channels, output channels) of its 1x1 conv + BN projection
+PROJ_DIMS: dict[str, tuple[int, int]] = {"16": (1024, 512), "8": (512, 512), "4": (256, 256), "2": (128, 64),
+                                         "1": (64, 9)}
+PASS1_SCALES = ("16", "8", "4", "2", "1")
+PASS2_SCALES = ("8", "4", "2", "1")
+VGG_MAXPOOL_INDICES = (6, 13, 26, 39)
+
+
+def fp32_region(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Disable autocast (AMP) for a block the original computes in fp32."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def pixel_centre_grid(h: int, w: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Normalised pixel-centre coordinates [2, h, w] (channel 0 = x, 1 = y), align_corners=False convention."""
+    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=device, dtype=dtype)
+    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=device, dtype=dtype)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((gx, gy))
+
+
+class VGG19BNFeatures(nn.Module):
+    """torchvision vgg19_bn().features[:40]; returns the maps just before each max-pool (scales 1, 2, 4, 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 3
+        for cout, convs in ((64, 2), (128, 2), (256, 4), (512, 4)):
+            for _ in range(convs):
+                layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+                cin = cout
+            layers.append(nn.MaxPool2d(2, 2))
+        assert tuple(i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)) == VGG_MAXPOOL_INDICES
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        feats: dict[int, torch.Tensor] = {}
+        scale = 1
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, nn.MaxPool2d):
+                feats[scale] = x
+                scale *= 2
+                if i == VGG_MAXPOOL_INDICES[-1]:
+                    break  # the last pool's output is unused by the model
+            x = layer(x)
+        return feats
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cnn = VGG19BNFeatures()
+
+
+class EmbeddingDecoder(nn.Module):
+    """5 transformer blocks over concat(GP posterior, features) tokens -> 64x64 class logits + certainty."""
+
+    def __init__(self, dim: int = 1024, depth: int = 5, heads: int = 8) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(dim, heads, qkv_bias=False, eps=1e-5, layer_scale=False)
+                                     for _ in range(depth)])
+        self.to_out = nn.Linear(dim, CLS_RES**2 + 1)
+
+    def forward(self, gp_posterior: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat((gp_posterior.to(features.dtype), features), dim=1)
+        b, c, h, w = x.shape
+        tokens = x.reshape(b, c, h * w).permute(0, 2, 1)
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        out = self.to_out(tokens).permute(0, 2, 1).reshape(b, -1, h, w)
+        return out[:, :-1], out[:, -1:]
+
+
+def cls_to_flow_refine(cls: torch.Tensor) -> torch.Tensor:
+    """Class logits [B, 4096, H, W] -> flow [B, 2, H, W]: probability-weighted mean of the argmax cell and its
+    4 neighbours, indices clamped to [0, 4095] WITHOUT row-wrap handling (as the original)."""
+    b, c, h, w = cls.shape
+    res = CLS_RES
+    g = pixel_centre_grid(res, res, cls.device, torch.float32).permute(1, 2, 0).reshape(c, 2).to(cls.dtype)
+    p = cls.softmax(dim=1)
+    mode = p.max(dim=1).indices
+    index = torch.stack((mode - 1, mode, mode + 1, mode - res, mode + res), dim=1).clamp(0, c - 1)
+    neighbours = torch.gather(p, dim=1, index=index)[..., None]  # [B, 5, H, W, 1]
+    coords = g[index]  # [B, 5, H, W, 2]
+    flow = neighbours[:, 0] * coords[:, 0]
+    for k in range(1, 5):
+        flow = flow + neighbours[:, k] * coords[:, k]
+    flow = flow / neighbours.sum(dim=1)
+    return flow.permute(0, 3, 1, 2)
+
+
+def local_correlation(f1: torch.Tensor, f2: torch.Tensor, flow: torch.Tensor, radius: int,
+                      max_chunk_elems: int = 1 << 27) -> torch.Tensor:
+    """[B, (2r+1)^2, h, w]: sum_c f1[c] * f2[c](flow + offset_k) / sqrt(C), offsets one feature pixel apart,
+    window order y-major / x-minor, bilinear with zero padding (align_corners=False).
+
+    Rows are processed in chunks so the sampled window (C x h x w x K) never exceeds max_chunk_elems."""
+    b, c, h, w = f1.shape
+    k = (2 * radius + 1) ** 2
+    oy, ox = torch.meshgrid(
+        torch.linspace(-2 * radius / h, 2 * radius / h, 2 * radius + 1, device=f1.device),
+        torch.linspace(-2 * radius / w, 2 * radius / w, 2 * radius + 1, device=f1.device), indexing="ij")
+    window = torch.stack((ox, oy), dim=-1).reshape(1, 1, 1, k, 2)
+    coords = flow.permute(0, 2, 3, 1)[:, :, :, None, :].float() + window  # [B, h, w, K, 2]
+    f1s = f1 / (c**0.5)
+    rows = max(1, min(h, max_chunk_elems // max(1, c * w * k)))
+    out = []
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        grid = coords[:, r0:r1].reshape(b, r1 - r0, w * k, 2).to(f2.dtype)
+        win = F.grid_sample(f2, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        win = win.reshape(b, c, r1 - r0, w, k)
+        out.append((f1s[:, :, r0:r1, :, None] * win).sum(dim=1))  # [B, rows, w, K]
+    return torch.cat(out, dim=1).permute(0, 3, 1, 2)
+
+
+def _refiner_block(dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(dim, dim, 5, 1, 2, groups=dim), nn.BatchNorm2d(dim, momentum=0.01),
+                         nn.ReLU(inplace=True), nn.Conv2d(dim, dim, 1, 1, 0))
+
+
+class ConvRefiner(nn.Module):
+    """Depth-wise conv refiner: concat(f1, warped f2, displacement embedding, local corr) -> (dflow, dcert)."""
+
+    def __init__(self, in_dim: int, emb_dim: int, radius: int, hidden_blocks: int = 8) -> None:
+        super().__init__()
+        self.radius = radius
+        self.block1 = _refiner_block(in_dim)
+        self.hidden_blocks = nn.Sequential(*[_refiner_block(in_dim) for _ in range(hidden_blocks)])
+        self.out_conv = nn.Conv2d(in_dim, 3, 1, 1, 0)
+        self.disp_emb = nn.Conv2d(2, emb_dim, 1, 1, 0)
+
+    def forward(self, f1: torch.Tensor, f2: torch.Tensor, flow: torch.Tensor,
+                scale_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = f1.shape
+        x_hat = F.grid_sample(f2, flow.permute(0, 2, 3, 1).to(f2.dtype), mode="bilinear", padding_mode="zeros",
+                              align_corners=False)
+        grid_a = pixel_centre_grid(h, w, f1.device)[None].expand(b, 2, h, w)
+        emb = self.disp_emb((DISP_EMB_SCALE * scale_factor * (flow - grid_a)).to(f1.dtype))
+        parts = [f1, x_hat, emb]
+        if self.radius:
+            parts.append(local_correlation(f1, f2, flow, self.radius).to(f1.dtype))
+        d = self.hidden_blocks(self.block1(torch.cat(parts, dim=1)))
+        with fp32_region(d):  # the original runs out_conv outside autocast, in fp32
+            d = self.out_conv(d.float())
+        return d[:, :-1], d[:, -1:]
+
+
+class Decoder(nn.Module):
+    def __init__(self, gp_solver: GpSolver = "inverse") -> None:
+        super().__init__()
+        self.embedding_decoder = EmbeddingDecoder()
+        self.gps = nn.ModuleDict({"16": GaussianProcessMatch(512, gp_solver)})
+        self.proj = nn.ModuleDict({s: nn.Sequential(nn.Conv2d(i, o, 1, 1), nn.BatchNorm2d(o))
+                                   for s, (i, o) in PROJ_DIMS.items()})
+        self.conv_refiner = nn.ModuleDict({s: ConvRefiner(i, e, r) for s, (i, e, r) in REFINER_DIMS.items()})
+
+
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric batch: the support side of [A, B] is [B, A]."""
+    a, b = x.chunk(2)
+    return torch.cat((b, a), dim=0)
+
+
+class RomaNet(nn.Module):
+    """Encoder + decoder (checkpoint part) + DINOv2 (separate file). `forward` is the fixed-shape "dense" graph."""
+
+    def __init__(self, gp_solver: GpSolver = "inverse") -> None:
+        super().__init__()
+        self.encoder = Encoder()
+        self.decoder = Decoder(gp_solver)
+        self.dinov2 = DinoV2ViTL14()
+
+    @property
+    def gp_solver(self) -> GpSolver:
+        gp = self.decoder.gps["16"]
+        assert isinstance(gp, GaussianProcessMatch)
+        return gp.solver
+
+    def set_gp_solver(self, solver: GpSolver) -> None:
+        gp = self.decoder.gps["16"]
+        assert isinstance(gp, GaussianProcessMatch)
+        gp.solver = solver
+
+    def checkpoint_modules(self) -> nn.Module:
+        """The part whose state_dict is the released checkpoint (keys without `matcher.model.`)."""
+        part = nn.Module()
+        part.encoder = self.encoder
+        part.decoder = self.decoder
+        return part
+
+    # --- decoder passes ------------------------------------------------------------------------
+    def _decode(self, feats: dict[int, torch.Tensor], scales: tuple[str, ...], flow: torch.Tensor | None,
+                certainty: torch.Tensor | None, scale_factor: float, record: dict[str, Any] | None,
+                tag: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        dec = self.decoder
+        h1, w1 = feats[1].shape[-2:]
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, s in enumerate(scales):
+            ins = int(s)
+            f1 = dec.proj[s](feats[ins])
+            f2 = _swap_halves(f1)
+            if s == "16":
+                with fp32_region(f1):  # GP in fp32 even under AMP, as the original
+                    gp_post = dec.gps[s](f1.float(), f2.float())
+                cls, certainty = dec.embedding_decoder(gp_post, f1)
+                flow = cls_to_flow_refine(cls).float()
+                certainty = certainty.float()
+                if record is not None:
+                    record.update(dino_feat16=feats[16], proj16_f1=f1, gp_posterior16=gp_post,
+                                  pass1_s16_gm_certainty=certainty, pass1_s16_gm_cls=cls)
+            assert flow is not None and certainty is not None
+            d_flow, d_cert = dec.conv_refiner[s](f1, f2, flow, scale_factor)
+            flow = flow + ins * torch.stack((d_flow[:, 0] / (REFINE_INIT * w1), d_flow[:, 1] / (REFINE_INIT * h1)),
+                                            dim=1)
+            certainty = certainty + d_cert
+            out[ins] = (flow, certainty)
+            if record is not None:
+                record[f"{tag}_s{s}_flow"] = flow
+                record[f"{tag}_s{s}_certainty"] = certainty
+            if i + 1 < len(scales):
+                size = feats[int(scales[i + 1])].shape[-2:]
+                flow = F.interpolate(flow, size=size, mode="bilinear", align_corners=False)
+                certainty = F.interpolate(certainty, size=size, mode="bilinear", align_corners=False)
+        return out
+
+    def forward_dense(self, coarse: torch.Tensor, fine: torch.Tensor,
+                      record: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """coarse [2, 3, c, c] = [A, B], fine [2, 3, u, u] -> (warp [u, 2u, 4], certainty [u, 2u])."""
+        c_h, c_w = coarse.shape[-2:]
+        u_h, u_w = fine.shape[-2:]
+        # pass 1: coarse size, DINOv2 + VGG
+        feats = self.encoder.cnn(coarse)
+        feats[16] = self.dinov2(coarse.to(self.dinov2.pos_embed.dtype))
+        p1 = self._decode(feats, PASS1_SCALES, None, None, 1.0, record, "pass1")
+        del feats
+        # pass 2: upsample size, VGG only, initialised from pass 1's finest flow/certainty
+        scale_factor = math.sqrt(u_h * u_w / (c_h * c_w))
+        feats = self.encoder.cnn(fine)
+        size8 = feats[8].shape[-2:]
+        flow0 = F.interpolate(p1[1][0], size=size8, mode="bilinear", align_corners=False)
+        cert0 = F.interpolate(p1[1][1], size=size8, mode="bilinear", align_corners=False)
+        p2 = self._decode(feats, PASS2_SCALES, flow0, cert0, scale_factor, record, "pass2")
+        del feats
+        # attenuation: where the coarse logit is negative, the final logit is raised by half its magnitude
+        low = F.interpolate(p1[16][1], size=(u_h, u_w), mode="bilinear", align_corners=False)
+        low = 0.5 * low * (low < 0)
+        flow, logit = p2[1]
+        certainty = (logit - low).sigmoid()[:, 0]  # [2, u, u]
+        flow = flow.permute(0, 2, 3, 1)  # [2, u, u, 2]
+        wrong = (flow.abs() > 1).any(dim=-1)
+        certainty = torch.where(wrong, torch.zeros_like(certainty), certainty)
+        flow = flow.clamp(-1, 1)
+        grid = pixel_centre_grid(u_h, u_w, flow.device).permute(1, 2, 0)  # [u, u, 2]
+        warp = torch.cat((torch.cat((grid, flow[0]), dim=-1), torch.cat((flow[1], grid), dim=-1)), dim=1)
+        return warp, torch.cat((certainty[0], certainty[1]), dim=1)
+
+    def forward(self, image0_coarse: torch.Tensor, image1_coarse: torch.Tensor, image0_fine: torch.Tensor,
+                image1_fine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The "dense" graph: four [1, 3, S, S] images -> warp [1, u, 2u, 4], certainty [1, u, 2u]."""
+        warp, certainty = self.forward_dense(torch.cat((image0_coarse, image1_coarse)),
+                                             torch.cat((image0_fine, image1_fine)))
+        return warp[None], certainty[None]
+
+
+class RomaDenseGraph(nn.Module):
+    """The "dense" graph with named inputs/outputs (torch backend, ONNX export)."""
+
+    input_names = ("image0_coarse", "image1_coarse", "image0_fine", "image1_fine")
+    output_names = ("warp", "certainty")
+
+    def __init__(self, net: RomaNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image0_coarse: torch.Tensor, image1_coarse: torch.Tensor, image0_fine: torch.Tensor,
+                image1_fine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net(image0_coarse, image1_coarse, image0_fine, image1_fine)

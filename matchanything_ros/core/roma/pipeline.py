@@ -1,0 +1,157 @@
+"""RoMa variant pipeline: preprocessing -> "dense" graph (warp + certainty) -> host sampling -> pixels.
+
+The "dense" graph has fixed shapes for a (coarse_res, upsample_res) pair: four images [1, 3, S, S]
+in, `warp` [1, u, 2u, 4] and `certainty` [1, u, 2u] out (the original's symmetric layout: left half
+A -> B, right half B -> A). Everything data-dependent (sampling, mask, pixel conversion) is here.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+from ..params import PARAMS_BY_NAME
+from ..result import MatchResult
+from .config import RomaConfig
+from .preprocess import PreparedImage, model_to_original, prepare_image
+from .sampling import SparseMatches, balanced_sample, seeded_generator, to_pixels, topk_sample, valid_mask
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..backends.base import Backend
+    from .gp import GpSolver
+    from .model import RomaNet
+
+
+def _to_numpy(a: Any) -> np.ndarray:
+    if hasattr(a, "detach"):  # torch tensor left on the device by the torch backend
+        return a.detach().float().cpu().numpy()
+    return np.asarray(a)
+
+
+DINOV2_KEY_PREFIX = "dinov2."  # DINOv2 keys inside the combined state dict of `load_weights`
+
+
+@dataclass
+class RomaMeta:
+    image0: PreparedImage
+    image1: PreparedImage
+
+
+class RomaPipeline:
+    name = "roma"
+    graphs = ("dense",)
+
+    def __init__(self, config: dict[str, Any] | None = None, roma_config: RomaConfig | None = None,
+                 gp_solver: "GpSolver" = "inverse") -> None:
+        config = dict(config or {})
+        self.config = roma_config or RomaConfig.from_params(config)
+        self.dinov2_path = str(PARAMS_BY_NAME["dinov2_path"].validate(config.get("dinov2_path", "")))
+        self.gp_solver: GpSolver = gp_solver
+        self.last_sparse: SparseMatches | None = None
+
+    # --- VariantPipeline -----------------------------------------------------------------------
+    def preprocess(self, image0: np.ndarray, image1: np.ndarray) -> tuple[dict[str, np.ndarray], RomaMeta]:
+        c = self.config
+        p0 = prepare_image(image0, c.coarse_res, c.upsample_res, c.webui_resize, "image0")
+        p1 = prepare_image(image1, c.coarse_res, c.upsample_res, c.webui_resize, "image1")
+        inputs = {"image0_coarse": p0.coarse[None], "image1_coarse": p1.coarse[None],
+                  "image0_fine": p0.fine[None], "image1_fine": p1.fine[None]}
+        return inputs, RomaMeta(p0, p1)
+
+    def infer(self, backend: "Backend", inputs: dict[str, np.ndarray], meta: RomaMeta) -> dict[str, Any]:
+        if hasattr(backend, "keep_on_device") and self.config.sample_mode == "balanced":
+            # torch: the balanced sampler runs where the warp is (no 24 MB copy, KDE on the GPU)
+            backend.keep_on_device = {"warp", "certainty"}
+        return backend.run("dense", inputs)
+
+    def sample(self, warp: Any, certainty: Any) -> SparseMatches:
+        """Dense [.., u, 2u, 4] / [.., u, 2u] (numpy or torch) -> sparse normalised matches."""
+        c = self.config
+        if c.sample_mode == "topk":
+            return topk_sample(_to_numpy(warp), _to_numpy(certainty), c.num_samples)
+        import torch
+
+        w = torch.as_tensor(warp).float().reshape(-1, 4)
+        cert = torch.as_tensor(certainty).float().reshape(-1)
+        return balanced_sample(w, cert, c.num_samples, seeded_generator(c.sample_seed, w.device))
+
+    def postprocess(self, outputs: dict[str, Any], meta: RomaMeta) -> MatchResult:
+        t0 = time.perf_counter()
+        sparse = self.sample(outputs["warp"], outputs["certainty"])
+        self.last_sparse = sparse
+        s0, s1 = meta.image0.model_size_wh, meta.image1.model_size_wh
+        k0, k1 = to_pixels(sparse.matches, s0, s1)
+        keep = valid_mask(k0, k1, sparse.confidence, s0, s1)
+        sample_ms = (time.perf_counter() - t0) * 1e3
+        return MatchResult(
+            keypoints0=model_to_original(k0[keep], meta.image0),
+            keypoints1=model_to_original(k1[keep], meta.image1),
+            confidence=sparse.confidence[keep].astype(np.float32),
+            image0_size=meta.image0.original_size_wh,
+            image1_size=meta.image1.original_size_wh,
+            timings_ms={"sampling": sample_ms},
+            extras={"sample_mode": self.config.sample_mode, "model_size0": s0, "model_size1": s1,
+                    "keypoints0_model": k0[keep], "keypoints1_model": k1[keep],
+                    "coarse_res": self.config.coarse_res, "upsample_res": self.config.upsample_res},
+        )
+
+    # --- torch graphs (torch backend, ONNX export) ----------------------------------------------
+    def load_weights(self, params: dict[str, Any]) -> dict[str, "torch.Tensor"]:
+        """Both files, strictly: the checkpoint's keys (`model.*`) plus DINOv2's under `dinov2.`."""
+        from ..checkpoint import load_state_dict
+        from .weights import load_dinov2_state_dict
+
+        path = str(params.get("checkpoint_path", ""))
+        if not path:
+            raise CheckpointError("RoMa needs the MatchAnything checkpoint (matchanything_roma.ckpt): "
+                                  "set checkpoint_path")
+        state = dict(load_state_dict(path, "roma"))
+        dino = load_dinov2_state_dict(str(params.get("dinov2_path", self.dinov2_path)))
+        state.update({DINOV2_KEY_PREFIX + k: v for k, v in dino.items()})
+        return state
+
+    def build_net(self, state_dict: dict[str, "torch.Tensor"],
+                  dinov2_state: dict[str, "torch.Tensor"] | None = None,
+                  gp_solver: "GpSolver | None" = None) -> "RomaNet":
+        """RomaNet with both weight sets loaded strictly.
+
+        DINOv2 comes from `dinov2_state`, else from `dinov2.`-prefixed keys of `state_dict`
+        (`load_weights`), else from the `dinov2_path` file."""
+        from .model import RomaNet
+        from .weights import load_dinov2_state_dict, load_state_dicts_into
+
+        roma = {k: v for k, v in state_dict.items() if not k.startswith(DINOV2_KEY_PREFIX)}
+        if dinov2_state is None:
+            n = len(DINOV2_KEY_PREFIX)
+            dinov2_state = {k[n:]: v for k, v in state_dict.items() if k.startswith(DINOV2_KEY_PREFIX)} or None
+        if dinov2_state is None:
+            dinov2_state = load_dinov2_state_dict(self.dinov2_path)
+        net = RomaNet(gp_solver or self.gp_solver)
+        load_state_dicts_into(net, roma, dinov2_state, "RoMa checkpoint", self.dinov2_path or "DINOv2 weights")
+        return net.eval()
+
+    def torch_graphs(self, state_dict: dict[str, "torch.Tensor"], device: str = "cpu",
+                     dinov2_state: dict[str, "torch.Tensor"] | None = None,
+                     gp_solver: "GpSolver | None" = None) -> dict[str, "torch.nn.Module"]:
+        """{"dense": RomaDenseGraph}. gp_solver: "inverse" (reference, torch) or "newton_schulz" (ONNX export)."""
+        from .model import RomaDenseGraph
+
+        net = self.build_net(state_dict, dinov2_state, gp_solver).to(device)
+        grid = self.config.coarse_res // 14
+        net.dinov2.freeze_pos_embed(grid, grid)  # a constant for this input size (and in exported graphs)
+        return {"dense": RomaDenseGraph(net).eval()}
+
+    def example_inputs(self, graph: str = "dense") -> dict[str, "torch.Tensor"]:
+        """Inputs of the right shapes/dtypes for tracing/export (the sizes of this pipeline's config)."""
+        import torch
+
+        if graph != "dense":
+            raise ConfigError(f"unknown RoMa graph {graph!r}; graphs are {self.graphs}")
+        c, u = self.config.coarse_res, self.config.upsample_res
+        return {"image0_coarse": torch.rand(1, 3, c, c), "image1_coarse": torch.rand(1, 3, c, c),
+                "image0_fine": torch.rand(1, 3, u, u), "image1_fine": torch.rand(1, 3, u, u)}

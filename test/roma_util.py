@@ -1,0 +1,157 @@
+"""Shared, process-cached set-up of the RoMa tests: fixture discovery, seeded weights written to real
+checkpoint files, one model per session, one forward per (pair, GP solver).
+
+Everything about the fixtures (names, sizes, seeds, the weight override, strides) is read from
+`roma/fixtures_meta.json` and the npz files under $MATCHANYTHING_REFERENCE_DIR (default
+<repo>/../shared/reference).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+REF_ROOT = Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR") or REPO.parent / "shared" / "reference").resolve()
+REF = REF_ROOT / "roma"
+SLOW_FORWARD_SECONDS = 60.0  # pairs whose official CPU forward took longer run only under the `slow` marker
+
+
+def meta() -> dict[str, Any]:
+    path = REF / "fixtures_meta.json"
+    if not path.is_file():
+        pytest.fail(f"RoMa reference fixtures not found under {REF} (set MATCHANYTHING_REFERENCE_DIR)")
+    return json.loads(path.read_text())
+
+
+def pair_meta(name: str) -> dict[str, Any]:
+    return next(p for p in meta()["pairs"] if p["name"] == name)
+
+
+def pair_params(only_full_res: bool = False) -> list[Any]:
+    """pytest params of the fixture pairs; long ones marked slow. only_full_res: dense outputs stored at stride 1."""
+    out = []
+    for p in meta()["pairs"]:
+        strides = p.get("strides", {})
+        if only_full_res and any(strides.get(k, 1) != 1 for k in ("final_warp_A_to_B", "final_certainty")):
+            continue
+        marks = [pytest.mark.slow] if p.get("forward_seconds_cpu", 0) > SLOW_FORWARD_SECONDS else []
+        out.append(pytest.param(p["name"], marks=marks, id=p["name"]))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def npz(name: str) -> dict[str, np.ndarray]:
+    with np.load(REF / f"{name}.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def _seeded_module() -> Any:
+    spec = importlib.util.spec_from_file_location("seeded_weights", REF_ROOT / "seeded_weights.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@functools.lru_cache(maxsize=1)
+def weight_files() -> tuple[Path, Path]:
+    """The seeded weights written as the two real files a user passes: a Lightning-style .ckpt with
+    `matcher.`-prefixed keys, and a DINOv2 .pth state dict. Built once per process."""
+    seed = meta()["weights_seed"]
+    mod = _seeded_module()
+    out = Path(tempfile.mkdtemp(prefix="roma_test_weights_"))
+    ckpt, dino = out / "matchanything_roma.ckpt", out / "dinov2_vitl14_pretrain.pth"
+    torch.save({"state_dict": mod.seeded_state_dict(REF / "manifest.json", seed), "epoch": 0, "global_step": 0},
+               ckpt)
+    torch.save(mod.seeded_state_dict(REF / "dinov2_manifest.json", seed), dino)
+    return ckpt, dino
+
+
+@functools.lru_cache(maxsize=1)
+def net() -> Any:
+    """One RomaNet for the session, loaded from the files through the pipeline's strict loader."""
+    from matchanything_ros.core.roma.pipeline import RomaPipeline
+
+    ckpt, dino = weight_files()
+    pipe = RomaPipeline({"dinov2_path": str(dino)})
+    return pipe.build_net(pipe.load_weights({"checkpoint_path": str(ckpt), "dinov2_path": str(dino)}))
+
+
+class weight_override:
+    """Apply a fixture's documented weight override (key/index from the meta, value from the npz)."""
+
+    def __init__(self, model: Any, name: str) -> None:
+        self.model, self.override = model, pair_meta(name).get("weight_override")
+        self.value = float(npz(name)["override_to_out_bias_last"]) if self.override else None
+
+    def __enter__(self) -> None:
+        if self.override:
+            key = self.override["key"].removeprefix("matcher.").removeprefix("model.")
+            param = dict(self.model.checkpoint_modules().named_parameters())[key]
+            self.saved = param.data[self.override["index"]].clone()
+            param.data[self.override["index"]] = self.value
+
+    def __exit__(self, *exc: object) -> None:
+        if self.override:
+            key = self.override["key"].removeprefix("matcher.").removeprefix("model.")
+            dict(self.model.checkpoint_modules().named_parameters())[key].data[self.override["index"]] = self.saved
+
+
+def model_inputs(name: str) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
+    from matchanything_ros.core.roma.preprocess import prepare_image
+
+    z = npz(name)
+    c, u = int(z["coarse_res"][0]), int(z["upsample_res"][0])
+    # the fixtures feed the original images straight in (no web-UI 640x480 stage)
+    pa = prepare_image(z["img0_uint8"], c, u, webui_resize=False)
+    pb = prepare_image(z["img1_uint8"], c, u, webui_resize=False)
+    coarse = torch.from_numpy(np.stack([pa.coarse, pb.coarse]))
+    fine = torch.from_numpy(np.stack([pa.fine, pb.fine]))
+    return coarse, fine, pa, pb
+
+
+@functools.lru_cache(maxsize=None)
+def forward(name: str, solver: str = "inverse") -> dict[str, Any]:
+    """One recorded forward of a fixture pair: intermediates + warp + certainty (numpy)."""
+    model = net()
+    coarse, fine, _, _ = model_inputs(name)
+    record: dict[str, Any] = {}
+    model.set_gp_solver(solver)
+    try:
+        with weight_override(model, name), torch.inference_mode():
+            warp, cert = model.forward_dense(coarse, fine, record)
+    finally:
+        model.set_gp_solver("inverse")
+    out = {k: v.float().numpy() for k, v in record.items()}
+    out["warp"], out["certainty"] = warp.numpy(), cert.numpy()
+    return out
+
+
+def stored_dense(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The fixture's own symmetric warp [H, 2W, 4] and certainty (needs stride-1 arrays).
+
+    The grid half is rebuilt with torch.linspace, as the original (np.linspace differs in the last ulp)."""
+    z = npz(name)
+    a2b, b2a = z["final_warp_A_to_B"], z["final_warp_B_to_A"]
+    h, w = a2b.shape[1:]
+    gy, gx = torch.meshgrid(torch.linspace(-1 + 1 / h, 1 - 1 / h, h), torch.linspace(-1 + 1 / w, 1 - 1 / w, w),
+                            indexing="ij")
+    gx_np, gy_np = gx.numpy(), gy.numpy()
+    left = np.stack([gx_np, gy_np, a2b[0], a2b[1]], -1)
+    right = np.stack([b2a[0], b2a[1], gx_np, gy_np], -1)
+    return np.concatenate([left, right], axis=1), z["final_certainty"]
+
+
+def subsample(name: str, key: str, full: np.ndarray) -> np.ndarray:
+    """full[..., ::s, ::s] with the stride the fixture stored `key` at (fixtures_meta.json)."""
+    s = int(pair_meta(name).get("strides", {}).get(key, 1))
+    return full[..., ::s, ::s]

@@ -1,0 +1,291 @@
+"""ELoFTR parity with the official HF-space code, on the golden fixtures of the reference set.
+
+Fixture pairs, thresholds and the weights seed are read from `index.json` under
+$MATCHANYTHING_REFERENCE_DIR/eloftr (default: <repo>/../shared/reference), so the same tests run
+on any fixture set of that layout. The network runs ONCE per pair (module cache); every check
+below reuses that run.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from matchanything_ros.core.eloftr.config import EloftrConfig
+from matchanything_ros.core.eloftr.model import (EloftrCoarse, EloftrFine, EloftrNet, RepVGGBackbone,
+                                                 dual_softmax_confidence, fine_similarities, fuse_repvgg,
+                                                 gather_windows, topk_candidates)
+from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
+from matchanything_ros.core.eloftr.postprocess import select_coarse_matches
+
+pytestmark = pytest.mark.parity
+
+REPO = Path(__file__).resolve().parent.parent
+REF_ROOT = Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+REF = REF_ROOT / "eloftr"
+if not (REF / "index.json").is_file():
+    pytest.skip(f"ELoFTR reference fixtures not found under {REF} (set MATCHANYTHING_REFERENCE_DIR)",
+                allow_module_level=True)
+INDEX = json.loads((REF / "index.json").read_text())
+PAIRS = sorted(INDEX["pairs"])
+THR_MAIN = float(INDEX["threshold"])
+THR2 = float(INDEX["threshold2"]) if "threshold2" in INDEX else None
+FORCE_WH = tuple(INDEX["force_resize_wh"]) if INDEX.get("force_resize_wh") else None
+FP32_RTOL = 1e-5  # relative to the tensor's largest magnitude
+
+
+def seeded_weights_module() -> Any:
+    spec = importlib.util.spec_from_file_location("seeded_weights", REF_ROOT / "seeded_weights.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def prefixed_weights() -> dict[str, torch.Tensor]:
+    return seeded_weights_module().seeded_state_dict(REF / "manifest.json", INDEX["seed"])
+
+
+@pytest.fixture(scope="module")
+def net(prefixed_weights: dict[str, torch.Tensor]) -> EloftrNet:
+    pipe = EloftrPipeline({"threshold": THR_MAIN})
+    return pipe.build_net({k.removeprefix("matcher."): v for k, v in prefixed_weights.items()})
+
+
+def pipeline_for(threshold: float) -> EloftrPipeline:
+    params: dict[str, Any] = {"threshold": threshold, "preset": "hf_space"}
+    if FORCE_WH:
+        params.update(force_resize_width=FORCE_WH[0], force_resize_height=FORCE_WH[1])
+    return EloftrPipeline(params)
+
+
+_RUNS: dict[str, dict[str, Any]] = {}
+
+
+@pytest.fixture
+def run(request: pytest.FixtureRequest, net: EloftrNet) -> dict[str, Any]:
+    """Preprocess the pair's input images and run the network once (cached per pair)."""
+    pair = request.param
+    if pair not in _RUNS:
+        ref = dict(np.load(REF / INDEX["pairs"][pair]["file"]))
+        pipe = pipeline_for(THR_MAIN)
+        inputs, meta = pipe.preprocess(ref["input_image0_rgb_u8"], ref["input_image1_rgb_u8"])
+        t = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        with torch.inference_mode():
+            feats = net.features(t["image0"], t["image1"], t["mask0"], t["mask1"])
+            conf = dual_softmax_confidence(feats["transformer0"], feats["transformer1"], t["mask0"], t["mask1"],
+                                           net.cfg.dsmax_temperature)
+        _RUNS[pair] = {"pair": pair, "ref": ref, "pipe": pipe, "inputs": t, "meta": meta, "feats": feats, "conf": conf}
+    return _RUNS[pair]
+
+
+parametrize_pairs = pytest.mark.parametrize("run", PAIRS, indirect=True)
+
+
+def assert_close(actual: torch.Tensor | np.ndarray, expected: np.ndarray, name: str, rtol: float = FP32_RTOL) -> None:
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{name}: shape {a.shape} != {e.shape}"
+    err = float(np.abs(a - e).max()) if a.size else 0.0
+    scale = max(float(np.abs(e).max()) if e.size else 0.0, 1e-12)
+    assert err <= rtol * scale, f"{name}: max abs error {err:.3g} > {rtol:g} x {scale:.3g}"
+
+
+# --- weights and checkpoint layout ----------------------------------------------------------------
+
+def test_seeded_weights_fingerprint(prefixed_weights: dict[str, torch.Tensor]) -> None:
+    readme = (REF / "README.md").read_text()
+    match = re.search(r"fingerprint.*?`([0-9a-f]{64})`", readme, re.S | re.I)
+    assert match, "README.md states no weights fingerprint"
+    h = hashlib.sha256()
+    for key in sorted(prefixed_weights):
+        h.update(key.encode())
+        h.update(prefixed_weights[key].contiguous().numpy().tobytes())
+    assert h.hexdigest() == match.group(1), "seeded_weights.py or the manifest drifted from the fixtures"
+
+
+def test_model_layout_is_the_released_checkpoint() -> None:
+    manifest = json.loads((REF / "manifest.json").read_text())
+    prefix = manifest.get("key_prefix", "")
+    expected = {k.removeprefix(prefix): tuple(v["shape"]) for k, v in manifest["tensors"].items()}
+    model = {k: tuple(v.shape) for k, v in EloftrNet(EloftrConfig()).state_dict().items()}
+    assert model == expected
+    n_params = sum(p.numel() for p in EloftrNet(EloftrConfig()).parameters())
+    assert n_params == manifest["total_parameters"]
+
+
+# --- preprocessing (bit-exact) ---------------------------------------------------------------------
+
+@parametrize_pairs
+def test_preprocessing_bit_exact(run: dict[str, Any]) -> None:
+    ref, meta = run["ref"], run["meta"]
+    np.testing.assert_array_equal(meta.canvas0_u8, ref["model_input0_gray_u8"])
+    np.testing.assert_array_equal(meta.canvas1_u8, ref["model_input1_gray_u8"])
+    np.testing.assert_array_equal(meta.mask0, ref["model_mask0_coarse"])
+    np.testing.assert_array_equal(meta.mask1, ref["model_mask1_coarse"])
+    np.testing.assert_array_equal(run["inputs"]["image0"][0, 0].numpy(),
+                                  torch.from_numpy(ref["model_input0_gray_u8"]).float().numpy() / 255.0)
+    for k, m in enumerate((meta.image0, meta.image1)):
+        np.testing.assert_array_equal(m.scale_orig_over_model, ref[f"scale{k}_orig_over_model"])
+
+
+@parametrize_pairs
+def test_stage1_intermediates_bit_exact(run: dict[str, Any]) -> None:
+    from matchanything_ros.core.eloftr.preprocess import stage1
+
+    ref, pipe = run["ref"], run["pipe"]
+    for k in (0, 1):
+        chw = stage1(ref[f"input_image{k}_rgb_u8"], pipe.settings)
+        crop = ref[f"stage1_resized_rgb_f32_crop{k}"]
+        np.testing.assert_array_equal(chw[:, : crop.shape[1], : crop.shape[2]], crop)
+        u8 = (chw * np.float32(255.0)).transpose(1, 2, 0).astype(np.uint8)
+        assert list(u8.shape) == list(ref[f"stage1_rgb_u8_after_trunc{k}_shape"])
+        assert hashlib.sha256(np.ascontiguousarray(u8).tobytes()).digest() == ref[
+            f"stage1_rgb_u8_after_trunc{k}_sha256"].tobytes()
+
+
+# --- network intermediates (fp32 tolerance) --------------------------------------------------------
+
+@parametrize_pairs
+def test_backbone_and_transformer(run: dict[str, Any]) -> None:
+    ref, f = run["ref"], run["feats"]
+    c = torch.cat([f["feats_c0"], f["feats_c1"]])
+    assert_close(c[:, :8], ref["backbone_feats_c_ch0to8"], "backbone feats_c")
+    assert_close(c.mean((2, 3)), ref["backbone_feats_c_chmean"], "backbone feats_c mean")
+    x2 = torch.cat([f["feats_x2_0"], f["feats_x2_1"]])
+    x1 = torch.cat([f["feats_x1_0"], f["feats_x1_1"]])
+    assert_close(x2.mean((2, 3)), ref["backbone_feats_x2_chmean"], "feats_x2 mean")
+    assert_close(x1.mean((2, 3)), ref["backbone_feats_x1_chmean"], "feats_x1 mean")
+    cx2, cx1 = ref["backbone_feats_x2_crop"], ref["backbone_feats_x1_crop"]
+    assert_close(x2[:, : cx2.shape[1], : cx2.shape[2], : cx2.shape[3]], cx2, "feats_x2 crop")
+    assert_close(x1[:, : cx1.shape[1], : cx1.shape[2], : cx1.shape[3]], cx1, "feats_x1 crop")
+    for k in (0, 1):
+        t = f[f"transformer{k}"]
+        assert_close(t[:, :8], ref[f"transformer_out{k}_ch0to8"], f"transformer {k}")
+        assert_close(t.mean((2, 3)), ref[f"transformer_out{k}_chmean"], f"transformer {k} mean")
+        # padded coarse positions of the transformer output are exactly zero, as the original's
+        valid = torch.from_numpy(ref[f"model_mask{k}_coarse"])
+        assert torch.count_nonzero(t[0][:, ~valid]) == 0
+
+
+@parametrize_pairs
+def test_dual_softmax_confidence(run: dict[str, Any]) -> None:
+    ref, conf = run["ref"], run["conf"][0]
+    hw = ref["hw_c"]
+    assert tuple(run["feats"]["transformer0"].shape[-2:]) == (hw[0], hw[1])
+    assert_close(conf.max(1).values, ref["conf_row_max"], "conf row max")
+    assert_close(conf.max(0).values, ref["conf_col_max"], "conf col max")
+    assert_close(conf[torch.from_numpy(ref["conf_rows_idx"])], ref["conf_rows"], "conf rows")
+    informative = ref["conf_row_max"] > 0  # rows of padded cells are all-zero: argmax is arbitrary there
+    np.testing.assert_array_equal(conf.argmax(1).numpy()[informative], ref["conf_row_argmax"][informative])
+
+
+# --- matches ---------------------------------------------------------------------------------------
+
+def _check_final(result: Any, ref: dict[str, np.ndarray]) -> None:
+    assert len(result) == len(ref["confidence"])
+    np.testing.assert_allclose(result.keypoints0, ref["keypoints0"], rtol=0, atol=1e-3)
+    np.testing.assert_allclose(result.keypoints1, ref["keypoints1"], rtol=0, atol=1e-3)
+    np.testing.assert_allclose(result.confidence, ref["confidence"], rtol=1e-4, atol=0)
+
+
+@parametrize_pairs
+def test_same_matches_as_official_at_main_threshold(run: dict[str, Any]) -> None:
+    ref, pipe, meta, f, t = run["ref"], run["pipe"], run["meta"], run["feats"], run["inputs"]
+    assert pipe.coarse_full, "the fixtures' low threshold needs the exact full-matrix coarse mode"
+    cm = select_coarse_matches({"conf": run["conf"].numpy()}, meta.mask0, meta.mask1, pipe.threshold,
+                               pipe.model_config.border_rm)
+    # the SAME list, in the same order (row-major i then j), not merely the same sorted positions
+    np.testing.assert_array_equal(cm.i_ids, ref["coarse_i_ids"])
+    np.testing.assert_array_equal(cm.j_ids, ref["coarse_j_ids"])
+    np.testing.assert_allclose(cm.mconf, ref["coarse_mconf"], rtol=1e-4, atol=0)
+    i_ids, j_ids = torch.from_numpy(cm.i_ids), torch.from_numpy(cm.j_ids)
+    with torch.inference_mode():
+        n = ref["fine_feat0_unfold_first"].shape[0]
+        stride = pipe.model_config.coarse_stride
+        w0 = gather_windows(f["feat_f0"], i_ids[:n], pipe.model_config.fine_window_size, 0, stride)
+        w1 = gather_windows(f["feat_f1"], j_ids[:n], pipe.model_config.fine_window_size, 1, stride)
+        assert_close(w0, ref["fine_feat0_unfold_first"], "fine windows 0")
+        assert_close(w1, ref["fine_feat1_unfold_first"], "fine windows 1")
+        p, sim_ff = fine_similarities(w0, w1, pipe.model_config)
+        assert_close(p, ref["fine_dualsoftmax_inner_first"], "fine dual softmax", rtol=1e-4)
+        assert_close(sim_ff, ref["fine_sim_ff_first"], "fine regression similarity")
+        k0, k1 = EloftrFine(pipe.model_config)(f["feat_f0"], f["feat_f1"], i_ids, j_ids)
+    np.testing.assert_allclose(k0.numpy(), ref["model_mkpts0_f"], rtol=0, atol=1e-3)
+    np.testing.assert_allclose(k1.numpy(), ref["model_mkpts1_f"], rtol=0, atol=1e-3)
+    result = pipe.postprocess({"mkpts0_c": k0.numpy(), "mkpts1_c": k1.numpy(), "mconf": cm.mconf}, meta)
+    _check_final(result, ref)
+    assert result.image0_size == tuple(ref["input_image0_rgb_u8"].shape[1::-1])
+    del t
+
+
+@pytest.mark.skipif(THR2 is None, reason="fixture set has no second threshold")
+@parametrize_pairs
+def test_same_matches_at_second_threshold_with_topk_graph(run: dict[str, Any]) -> None:
+    """The fixed-shape top-K coarse graph (what ONNX/TensorRT run) at the UI threshold."""
+    assert THR2 is not None
+    ref2 = dict(np.load(REF / INDEX["pairs_threshold2"][run["pair"]]["file"]))
+    pipe = pipeline_for(THR2)
+    assert pipe.topk_exact and not pipe.coarse_full
+    meta, t = run["meta"], run["inputs"]
+    coarse = EloftrCoarse(EloftrNet(pipe.model_config), exact_full_conf=False)  # head only: no weights used
+    with torch.inference_mode():
+        outs = coarse.head(run["feats"], t["mask0"], t["mask1"])
+        named = {k: v for k, v in zip(coarse.output_names, outs)}
+        cm = select_coarse_matches({k: v.numpy() for k, v in named.items() if k.startswith("cand")},
+                                   meta.mask0, meta.mask1, THR2, pipe.model_config.border_rm)
+        full = select_coarse_matches({"conf": run["conf"].numpy()}, meta.mask0, meta.mask1, THR2,
+                                     pipe.model_config.border_rm)
+        np.testing.assert_array_equal(cm.i_ids, full.i_ids)
+        np.testing.assert_array_equal(cm.j_ids, full.j_ids)
+        assert cm.truncated_rows == 0
+        if cm.i_ids.size:
+            k0, k1 = EloftrFine(pipe.model_config)(named["feat_f0"], named["feat_f1"],
+                                                   torch.from_numpy(cm.i_ids), torch.from_numpy(cm.j_ids))
+            kp0, kp1 = k0.numpy(), k1.numpy()
+        else:
+            kp0 = kp1 = np.zeros((0, 2), np.float32)
+    result = pipe.postprocess({"mkpts0_c": kp0, "mkpts1_c": kp1, "mconf": cm.mconf}, meta)
+    _check_final(result, ref2)
+
+
+@parametrize_pairs
+def test_topk_truncation_warns(run: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """Below 1/(K+1) the top-K graph can drop matches: the pipeline must say so."""
+    meta, conf = run["meta"], run["conf"]
+    with torch.inference_mode():
+        cand_j, cand_conf = topk_candidates(conf, run["inputs"]["mask1"], 2, 1)
+    full = select_coarse_matches({"conf": conf.numpy()}, meta.mask0, meta.mask1, THR_MAIN, 2)
+    with caplog.at_level(logging.WARNING):
+        cm = select_coarse_matches({"cand_j": cand_j.numpy(), "cand_conf": cand_conf.numpy()},
+                                   meta.mask0, meta.mask1, THR_MAIN, 2)
+    assert cm.truncated_rows > 0 and "truncated" in caplog.text
+    # the top-1 selection is exactly the full selection's best cell per row
+    assert set(zip(cm.i_ids.tolist(), cm.j_ids.tolist())) <= set(zip(full.i_ids.tolist(), full.j_ids.tolist()))
+
+
+# --- fused RepVGG (speed form) -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("run", PAIRS[:1], indirect=True)
+def test_fused_repvgg_matches_multibranch(run: dict[str, Any], net: EloftrNet) -> None:
+    """The re-parameterised backbone equals the released multi-branch one (float rounding only)."""
+    fused = RepVGGBackbone(net.cfg)
+    fused.load_state_dict(net.backbone.state_dict())
+    fuse_repvgg(fused.eval())
+    assert not any(k.endswith("rbr_1x1.conv.weight") for k in fused.state_dict())
+    image = run["inputs"]["image0"][:, :, :128, :128]  # a crop keeps this quick
+    with torch.inference_mode():
+        ref = net.backbone(image)
+        out = fused(image)
+    for a, b, name in zip(out, ref, ("feats_c", "feats_x2", "feats_x1")):
+        assert_close(a, b.numpy(), f"fused {name}", rtol=1e-4)
