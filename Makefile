@@ -1,11 +1,13 @@
 # Entry points (README): `make demo` (the main job), `make test` (what CI runs).
 # Every target that needs the environment runs `setup` first; it is idempotent and quick when
-# nothing changed. Extra pytest arguments: make test PYTEST_ARGS="-k messages -x".
+# nothing changed. Extra pytest arguments: make test PYTEST_ARGS="-k messages -x";
+# a subset of files: make test TESTS="test/test_messages.py test/test_cli_info.py".
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
 IN_ENV := cd $(ROOT) && . ./env.sh &&
 PYTEST_ARGS ?=
+TESTS ?= test
 
 .PHONY: setup test demo lint typecheck clean distclean help
 
@@ -21,7 +23,7 @@ setup:
 
 # pytest exits 5 when it collects no test: that is a failure, say so
 test: setup
-	@$(IN_ENV) rc=0; python -m pytest test $(PYTEST_ARGS) || rc=$$?; \
+	@$(IN_ENV) rc=0; python -m pytest $(TESTS) $(PYTEST_ARGS) || rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 demo: setup

@@ -67,6 +67,17 @@ def stereo_frames() -> list[tuple[str, int, np.ndarray, str]]:
     return sorted(frames, key=lambda f: f[1])
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """process_bag runs in this process: one torch thread, as the node processes (NODE_ENV)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def params(seeded_checkpoint):
     return {**defaults(), **node_params(seeded_checkpoint)}
@@ -170,6 +181,16 @@ def test_replay_with_clock_through_the_node_under_sim_time(module_ros_env, seede
     assert [(stamp_ns(m.header.stamp), stamp_ns(m.image1_stamp)) for m in matches] == list(
         zip(stamps[1:], stamps[:-1]))
     assert all(m.header.frame_id == "camera" for m in matches)
+    # A looping replay sets the clock back: the node starts over instead of rejecting every frame.
+    looping = module_ros_env.start_node(
+        [sys.executable, "-m", "matchanything_ros.cli", "replay", str(bag), "--clock", "--rate", "2.0", "--loop",
+         "--wait-for-subscribers", "20"], name="replay_loop")
+    first_pair = (stamps[1], stamps[0])
+    probe.spin_until(lambda: sum((stamp_ns(m.header.stamp), stamp_ns(m.image1_stamp)) == first_pair
+                                 for m in matches) >= 3, 60, "the first pair matched again on two more passes")
+    looping.stop()
+    assert "clock jumped back" in node.log()
+    assert "stamp older than the previous one" not in node.log()
     # The node's clock is the bag's: a frame far older than /clock is dropped as stale.
     clock_pub = probe.publisher(Clock, "/clock")
     late = Clock()

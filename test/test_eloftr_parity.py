@@ -289,3 +289,18 @@ def test_fused_repvgg_matches_multibranch(run: dict[str, Any], net: EloftrNet) -
         out = fused(image)
     for a, b, name in zip(out, ref, ("feats_c", "feats_x2", "feats_x1")):
         assert_close(a, b.numpy(), f"fused {name}", rtol=1e-4)
+
+
+def test_speed_form_matches_exact_form(net: EloftrNet, prefixed_weights: dict[str, torch.Tensor]) -> None:
+    """Fused RepVGG + SDPA + channels-last (the fp16 path's structure) computes the same network in fp32."""
+    fast = EloftrPipeline({}).build_net({k.removeprefix("matcher."): v for k, v in prefixed_weights.items()})
+    fast.to_speed_form()
+    gen = torch.Generator().manual_seed(0)
+    image0, image1 = torch.rand(1, 1, 128, 128, generator=gen), torch.rand(1, 1, 128, 128, generator=gen)
+    mask = torch.zeros(1, 16, 16, dtype=torch.bool)
+    mask[:, :12] = True  # a padded canvas: the transformer crop is exercised too
+    with torch.inference_mode():
+        ref = net.features(image0, image1, mask, mask)
+        out = fast.features(image0, image1, mask, mask)
+    for key in ("transformer0", "transformer1", "feat_f0", "feat_f1"):
+        assert_close(out[key], ref[key].numpy(), f"speed form {key}", rtol=1e-4)

@@ -129,3 +129,25 @@ def test_border_removal_uses_the_valid_region() -> None:
     keep = border_keep(mask, 2).reshape(10, 10)
     assert keep[2:4, 2:8].all()
     assert keep.sum() == 2 * 6
+
+
+def test_pipeline_runs_images_of_different_sizes(photo: np.ndarray) -> None:
+    """Robot preset with two cameras of different sizes: separate canvases, keypoints inside each image."""
+    from matchanything_ros.core.backends.torch_backend import TorchBackend
+    from matchanything_ros.core.eloftr.model import EloftrNet
+
+    small = EloftrConfig(block_dims=(16, 16, 32), layer_depths=(1, 1, 1), d_model=32, nhead=4,
+                         layer_names=("self", "cross"), fine_d_model=16, fine_regress_dim=4)
+    torch.manual_seed(0)
+    pipe = EloftrPipeline({"preset": "robot", "threshold": 2.6e-6}, small)  # random weights: tiny confidences
+    assert pipe.coarse_full
+    backend = TorchBackend(pipe.torch_graphs(EloftrNet(small).state_dict()), "cpu", "fp32")
+    img0, img1 = photo[:320, :448], photo[100:356, 50:306]  # 448x320 and 256x256
+    inputs, meta = pipe.preprocess(img0, img1)
+    assert inputs["image0"].shape[-1] == 448 and inputs["image1"].shape[-1] == 256
+    result = pipe.postprocess(pipe.infer(backend, inputs, meta), meta)
+    backend.close()
+    assert len(result) > 0 and result.image0_size == (448, 320) and result.image1_size == (256, 256)
+    for kp, (w, h) in ((result.keypoints0, (448, 320)), (result.keypoints1, (256, 256))):
+        assert (kp >= -4).all() and (kp[:, 0] < w).all() and (kp[:, 1] < h).all()
+    assert result.confidence.dtype == np.float32 and (result.confidence > 2.6e-6).all()

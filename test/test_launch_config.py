@@ -107,3 +107,34 @@ def test_node_started_as_the_launch_file_would(module_ros_env, seeded_checkpoint
     io.matches = probe.subscribe(KeypointMatches, "/stereo/matches")
     msg = io.pairs_until_matched()
     assert msg.header.frame_id == "left"
+
+
+def test_build_engine_launch_arguments_are_cli_flags():
+    spec = importlib.util.spec_from_file_location("build_engine_launch", REPO / "launch" / "build_engine.launch.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert set(module.ARGUMENTS) <= set(PARAMS_BY_NAME)
+    cmd = module.build_command({"model_file_path": "/m.onnx", "precision": "fp16", "force_engine_update": "true",
+                                "engine_max_size": ""})
+    assert cmd == ["matchanything", "build-engine", "--model-file-path", "/m.onnx", "--precision", "fp16",
+                   "--force-engine-update"]
+    from matchanything_ros.cli import build_parser
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert "build-engine" in sub, "launch/build_engine.launch.py runs `matchanything build-engine`"
+    flags = {opt for action in sub["build-engine"]._actions for opt in action.option_strings}
+    for name in module.ARGUMENTS:
+        assert PARAMS_BY_NAME[name].cli_flag in flags, name
+
+
+@pytest.mark.ros  # the table's "live" column comes from the node module (imports rclpy)
+def test_docs_parameter_table_is_generated_from_core_params():
+    from matchanything_ros.ros.node_params import params_markdown
+
+    text = (REPO / "docs" / "node.md").read_text()
+    begin = text.index("-->\n", text.index("<!-- params-table:begin")) + 4
+    end = text.index("<!-- params-table:end -->")
+    assert text[begin:end] == params_markdown(), (
+        "docs/node.md's table is stale: regenerate it with python -m matchanything_ros.ros.node_params markdown")

@@ -74,7 +74,8 @@ def make_homography_pair(out: Path) -> None:
     h, w = image0.shape[:2]
     image1 = cv2.warpPerspective(image0, DEMO_HOMOGRAPHY, (w, h), flags=cv2.INTER_LINEAR,
                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    np.savez_compressed(out, image0=image0, image1=image1, H_0to1=DEMO_HOMOGRAPHY, source=np.array("skimage.data.coffee"))
+    np.savez_compressed(out, image0=image0, image1=image1, H_0to1=DEMO_HOMOGRAPHY,
+                        source=np.array("skimage.data.coffee"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_stereo_bag(args.out_dir / "demo_stereo", left, right, args.frames)
     make_homography_pair(args.out_dir / "demo_homography.npz")
-    print(f"wrote {args.out_dir / 'demo_stereo'} ({args.frames} stereo pairs) and {args.out_dir / 'demo_homography.npz'}")
+    print(f"wrote {args.out_dir / 'demo_stereo'} ({args.frames} stereo pairs) and "
+          f"{args.out_dir / 'demo_homography.npz'}")
     if args.train_pack is not None:
         pack_images([i.name for i in TRAIN_IMAGES], args.train_pack)
         print(f"wrote {args.train_pack} ({len(TRAIN_IMAGES)} training photos)")

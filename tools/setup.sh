@@ -69,7 +69,7 @@ logged() {  # logged NAME CMD...: run CMD with its output in build/setup-logs/NA
 
 find_python() {
   local c
-  for c in "${MATCHANYTHING_PYTHON:-}" python3.11 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.11*/bin/python3.11 \
+  for c in "${MATCHANYTHING_PYTHON:-}" python3.11 "${PYENV_ROOT:-${HOME:-/root}/.pyenv}"/versions/3.11*/bin/python3.11 \
            /usr/local/bin/python3.11 /usr/bin/python3.11; do
     [ -n "$c" ] || continue
     if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then

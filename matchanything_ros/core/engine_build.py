@@ -18,6 +18,7 @@ import re
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -292,15 +293,37 @@ def read_export_manifest(onnx_dir: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_engine_set(onnx_dir: str | Path, *, precision: str, engine_dir: str | Path | None = None,
-                     sizes: tuple[int, int, int] = (416, 832, 1664), max_matches: int = 20000,
-                     workspace_bytes: int = 4 << 30, timing_cache_path: str | Path | None = None,
-                     force: bool = False, device_index: int = 0, log: TextIO = sys.stderr,
-                     gpu: Callable[[int], tuple[str, str]] | None = None) -> dict[str, Path]:
-    """Build (or reuse) the engines of every graph of an export; returns {graph: engine path}.
+@dataclass
+class EnginePlan:
+    """Everything needed to build or find the engines of one export on this machine."""
 
-    An existing engine set whose sidecars match this system is reused unless `force`.
-    """
+    variant: str
+    graphs: list[str]
+    onnx_dir: Path
+    engine_dir: Path
+    cache_key: str
+    profiles: dict[str, dict[str, list[list[int]]]]
+    onnx_hashes: dict[str, str]
+    gpu_name: str
+    compute_capability: str
+    tensorrt_version: str
+    checkpoint_sha256: str
+    build_params: dict[str, Any]
+
+    @property
+    def engines(self) -> dict[str, Path]:
+        return {g: self.engine_dir / f"{g}{ENGINE_SUFFIX}" for g in self.graphs}
+
+    def expected(self, graph: str, precision: str) -> dict[str, Any]:
+        return expected_sidecar_fields(self.variant, graph, precision, self.onnx_hashes[graph], self.gpu_name,
+                                       self.compute_capability, self.tensorrt_version)
+
+
+def plan_engine_set(onnx_dir: str | Path, *, precision: str, engine_dir: str | Path | None = None,
+                    sizes: tuple[int, int, int] = (416, 832, 1664), max_matches: int = 20000,
+                    workspace_bytes: int = 4 << 30, device_index: int = 0,
+                    gpu: Callable[[int], tuple[str, str]] | None = None) -> EnginePlan:
+    """Profiles, cache key and engine paths for an export on this GPU + TensorRT (builds nothing)."""
     import_tensorrt()
     if gpu is None:
         from .backends.cuda_context import gpu_identity
@@ -318,42 +341,75 @@ def build_engine_set(onnx_dir: str | Path, *, precision: str, engine_dir: str | 
     combined_hash = hashlib.sha256("".join(onnx_hashes[g] for g in graphs).encode()).hexdigest()
     shape_summary = (f"s{sizes[0]}-{sizes[1]}-{sizes[2]}-m{max_matches}" if manifest.get("dynamic")
                      else "static-" + shapes_tag(profiles))
-    key = engine_cache_key(variant, gpu_name, cc, str(trt.__version__), shape_summary, precision, combined_hash)
+    trt_version = str(trt.__version__)
+    key = engine_cache_key(variant, gpu_name, cc, trt_version, shape_summary, precision, combined_hash)
     out_dir = Path(engine_dir).expanduser() if engine_dir else default_engine_dir(key)
-    if timing_cache_path is None or str(timing_cache_path) == "":
-        timing_cache_path = cache_root() / "timing" / f"{slug(gpu_name)}-trt{slug(str(trt.__version__))}.cache"
     build_params = {
         "variant": variant, "model_file_path": str(onnx_dir), "engine_file_path": str(out_dir),
         "precision": precision, "engine_min_size": sizes[0], "engine_opt_size": sizes[1],
         "engine_max_size": sizes[2], "engine_max_matches": max_matches, "max_workspace_size": workspace_bytes,
     }
-    engines = {g: out_dir / f"{g}{ENGINE_SUFFIX}" for g in graphs}
-    for graph in graphs:
-        expected = expected_sidecar_fields(variant, graph, precision, onnx_hashes[graph], gpu_name, cc,
-                                           str(trt.__version__))
+    return EnginePlan(variant, graphs, onnx_dir, out_dir, key, profiles, onnx_hashes, gpu_name, cc, trt_version,
+                      str(manifest.get("checkpoint_sha256", "")), build_params)
+
+
+def build_engine_set(onnx_dir: str | Path, *, precision: str, engine_dir: str | Path | None = None,
+                     sizes: tuple[int, int, int] = (416, 832, 1664), max_matches: int = 20000,
+                     workspace_bytes: int = 4 << 30, timing_cache_path: str | Path | None = None,
+                     force: bool = False, device_index: int = 0, log: TextIO = sys.stderr,
+                     gpu: Callable[[int], tuple[str, str]] | None = None) -> dict[str, Path]:
+    """Build (or reuse) the engines of every graph of an export; returns {graph: engine path}.
+
+    An existing engine set whose sidecars match this system and profile is reused unless `force`.
+    """
+    plan = plan_engine_set(onnx_dir, precision=precision, engine_dir=engine_dir, sizes=sizes,
+                           max_matches=max_matches, workspace_bytes=workspace_bytes, device_index=device_index,
+                           gpu=gpu)
+    if timing_cache_path is None or str(timing_cache_path) == "":
+        timing_cache_path = cache_root() / "timing" / f"{slug(plan.gpu_name)}-trt{slug(plan.tensorrt_version)}.cache"
+    print(f"engine set {plan.cache_key} -> {plan.engine_dir}", file=log)
+    engines = plan.engines
+    for graph in plan.graphs:
+        expected = plan.expected(graph, precision)
+        onnx_path = plan.onnx_dir / f"{graph}{ONNX_SUFFIX}"
         if engines[graph].is_file() and not force:
             try:
                 record = check_sidecar(engines[graph], expected)
-                if record.get("profile") == profiles[graph]:
+                if record.get("profile") == plan.profiles[graph]:
                     print(f"{graph}: engine up to date: {engines[graph]}", file=log)
                     continue
+                print(f"{graph}: existing engine has another optimisation profile, rebuilding", file=log)
             except EngineMismatchError as exc:
                 print(f"{graph}: existing engine unusable, rebuilding ({exc.args[0].splitlines()[1].strip()})",
                       file=log)
-        print(f"\n=== {variant}/{graph}: {onnx_dir / (graph + ONNX_SUFFIX)} -> {engines[graph]} ({precision})",
-              file=log)
-        for name, (mn, op, mx) in profiles[graph].items():
+        print(f"\n=== {plan.variant}/{graph}: {onnx_path} -> {engines[graph]} ({precision})", file=log)
+        for name, (mn, op, mx) in plan.profiles[graph].items():
             print(f"  profile {name}: min {mn} opt {op} max {mx}", file=log)
-        meta = read_onnx_metadata(onnx_dir / f"{graph}{ONNX_SUFFIX}")
-        facts = build_engine(onnx_dir / f"{graph}{ONNX_SUFFIX}", engines[graph], profiles[graph],
-                             precision=precision, workspace_bytes=workspace_bytes,
-                             timing_cache_path=timing_cache_path,
+        meta = read_onnx_metadata(onnx_path)
+        facts = build_engine(onnx_path, engines[graph], plan.profiles[graph], precision=precision,
+                             workspace_bytes=workspace_bytes, timing_cache_path=timing_cache_path,
                              fp32_layer_patterns=json.loads(meta.get(META_FP32_PATTERNS, "[]")), log=log)
         record = dict(expected)
         record.update(facts)
-        record.update({"profile": profiles[graph], "onnx_path": str(onnx_dir / f"{graph}{ONNX_SUFFIX}"),
-                       "checkpoint_sha256": manifest.get("checkpoint_sha256", ""), "cache_key": key,
-                       "workspace_bytes": workspace_bytes, "build_params": build_params,
+        record.update({"profile": plan.profiles[graph], "onnx_path": str(onnx_path),
+                       "checkpoint_sha256": plan.checkpoint_sha256, "cache_key": plan.cache_key,
+                       "workspace_bytes": workspace_bytes, "build_params": plan.build_params,
                        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         write_sidecar(engines[graph], record)
     return engines
+
+
+def default_engine_paths(params: dict[str, Any], pipeline: Any) -> dict[str, Path]:
+    """{graph: default engine path} for core/backends/factory.py: the cache-key directory of this
+    export on this GPU + TensorRT. Raises BackendUnavailableError without TensorRT/pycuda/GPU."""
+    from .export import default_model_dir
+    from .params import PARAMS_BY_NAME
+
+    def p(name: str) -> Any:
+        return params.get(name, PARAMS_BY_NAME[name].default)
+
+    onnx_dir = p("model_file_path") or default_model_dir(params, pipeline.name)
+    plan = plan_engine_set(onnx_dir, precision=p("precision"),
+                           sizes=(p("engine_min_size"), p("engine_opt_size"), p("engine_max_size")),
+                           max_matches=p("engine_max_matches"), workspace_bytes=p("max_workspace_size"))
+    return plan.engines

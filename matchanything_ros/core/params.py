@@ -86,7 +86,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     _P("device", "auto", "cpu, cuda, or auto (cuda when available)", choices=DEVICES),
     _P("precision", "fp32", "Network precision; fp16 keeps softmax/similarity/GP in fp32", choices=PRECISIONS),
     _P("threshold", 0.1, "Match confidence threshold (ELoFTR: dual-softmax coarse confidence; "
-       "RoMa: certainty threshold of the sampler). 0.1 is the HF web UI default", min=0.0, max=1.0),
+       "RoMa: unused, as in the web UI; its sampler keeps the original fixed 0.05). 0.1 is the HF web UI default",
+       min=0.0, max=1.0),
     # --- ELoFTR preprocessing ----------------------------------------------------------------
     _P("preset", "robot", "Preprocessing preset: robot (aspect kept, longest side <= resize_max) or "
        "hf_space (force 640x480, the web UI, bit-exact)", choices=PRESETS),

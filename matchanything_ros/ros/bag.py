@@ -199,7 +199,7 @@ def process_bag(
                 wrote_info = False
                 for connection, timestamp, raw in reader.messages(connections=connections):
                     summary.messages_read += 1
-                    msg = reader.deserialize(raw, connection.msgtype)
+                    msg: Any = reader.deserialize(raw, connection.msgtype)
                     if info_conn is not None and not wrote_info:
                         info = _info_msg(typestore, matcher.info, msg.header.frame_id, timestamp)
                         writer.write(info_conn, timestamp, typestore.serialize_cdr(info, INFO_TYPE))
@@ -307,7 +307,7 @@ def read_matches(path: str | Path, topic: str = "/matches") -> list[dict[str, An
     with AnyReader([Path(path)], default_typestore=make_typestore()) as reader:
         conns = [c for c in reader.connections if c.topic == topic]
         for conn, timestamp, raw in reader.messages(connections=conns):
-            msg = reader.deserialize(raw, conn.msgtype)
+            msg: Any = reader.deserialize(raw, conn.msgtype)
             out.append({
                 "timestamp": timestamp,
                 "stamp0": header_stamp_ns(msg),

@@ -18,7 +18,8 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
-from rclpy.clock import Clock, ClockType
+from rclpy.clock import Clock, ClockType, JumpThreshold, TimeJump
+from rclpy.duration import Duration
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException, ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
@@ -40,6 +41,7 @@ READ_ONLY_PARAMS = frozenset({"mode"})
 SYNC_PARAMS = frozenset({"mode", "approximate_sync", "approximate_sync_tolerance_seconds", "queue_size"})
 MATCHER_PARAMS = tuple(p.name for p in PARAMS if p.group != "node")  # a change rebuilds the matcher
 LOG_REPEAT_S = 5.0  # the same warning text is logged at most once per this period
+JUMP_GRACE_S = 1.0  # after the clock jumped back, older stamps restart the synchronizer for this long
 
 
 def parameter_descriptor(spec: ParamSpec) -> ParameterDescriptor:
@@ -110,7 +112,10 @@ class MatcherNode(Node):
             self.declare_parameter(spec.name, spec.default, parameter_descriptor(spec))
         self.params: dict[str, Any] = {p.name: self.get_parameter(p.name).value for p in PARAMS}
         self.sync = make_synchronizer(self.params)
-        self._last_clock_ns: int | None = None
+        self._jumped_back_at = -1e9
+        # A looping bag sets the clock back: forget the stamp history, or every frame is "older".
+        self._jump_handle = self.get_clock().create_jump_callback(
+            JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-1)), post_callback=self._on_time_jump)
         self._image0_frame_id = ""
 
         # matcher state, written by the worker thread
@@ -210,21 +215,31 @@ class MatcherNode(Node):
     def _now_ns(self) -> int:
         return int(self.get_clock().now().nanoseconds)
 
+    def _on_time_jump(self, jump: TimeJump) -> None:
+        if jump.delta.nanoseconds < 0:
+            self.get_logger().warning(
+                f"the clock jumped back by {-jump.delta.nanoseconds / NS_PER_S:.3f} s (bag looped?): "
+                "resetting the synchronizer")
+            self.sync.reset()
+            self._jumped_back_at = time.monotonic()
+
     def _on_image(self, index: int, msg: Image) -> None:
         self.counters.add(f"image{index}_received")
         if index == 0:
             self._image0_frame_id = msg.header.frame_id
         now = self._now_ns()
-        if self._last_clock_ns is not None and now < self._last_clock_ns:
-            self.get_logger().warning(
-                f"clock jumped back from {format_stamp(self._last_clock_ns)} to {format_stamp(now)} "
-                "(bag looped?): resetting the synchronizer")
-            self.sync.reset()
-        self._last_clock_ns = now
         stamp = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
         failures_before = self.sync.stats.sync_failures
         try:
-            pairs = self.sync.add(index, stamp, msg)
+            try:
+                pairs = self.sync.add(index, stamp, msg)
+            except StampOrderError:
+                # Right after the clock jumped back, frames of the old and the new pass can arrive
+                # in either order around the jump: start over from this frame.
+                if time.monotonic() - self._jumped_back_at > JUMP_GRACE_S:
+                    raise
+                self.sync.reset()
+                pairs = self.sync.add(index, stamp, msg)
         except StampOrderError as exc:
             self.counters.add("bad_inputs")
             self._warn(f"order{index}", str(exc))
@@ -258,8 +273,8 @@ class MatcherNode(Node):
 
         self.get_logger().info(
             f"loading the matcher: variant={params['variant']} backend={params['backend']} device={params['device']} "
-            f"checkpoint={params['checkpoint_path'] or '(bundled demo model)'}; building a TensorRT engine can take "
-            "minutes on first use")
+            f"checkpoint={params['checkpoint_path'] or '(bundled demo model)'} "
+            f"engine={params['engine_file_path'] or '(default location)'}")
         return Matcher(matcher_config(params))
 
     def _on_matcher_state(self, matcher: Any, error: BaseException | None) -> None:
@@ -274,7 +289,7 @@ class MatcherNode(Node):
         self.matcher_info, self.matcher_state, self.matcher_error = info, "ready", ""
         self.get_logger().info(
             f"matcher ready: variant={info.get('variant')} backend={info.get('backend')} device={info.get('device')} "
-            f"precision={info.get('precision')}" + (" (DEMO MODEL: seeded weights, matches are meaningless)"
+            f"precision={info.get('precision')}" + (" (DEMO MODEL: our small ELoFTR, NOT MatchAnything's weights)"
                                                     if info.get("is_demo_model") else ""))
         self.info_pub.publish(self._info_msg(info))
 

@@ -126,6 +126,11 @@ def replay_bag(
                     return stats
                 if bag0 is None:
                     bag0 = timestamp
+                    if stats.loops and clock_pub is not None:
+                        # The clock goes back: let subscribers see it before the first message.
+                        publish_clock_ns(bag0)
+                        time.sleep(0.05)
+                        wall0 = time.monotonic()
                 target = wall0 + (timestamp - bag0) / 1e9 / rate
                 # Sleep until the message is due, ticking /clock so sim-time timers keep running.
                 while (now := time.monotonic()) < target:
@@ -137,3 +142,20 @@ def replay_bag(
             stats.loops += 1
             if not loop or should_stop():
                 return stats
+
+
+def replay_bag_in_own_context(bag_path: str | Path, domain_id: int | None = None, **kwargs: Any) -> ReplayStats:
+    """`replay_bag` on a node of its own rclpy Context (for scripts and the demo: no global rclpy state)."""
+    import rclpy
+    from rclpy.context import Context
+
+    context = Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    node = rclpy.create_node("bag_replayer", context=context)
+    try:
+        kwargs.setdefault("should_stop", lambda: not context.ok())
+        return replay_bag(bag_path, node, **kwargs)
+    finally:
+        node.destroy_node()
+        if context.ok():
+            context.shutdown()

@@ -5,7 +5,8 @@ Used on the GPU machine, which has torch but not the ROS/OpenCV stack the CLI di
 import argparse
 import sys
 
-from .train import add_train_args, run_from_args
+from .config import add_train_args
+from .train import run_from_args
 
 parser = argparse.ArgumentParser(prog="python -m matchanything_ros.training", description=__doc__.splitlines()[0])
 add_train_args(parser)

@@ -68,11 +68,13 @@ def coarse_targets(batch: PairBatch, stride: int, min_std: float = 2.0 / 255) ->
     # forward: image0 cell centre -> image1 cell
     q = warp_points(H, centres)
     ok0 = _lookup(batch.valid0, centres) & _lookup(batch.valid1, q)
-    j = (q[..., 1] / stride).floor().clamp(0, hc - 1).long() * wc + (q[..., 0] / stride).floor().clamp(0, wc - 1).long()
+    j = ((q[..., 1] / stride).floor().clamp(0, hc - 1).long() * wc
+         + (q[..., 0] / stride).floor().clamp(0, wc - 1).long())
     # backward: image1 cell centre -> image0 cell
     p = warp_points(Hinv, centres)
     ok1 = _lookup(batch.valid1, centres) & _lookup(batch.valid0, p)
-    i_back = (p[..., 1] / stride).floor().clamp(0, hc - 1).long() * wc + (p[..., 0] / stride).floor().clamp(0, wc - 1).long()
+    i_back = ((p[..., 1] / stride).floor().clamp(0, hc - 1).long() * wc
+              + (p[..., 0] / stride).floor().clamp(0, wc - 1).long())
     tex0 = _textured(batch.image0, stride, min_std)
     tex1 = _textured(batch.image1, stride, min_std)
     tex_j = tex1.gather(1, j)

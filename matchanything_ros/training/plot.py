@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-SERIES = (("loss", (40, 40, 40)), ("coarse_row", (200, 80, 20)), ("fine_cls", (30, 140, 30)), ("fine_reg", (20, 20, 200)))
+SERIES = (("loss", (40, 40, 40)), ("coarse_row", (200, 80, 20)), ("fine_cls", (30, 140, 30)),
+          ("fine_reg", (20, 20, 200)))
 
 
 def plot_loss_curve(history: list[dict[str, Any]], path: Path, width: int = 900, height: int = 500) -> None:

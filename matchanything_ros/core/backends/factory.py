@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import BackendUnavailableError, ConfigError
+from ..errors import BackendUnavailableError, ConfigError, MatchAnythingError
 from .base import Backend
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,21 @@ def _default_paths(module: str, func: str, params: dict[str, Any], pipeline: Any
     fn: Callable[..., Any] | None = getattr(mod, func, None)
     if fn is None:
         return None
-    return {g: Path(p) for g, p in fn(params, pipeline).items()}
+    try:
+        return {g: Path(p) for g, p in fn(params, pipeline).items()}
+    except MatchAnythingError as exc:  # e.g. no GPU/TensorRT to derive the engine cache key: not available
+        log.debug("no default %s paths: %s", module, exc)
+        return None
 
 
 def _files(params: dict[str, Any], pipeline: Any, key: str, module: str, func: str) -> dict[str, Path] | None:
     base = params.get(key, "")
-    paths = graph_paths(base, pipeline.graphs) if base else _default_paths(module, func, params, pipeline)
+    paths: dict[str, Path] | None
+    if base and Path(base).expanduser().is_dir():  # an export / engine directory: <dir>/<graph>.onnx|.engine
+        suffix = ".onnx" if key == "model_file_path" else ".engine"
+        paths = {g: Path(base).expanduser() / f"{g}{suffix}" for g in pipeline.graphs}
+    else:
+        paths = graph_paths(base, pipeline.graphs) if base else _default_paths(module, func, params, pipeline)
     if paths is None:
         return None
     return paths if all(p.is_file() for p in paths.values()) else None
@@ -108,13 +117,16 @@ def create_backend(params: dict[str, Any], pipeline: Any) -> Backend:
     if choice in ("auto", "tensorrt"):
         engines = _files(params, pipeline, "engine_file_path", "engine_build", "default_engine_paths")
         if engines is not None and _tensorrt_importable():
-            backend = _import_backend("tensorrt_backend", "TensorRTBackend")(engines, device, precision)
+            # TensorRT runs on CUDA only: device auto means cuda here (resolve_device needs torch, which a
+            # TensorRT-only install such as a Jetson may not have)
+            trt_device = "cuda" if params.get("device", "auto") == "auto" else device
+            backend = _import_backend("tensorrt_backend", "TensorRTBackend")(engines, trt_device, precision)
             log.info("backend: tensorrt (%s)", ", ".join(map(str, engines.values())))
             return backend
         if choice == "tensorrt":
             why = "no engine file" if engines is None else "tensorrt/pycuda not importable"
             raise BackendUnavailableError(
-                f"TensorRT backend unavailable: {why} (build an engine with `matchanything engine`)")
+                f"TensorRT backend unavailable: {why} (build an engine with `matchanything build-engine`)")
     if choice in ("auto", "onnxruntime"):
         models = _files(params, pipeline, "model_file_path", "export", "default_model_paths")
         if models is not None:

@@ -65,6 +65,7 @@ class OnnxRuntimeBackend:
         self._input_types: dict[str, dict[str, Any]] = {}
         self._output_names: dict[str, list[str]] = {}
         self._metadata: dict[str, dict[str, str]] = {}
+        self._shared_dims: dict[str, dict[str, list[tuple[str, int]]]] = {}  # symbolic dim -> inputs using it
         for graph, path in model_paths.items():
             if not Path(path).is_file():
                 raise ConfigError(f"ONNX model for graph {graph!r} not found: {path} (create it with "
@@ -88,6 +89,12 @@ class OnnxRuntimeBackend:
                     f"onnxruntime runs {path} on {running} instead of {provider}; refusing a silent fallback")
             self._sessions[graph] = sess
             self._input_types[graph] = {i.name: _ORT_TYPES.get(i.type) for i in sess.get_inputs()}
+            shared: dict[str, list[tuple[str, int]]] = {}
+            for i in sess.get_inputs():
+                for axis, d in enumerate(i.shape):
+                    if isinstance(d, str):
+                        shared.setdefault(d, []).append((i.name, axis))
+            self._shared_dims[graph] = {d: uses for d, uses in shared.items() if len(uses) > 1}
             self._output_names[graph] = [o.name for o in sess.get_outputs()]
             self._metadata[graph] = dict(sess.get_modelmeta().custom_metadata_map)
         self.provider = provider
@@ -116,6 +123,12 @@ class OnnxRuntimeBackend:
         missing = sorted(set(types) - set(inputs))
         if missing:
             raise ConfigError(f"graph {graph!r} needs inputs {missing}")
+        for dim, uses in self._shared_dims[graph].items():
+            sizes = {f"{n}[{a}]": int(np.shape(inputs[n])[a]) for n, a in uses if a < np.ndim(inputs[n])}
+            if len(set(sizes.values())) > 1:
+                raise ConfigError(f"graph {graph!r}: inputs must agree on dimension {dim!r}, got {sizes}"
+                                  + (" (exported ELoFTR graphs need both images on the same canvas size: give "
+                                     "images of the same size or use a force-resize)" if dim == "canvas" else ""))
         feeds = {n: np.ascontiguousarray(inputs[n], dtype=t) if t is not None else inputs[n] for n, t in types.items()}
         outs = sess.run(self._output_names[graph], feeds)
         return dict(zip(self._output_names[graph], outs, strict=True))

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine_cache import check_sidecar, expected_sidecar_fields, sha256_file
+from ..engine_cache import check_sidecar, expected_sidecar_fields, read_sidecar, sha256_file
 from ..errors import BackendUnavailableError, ConfigError, MatchAnythingError
 from .cuda_context import CudaWorker
 
@@ -88,7 +88,9 @@ class TensorRTBackend:
         try:
             onnx_paths = onnx_paths or {}
             for graph, path in engine_paths.items():
-                onnx_path = onnx_paths.get(graph)
+                # without an explicit ONNX path, check the one the engine was built from (if still there):
+                # an engine left behind after a re-export is stale
+                onnx_path = onnx_paths.get(graph) or read_sidecar(path).get("onnx_path")
                 onnx_sha = sha256_file(onnx_path) if onnx_path and Path(onnx_path).is_file() else None
                 cc = "{}.{}".format(*self._worker.compute_capability)
                 sidecar = check_sidecar(path, expected_sidecar_fields(

@@ -40,6 +40,8 @@ class TorchBackend:
             # fp32 means fp32: no TF32 in convolutions/matmuls (process-wide torch switches)
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
+        if dev.type == "cuda" and precision == "fp16":
+            torch.backends.cudnn.benchmark = True  # canvases are fixed per camera: pick the fastest kernels
         self.torch_device = dev
         self.device = str(dev)
         self.precision = precision

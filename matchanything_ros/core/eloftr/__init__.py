@@ -1,0 +1,1 @@
+"""ELoFTR variant: config, preprocessing, the PyTorch network (export graphs), pipeline, post-processing."""

@@ -160,11 +160,13 @@ class RotaryEncoding2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, h, w, C] -> x*cos + rotate_half(x)*sin."""
-        h, w = x.shape[1], x.shape[2]
-        cos = self.cos_half[:h, :w].repeat_interleave(2, dim=-1).to(x.dtype)
-        sin = self.sin_half[:h, :w].repeat_interleave(2, dim=-1).to(x.dtype)
-        pairs = x.unflatten(-1, (-1, 2))
-        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        # explicit sizes instead of repeat_interleave/unflatten(-1)/flatten(-2): the ONNX (TorchScript)
+        # exporter turns those into reshapes with wrong constant sizes once h, w are dynamic
+        n, h, w, c = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        cos = self.cos_half[:h, :w].unsqueeze(-1).expand(-1, -1, -1, 2).reshape(h, w, c).to(x.dtype)
+        sin = self.sin_half[:h, :w].unsqueeze(-1).expand(-1, -1, -1, 2).reshape(h, w, c).to(x.dtype)
+        pairs = x.reshape(n, h, w, c // 2, 2)
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).reshape(n, h, w, c)
         return x * cos + rotated * sin
 
 
@@ -208,7 +210,8 @@ class AggregatedAttentionLayer(nn.Module):
             out = torch.einsum("nlsh,nshd->nlhd", attn, v)
         msg = self.merge(out.reshape(n, -1, c))
         msg = msg.reshape(n, hq, wq, c).permute(0, 3, 1, 2)
-        msg = F.interpolate(msg, scale_factor=float(self.agg_size0), mode="bilinear", align_corners=False)
+        # size= (not scale_factor=) exports cleanly; the source-coordinate ratio is the same exact 1/agg
+        msg = F.interpolate(msg, size=(h, w), mode="bilinear", align_corners=False)
         msg = self.mlp(torch.cat([x, msg], dim=1).permute(0, 2, 3, 1))
         return x + self.norm2(msg).permute(0, 3, 1, 2)
 
@@ -232,6 +235,10 @@ class CoarseTransformer(nn.Module):
 
     @staticmethod
     def valid_size(mask: torch.Tensor, multiple: int) -> tuple[int, int]:
+        if torch.jit.is_tracing():  # ONNX export: keep the crop data-dependent (0-dim tensors, not constants)
+            r = torch.div(mask[0].sum(-2)[0], multiple, rounding_mode="floor") * multiple
+            c = torch.div(mask[0].sum(-1)[0], multiple, rounding_mode="floor") * multiple
+            return r, c  # type: ignore[return-value]
         rows = int(mask[0].sum(-2)[0])  # valid rows, counted in column 0 (as the original)
         cols = int(mask[0].sum(-1)[0])  # valid cols, counted in row 0
         return rows // multiple * multiple, cols // multiple * multiple
@@ -281,13 +288,16 @@ class FinePreprocess(nn.Module):
         )
 
     def forward(self, feat_c: torch.Tensor, x2: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-        up = self.layer3_outconv(feat_c)
-        up = F.interpolate(up, scale_factor=2.0, mode="bilinear", align_corners=False)
-        x2 = self.layer2_outconv2(self.layer2_outconv(x2) + up)
-        x2 = F.interpolate(x2, scale_factor=2.0, mode="bilinear", align_corners=False)
+        up = _up2(self.layer3_outconv(feat_c))
+        x2 = _up2(self.layer2_outconv2(self.layer2_outconv(x2) + up))
         x1 = self.layer1_outconv2(self.layer1_outconv(x1) + x2)
         # coarse stride 8 = backbone 1/2 map upsampled once more to full resolution
-        return F.interpolate(x1, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return _up2(x1)
+
+
+def _up2(x: torch.Tensor) -> torch.Tensor:
+    """Bilinear x2 (align_corners=False), by size: same ratio as scale_factor=2, and exports cleanly."""
+    return F.interpolate(x, size=(2 * x.shape[-2], 2 * x.shape[-1]), mode="bilinear", align_corners=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +322,8 @@ class EloftrNet(nn.Module):
         fuse_repvgg(self.backbone)
         self.set_sdpa(True)
         self.channels_last = True
-        return self.to(memory_format=torch.channels_last)
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # supported, not in the stubs
+        return self
 
     def set_sdpa(self, enabled: bool) -> None:
         for layer in self.loftr_coarse.layers:
@@ -334,17 +345,24 @@ class EloftrNet(nn.Module):
             c0, x2_0, x1_0 = self.backbone(image0)
             c1, x2_1, x1_1 = self.backbone(image1)
         t0, t1 = self.loftr_coarse(c0, c1, mask0, mask1)
+        norm = self.cfg.d_model**0.5  # the original's norm_fpnfeat (a Python constant: exports cleanly)
         if t0.shape == t1.shape:
-            f = self.fine_preprocess(_fpn_input(t0, t1), torch.cat([x2_0, x2_1], 0), torch.cat([x1_0, x1_1], 0))
+            f = self.fine_preprocess(_fpn_input(t0, t1, scale=norm), torch.cat([x2_0, x2_1], 0),
+                                     torch.cat([x1_0, x1_1], 0))
             ff0, ff1 = f[:1], f[1:]
         else:
-            ff0 = self.fine_preprocess(_fpn_input(t0), x2_0, x1_0)
-            ff1 = self.fine_preprocess(_fpn_input(t1), x2_1, x1_1)
+            ff0 = self.fine_preprocess(_fpn_input(t0, scale=norm), x2_0, x1_0)
+            ff1 = self.fine_preprocess(_fpn_input(t1, scale=norm), x2_1, x1_1)
         return {"feats_c0": c0, "feats_c1": c1, "feats_x2_0": x2_0, "feats_x2_1": x2_1, "feats_x1_0": x1_0,
                 "feats_x1_1": x1_1, "transformer0": t0, "transformer1": t1, "feat_f0": ff0, "feat_f1": ff1}
 
 
-def _fpn_input(*maps: torch.Tensor) -> torch.Tensor:
+def _flat_cells(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N, H*W, C] (explicit reshape: the ONNX exporter loses flatten's rank after a pad)."""
+    return x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
+
+
+def _fpn_input(*maps: torch.Tensor, scale: float) -> torch.Tensor:
     """Coarse maps / sqrt(C) laid out as the original hands them to the FPN.
 
     The original flattens to [N, L, C], normalises, concatenates and views back to NCHW, so the
@@ -352,23 +370,25 @@ def _fpn_input(*maps: torch.Tensor) -> torch.Tensor:
     layout, and this layout keeps the fine features bit-identical with the original on CPU.
     """
     n, c, h, w = maps[0].shape
-    flat = torch.cat([m.flatten(2).transpose(1, 2) / c**0.5 for m in maps], 0)  # [N, L, C] contiguous
+    flat = torch.cat([_flat_cells(m) / scale for m in maps], 0)  # [N, L, C] contiguous
     return flat.reshape(len(maps) * n, h, w, c).permute(0, 3, 1, 2)
 
 
 def dual_softmax_confidence(
-    t0: torch.Tensor, t1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor, temperature: float
+    t0: torch.Tensor, t1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor, temperature: float,
+    d_model: int | None = None,
 ) -> torch.Tensor:
     """[1,C,H0,W0], [1,C,H1,W1] transformer maps -> conf [1, L0, L1] (always float32)."""
     with torch.autocast(t0.device.type, enabled=False):  # fp16 runs keep the similarity/softmax in fp32
-        f0 = t0.flatten(2).transpose(1, 2).float()
-        f1 = t1.flatten(2).transpose(1, 2).float()
-        scale = f0.shape[-1] ** 0.5
+        f0 = _flat_cells(t0).float()
+        f1 = _flat_cells(t1).float()
+        scale = (d_model if d_model is not None else f0.shape[-1]) ** 0.5
         f0, f1 = f0 / scale, f1 / scale
         sim = torch.einsum("nlc,nsc->nls", f0, f1) / temperature
         valid = mask0.flatten(1)[:, :, None] & mask1.flatten(1)[:, None, :]
-        sim = sim.masked_fill(~valid, -1e9)
-        return torch.softmax(sim, 1) * torch.softmax(sim, 2)
+        sim = sim.masked_fill_(~valid, -1e9)
+        conf = torch.softmax(sim, 1)
+        return conf.mul_(torch.softmax(sim, 2))  # in place: the [L0, L1] matrices dominate memory
 
 
 def border_valid_cells(mask: torch.Tensor, border: int) -> torch.Tensor:
@@ -418,7 +438,7 @@ class EloftrCoarse(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         """Coarse matching on `EloftrNet.features` output -> this graph's outputs."""
         conf = dual_softmax_confidence(feats["transformer0"], feats["transformer1"], mask0, mask1,
-                                       self.cfg.dsmax_temperature)
+                                       self.cfg.dsmax_temperature, self.cfg.d_model)
         if self.exact_full_conf:
             return conf, feats["feat_f0"], feats["feat_f1"]
         return (*topk_candidates(conf, mask1, self.cfg.border_rm, self.cfg.candidates_per_cell),
@@ -480,7 +500,7 @@ class EloftrFine(nn.Module):
 
 def fine_similarities(f0: torch.Tensor, f1: torch.Tensor, cfg: EloftrConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (P inner [M, W*W, W*W] dual softmax, sim_ff [M, W*W, (W+2)^2] regression similarity)."""
-    c = f0.shape[-1]
+    c = cfg.fine_d_model
     split = c - cfg.fine_regress_dim
     m, w = f0.shape[0], cfg.fine_window_size
     sim_ff = torch.einsum("mlc,mrc->mlr", f0[..., split:], f1[..., split:] / cfg.fine_regress_dim**0.5)

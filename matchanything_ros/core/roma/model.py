@@ -126,7 +126,7 @@ def cls_to_flow_refine(cls: torch.Tensor) -> torch.Tensor:
 
 
 def local_correlation(f1: torch.Tensor, f2: torch.Tensor, flow: torch.Tensor, radius: int,
-                      max_chunk_elems: int = 1 << 27) -> torch.Tensor:
+                      max_chunk_elems: int = 1 << 25) -> torch.Tensor:
     """[B, (2r+1)^2, h, w]: sum_c f1[c] * f2[c](flow + offset_k) / sqrt(C), offsets one feature pixel apart,
     window order y-major / x-minor, bilinear with zero padding (align_corners=False).
 
@@ -218,6 +218,16 @@ class RomaNet(nn.Module):
         assert isinstance(gp, GaussianProcessMatch)
         gp.solver = solver
 
+    def half_weights(self, dtype: torch.dtype = torch.float16) -> "RomaNet":
+        """Weights in fp16/bf16 for speed and memory, except what the original keeps in fp32 under AMP
+        (GP incl. its Fourier embedding, refiner output convs). Not the exact (default) form."""
+        self.to(dtype)
+        self.decoder.gps.float()
+        for refiner in self.decoder.conv_refiner.values():
+            assert isinstance(refiner, ConvRefiner)
+            refiner.out_conv.float()
+        return self
+
     def checkpoint_modules(self) -> nn.Module:
         """The part whose state_dict is the released checkpoint (keys without `matcher.model.`)."""
         part = nn.Module()
@@ -266,13 +276,14 @@ class RomaNet(nn.Module):
         c_h, c_w = coarse.shape[-2:]
         u_h, u_w = fine.shape[-2:]
         # pass 1: coarse size, DINOv2 + VGG
-        feats = self.encoder.cnn(coarse)
+        cnn_dtype = next(self.encoder.parameters()).dtype
+        feats = self.encoder.cnn(coarse.to(cnn_dtype))
         feats[16] = self.dinov2(coarse.to(self.dinov2.pos_embed.dtype))
         p1 = self._decode(feats, PASS1_SCALES, None, None, 1.0, record, "pass1")
         del feats
         # pass 2: upsample size, VGG only, initialised from pass 1's finest flow/certainty
         scale_factor = math.sqrt(u_h * u_w / (c_h * c_w))
-        feats = self.encoder.cnn(fine)
+        feats = self.encoder.cnn(fine.to(cnn_dtype))
         size8 = feats[8].shape[-2:]
         flow0 = F.interpolate(p1[1][0], size=size8, mode="bilinear", align_corners=False)
         cert0 = F.interpolate(p1[1][1], size=size8, mode="bilinear", align_corners=False)

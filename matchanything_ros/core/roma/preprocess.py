@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import cv2
 import numpy as np
 
 from ..errors import InputImageError
@@ -100,6 +99,8 @@ def aa_bicubic_resize(image_chw: np.ndarray, out_h: int, out_w: int) -> np.ndarr
 
 def _cv2_area_resize(image: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
     """hloc `resize_image(..., "cv2_area")`: INTER_AREA, INTER_LINEAR when enlarging either side."""
+    import cv2  # only the web-UI stage needs OpenCV
+
     h, w = image.shape[:2]
     interp = cv2.INTER_LINEAR if (w < size_wh[0] or h < size_wh[1]) else cv2.INTER_AREA
     return cv2.resize(image, size_wh, interpolation=interp)

@@ -22,6 +22,12 @@ def _expected(module: torch.nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in module.state_dict().items()}
 
 
+def _refuse_matchanything_keys(state: dict[str, torch.Tensor], source: str) -> None:
+    if detect_variant(state) is not None or any(k.startswith(("matcher.", "model.")) for k in state):
+        raise CheckpointError(f"{source} looks like a MatchAnything checkpoint, not Meta's "
+                              "dinov2_vitl14_pretrain.pth (pass the DINOv2 file as dinov2_path)")
+
+
 def load_state_dicts_into(model: RomaNet, roma_state: dict[str, torch.Tensor],
                           dinov2_state: dict[str, torch.Tensor], roma_source: str = "RoMa checkpoint",
                           dinov2_source: str = "DINOv2 weights") -> None:
@@ -33,9 +39,7 @@ def load_state_dicts_into(model: RomaNet, roma_state: dict[str, torch.Tensor],
     roma = {k[len(MODEL_PREFIX):]: v for k, v in roma.items()}
     part = model.checkpoint_modules()
     check_keys(roma, _expected(part), roma_source)
-    if detect_variant(dinov2_state) is not None or any(k.startswith(("matcher.", "model.")) for k in dinov2_state):
-        raise CheckpointError(f"{dinov2_source} looks like a MatchAnything checkpoint, not Meta's "
-                              "dinov2_vitl14_pretrain.pth (pass the DINOv2 file as dinov2_path)")
+    _refuse_matchanything_keys(dinov2_state, dinov2_source)
     check_keys(dinov2_state, _expected(model.dinov2), dinov2_source)
     part.load_state_dict(roma, strict=True)
     model.dinov2.load_state_dict(dinov2_state, strict=True)
@@ -47,7 +51,9 @@ def load_dinov2_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError("RoMa needs Meta's DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth): set dinov2_path")
     if not p.is_file():
         raise CheckpointError(f"DINOv2 weights file not found: {p}")
-    return _extract_state_dict(_read_raw(p), p)
+    state = _extract_state_dict(_read_raw(p), p)
+    _refuse_matchanything_keys(state, str(p))
+    return state
 
 
 def load_roma_files(model: RomaNet, checkpoint_path: str | Path, dinov2_path: str | Path) -> None:

@@ -1,0 +1,84 @@
+"""`matchanything benchmark`: latency split, pairs/s and peak memory per backend and canvas size; JSON + PNG.
+
+Sizes are canvas sides (ELoFTR: --resize-max per run, robot preset); backends are run in turn with
+the --device/--precision given. Without --pair the bundled demo pair is used.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..core.errors import ConfigError
+from ..core.params import BACKENDS, PARAMS
+from . import add_param_args, param_values
+
+BENCH_PARAMS = [p.name for p in PARAMS if p.group in ("matcher", "engine")]
+DEMO_PAIR = Path(__file__).resolve().parent.parent / "data" / "demo_homography.npz"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("benchmark", help="latency / throughput / memory per backend and size (JSON+PNG)",
+                                   description=__doc__.splitlines()[0] if __doc__ else None)
+    add_param_args(parser, BENCH_PARAMS)
+    parser.add_argument("--backends", default=None,
+                        help=f"comma-separated backends to run in turn (of {', '.join(BACKENDS[1:])}; "
+                             "default: --backend)")
+    parser.add_argument("--sizes", type=_int_list, default=None,
+                        help="comma-separated canvas sides, e.g. 416,640,832 (ELoFTR; default: --resize-max)")
+    parser.add_argument("--pair", nargs=2, action="append", metavar=("IMAGE0", "IMAGE1"), default=[],
+                        help="an image pair (repeatable; runs cycle over the pairs)")
+    parser.add_argument("--fixtures", metavar="DIR", help="directory of .npz pairs (as for validate)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per configuration (default: 20)")
+    parser.add_argument("--json", dest="json_out", default="benchmark.json", help="JSON output (default: %(default)s)")
+    parser.add_argument("--png", dest="png_out", default="benchmark.png", help="PNG plot (default: %(default)s)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..core.benchmark import benchmark_config, format_table, write_report
+    from ..core.matcher import Matcher, MatcherConfig
+    from ..core.validate import load_pairs
+
+    params = param_values(args, BENCH_PARAMS)
+    if args.runs < 1 or args.warmup < 0:
+        raise ConfigError("--runs must be >= 1 and --warmup >= 0")
+    backends = [b.strip() for b in (args.backends or params["backend"]).split(",") if b.strip()]
+    for b in backends:
+        if b not in BACKENDS:
+            raise ConfigError(f"unknown backend {b!r}")
+    if args.pair or args.fixtures:
+        pairs = load_pairs([tuple(p) for p in args.pair], args.fixtures)
+    else:
+        pairs = _demo_pairs()
+    sizes = args.sizes or [params["resize_max"]]
+    configs = []
+    for backend in backends:
+        for size in sizes:
+            run_params = dict(params, backend=backend)
+            if params["variant"] == "eloftr":
+                run_params["resize_max"] = size
+            with Matcher(MatcherConfig.from_params(run_params)) as m:
+                label = f"{m.backend.name} {m.backend.device} {m.backend.precision} @{size}"
+                print(f"benchmarking {label} ({args.warmup} warm-up + {args.runs} runs)", file=sys.stderr)
+                configs.append(benchmark_config(m.pipeline, m.backend, pairs, warmup=args.warmup, runs=args.runs,
+                                                label=label))
+    print(format_table(configs))
+    write_report(configs, args.json_out, args.png_out)
+    print(f"wrote {args.json_out} and {args.png_out}", file=sys.stderr)
+    return 0
+
+
+def _demo_pairs() -> list:
+    import numpy as np
+
+    with np.load(DEMO_PAIR) as z:
+        return [("demo_homography", z["image0"], z["image1"])]

@@ -1,0 +1,53 @@
+"""`matchanything build-engine`: TensorRT engines (+ JSON sidecars) from a `matchanything export` directory.
+
+Runs on the target machine (engines are bound to the GPU and TensorRT version). Optimisation
+profile from --engine-min/opt/max-size (canvas side) and --engine-max-matches; --precision fp16
+keeps softmax/similarity layers in FP32. With an empty --engine-file-path the engines go to the
+cache directory the tensorrt backend looks in by default. Existing engines that still match are
+reused unless --force-engine-update.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..core.params import PARAMS
+from . import add_param_args, param_values
+
+BUILD_PARAMS = ["variant", "checkpoint_path", "model_file_path", "engine_file_path", "precision",
+                "force_engine_update", "max_workspace_size"] + [p.name for p in PARAMS if p.group == "build"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("build-engine", help="build TensorRT engines from an ONNX export (TensorRT 10)",
+                                   description=__doc__.splitlines()[0] if __doc__ else None)
+    add_param_args(parser, BUILD_PARAMS)
+    parser.add_argument("--device-index", type=int, default=0, help="CUDA device to build for (default: 0)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..core.engine_build import build_engine_set
+
+    params = param_values(args, BUILD_PARAMS)
+    onnx_dir = params["model_file_path"]
+    if not onnx_dir:
+        from ..core.export import default_model_dir
+        from ..core.matcher import resolve_eloftr_checkpoint
+
+        if params["variant"] == "eloftr":
+            params["checkpoint_path"] = str(resolve_eloftr_checkpoint(params["checkpoint_path"])[0])
+        onnx_dir = str(default_model_dir(params, params["variant"]))
+    engines = build_engine_set(
+        onnx_dir, precision=params["precision"], engine_dir=params["engine_file_path"] or None,
+        sizes=(params["engine_min_size"], params["engine_opt_size"], params["engine_max_size"]),
+        max_matches=params["engine_max_matches"], workspace_bytes=params["max_workspace_size"],
+        timing_cache_path=params["timing_cache_path"] or None, force=params["force_engine_update"],
+        device_index=args.device_index, log=sys.stderr)
+    for graph, path in engines.items():
+        print(f"{graph}: {path}")
+    first = next(iter(engines.values()))
+    print("check it against torch fp32 on this GPU:\n  matchanything validate --backend tensorrt "
+          f"--precision {params['precision']} --engine-file-path {first.parent} --model-file-path {onnx_dir} "
+          "--device cuda --fixtures <dir of .npz pairs> (or --pair IMAGE0 IMAGE1)")
+    return 0

@@ -1,0 +1,322 @@
+"""`matchanything export`: the variant's torch graphs -> ONNX files that work at every size they claim.
+
+ELoFTR exports two graphs (`coarse`, `fine`) with a dynamic canvas side (416..1664 by default,
+multiples of 32) and a dynamic match count M for `fine`. Outputs have shapes fixed by the inputs
+(no data-dependent shapes), so TensorRT needs no output allocator.
+
+Every export is checked before it is declared done, because peers ship exports that only work at
+the trace size: `onnx.checker`, ONNX shape inference, every operator against TensorRT's ONNX
+support list (`data/trt_onnx_ops.json`), and (unless disabled) ONNX Runtime against the torch
+graphs at two sizes other than the trace size. The files carry metadata (variant, config,
+thresholds, preprocessing contract, package version, checkpoint sha256, dim rules for the engine
+builder); weights go to external data when a graph exceeds 2 GB.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import numpy as np
+import onnx
+
+from .. import __version__
+from .engine_build import META_DYNAMIC_DIMS, META_FP32_PATTERNS, META_PREFIX
+from .engine_cache import EXPORT_MANIFEST, ONNX_SUFFIX, default_onnx_dir, sha256_file
+from .errors import ConfigError, MatchAnythingError
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 17
+PROTOBUF_LIMIT = 2 << 30  # 2 GB: a single ONNX protobuf cannot be larger; weights go to a .data file
+TRT_OPS_FILE = Path(__file__).resolve().parent.parent / "data" / "trt_onnx_ops.json"
+TOPK_MAX_K = 3840  # TensorRT restriction on TopK (see trt_onnx_ops.json)
+
+
+class ExportCheckError(MatchAnythingError):
+    """An exported graph fails a check (checker, shape inference, TensorRT op support, ORT parity)."""
+
+
+# --- TensorRT operator support ----------------------------------------------------------------------
+
+def load_trt_op_table(path: Path = TRT_OPS_FILE) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            out.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            out.extend(attr.graphs)
+    return out
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer if not i.external_data}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
+            values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def trt_unsupported_ops(model: onnx.ModelProto, table: dict[str, Any] | None = None) -> list[str]:
+    """Problems TensorRT's ONNX parser would have with `model` (empty list = all operators supported).
+
+    Checks every node, inside subgraphs too: operator in the support list and marked supported,
+    default domain only (custom domains need plugins), and the restrictions that can be checked
+    statically here (TopK K < 3840, no antialiased Resize).
+    """
+    ops = (table or load_trt_op_table())["operators"]
+    problems: list[str] = []
+    stack = [model.graph]
+    while stack:
+        graph = stack.pop()
+        consts = _constants(graph)
+        for node in graph.node:
+            stack.extend(_subgraphs(node))
+            where = f"{node.op_type} ({node.name or node.output[0]})"
+            if node.domain not in ("", "ai.onnx"):
+                problems.append(f"{where}: custom domain {node.domain!r} needs a TensorRT plugin")
+                continue
+            entry = ops.get(node.op_type)
+            if entry is None or not entry.get("supported"):
+                problems.append(f"{where}: not supported by TensorRT's ONNX parser")
+                continue
+            if node.op_type == "TopK" and len(node.input) > 1:
+                k = consts.get(node.input[1])
+                if k is None:
+                    problems.append(f"{where}: K is not a build-time constant")
+                elif int(np.asarray(k).reshape(-1)[0]) >= TOPK_MAX_K:
+                    problems.append(f"{where}: K = {int(np.asarray(k).reshape(-1)[0])} >= {TOPK_MAX_K}")
+            if node.op_type == "Resize":
+                for a in node.attribute:
+                    if a.name == "antialias" and a.i:
+                        problems.append(f"{where}: antialiased Resize is not supported")
+    return problems
+
+
+# --- checks and metadata ----------------------------------------------------------------------------
+
+def _initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> bool:
+    """Save; weights go to `<name>.data` beside it when the graph would exceed 2 GB. Returns that choice."""
+    external = _initializer_bytes(model) > PROTOBUF_LIMIT - (64 << 20)  # margin for the graph itself
+    data_name = path.name + ".data"
+    (path.parent / data_name).unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    return external
+
+
+def check_onnx_file(path: Path, table: dict[str, Any] | None = None) -> dict[str, Any]:
+    """onnx.checker + strict shape inference + TensorRT op support; raises ExportCheckError."""
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise ExportCheckError(f"{path}: onnx.checker failed: {exc}") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / "inferred.onnx"), check_type=True,
+                                                   strict_mode=True)
+        except Exception as exc:  # onnx raises InferenceError and others
+            raise ExportCheckError(f"{path}: ONNX shape inference failed: {exc}") from exc
+    model = onnx.load(str(path), load_external_data=False)
+    problems = trt_unsupported_ops(model, table)
+    if problems:
+        raise ExportCheckError(f"{path}: operators TensorRT cannot parse:\n  " + "\n  ".join(problems))
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return {"opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+            "num_nodes": len(model.graph.node), "op_counts": dict(sorted(counts.items()))}
+
+
+def set_metadata(model: onnx.ModelProto, values: dict[str, Any]) -> None:
+    """Store values under `matchanything.<key>` (non-strings as JSON)."""
+    del model.metadata_props[:]
+    for key, value in values.items():
+        entry = model.metadata_props.add()
+        entry.key = META_PREFIX + key
+        entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+# --- ELoFTR -------------------------------------------------------------------------------------------
+
+def eloftr_dynamic_axes(graph: str) -> dict[str, dict[int, str]]:
+    """Symbolic dims of the ELoFTR graphs. Both images share one canvas side: the traced graph runs the
+    backbone on the pair as one batch (as the original does for equal sizes)."""
+    canvas = {2: "canvas", 3: "canvas"}
+    if graph == "coarse":
+        return {"image0": canvas, "image1": canvas, "mask0": {1: "cells", 2: "cells"},
+                "mask1": {1: "cells", 2: "cells"}, "cand_j": {1: "num_cells"}, "cand_conf": {1: "num_cells"},
+                "conf": {1: "num_cells", 2: "num_cells"}, "feat_f0": canvas, "feat_f1": canvas}
+    if graph == "fine":
+        return {"feat_f0": canvas, "feat_f1": canvas, "i_ids": {0: "num_matches"}, "j_ids": {0: "num_matches"},
+                "mkpts0_c": {0: "num_matches"}, "mkpts1_c": {0: "num_matches"}}
+    raise ConfigError(f"unknown ELoFTR graph {graph!r}")
+
+
+def eloftr_metadata(pipeline: Any, graph: str, checkpoint_sha256: str, sizes: tuple[int, int]) -> dict[str, Any]:
+    cfg = pipeline.model_config
+    k = cfg.candidates_per_cell
+    return {
+        "variant": "eloftr",
+        "graph": graph,
+        "graphs": list(pipeline.graphs),
+        "package_version": __version__,
+        "checkpoint_sha256": checkpoint_sha256,
+        "config": cfg.to_dict(),
+        "thresholds": {"candidates_per_cell": k, "exact_for_threshold_at_least": 1.0 / (k + 1),
+                       "note": "coarse selection (conf > threshold, border, valid region) runs on the host; "
+                               "the top-K candidates are exact for thresholds >= 1/(K+1)"},
+        "preprocessing": {
+            "image0/image1": "float32 [1,1,S,S] gray in [0,1] (uint8/255), image padded bottom/right with zeros to a "
+                             "square canvas of side S; both images share S",
+            "mask0/mask1": f"bool [1,S/{cfg.coarse_stride},S/{cfg.coarse_stride}] valid (unpadded) coarse cells",
+            "canvas_side": {"min": sizes[0], "max": sizes[1], "multiple_of": cfg.canvas_multiple},
+            "stage1": "see matchanything_ros.core.eloftr.preprocess (OpenCV INTER_AREA/LINEAR, Pillow L, /32 floor)",
+            "outputs": "coarse: top-K image1 cells per image0 cell + fine maps; fine: canvas-pixel keypoints "
+                       "(original pixels = (k*hw_new + 0.5)*s - 0.5)",
+        },
+        "dynamic_dims": {"canvas": {"canvas_div": 1}, "cells": {"canvas_div": cfg.coarse_stride},
+                         "num_matches": {"matches": True}},
+        "fp32_layer_patterns": [],
+        "opset_min": MIN_OPSET,
+    }
+
+
+def _torch_outputs(module: "torch.nn.Module", inputs: dict[str, "torch.Tensor"]) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.inference_mode():
+        outs = module(*[inputs[n] for n in module.input_names])  # type: ignore[union-attr]
+    outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+    return {n: t.detach().cpu().numpy() for n, t in zip(module.output_names, outs, strict=True)}  # type: ignore
+
+
+def _verify_eloftr(pipeline: Any, graphs: dict[str, Any], files: dict[str, Path], sizes: list[int],
+                   log: TextIO) -> list[dict[str, Any]]:
+    """ONNX Runtime vs torch on both graphs at `sizes` (part-valid canvases); raises on mismatch."""
+    import onnxruntime as ort
+    import torch
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sessions = {g: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for g, p in files.items()}
+    report = []
+    gen = torch.Generator().manual_seed(0)
+    for side in sizes:
+        valid = (side - 2 * pipeline.model_config.canvas_multiple, side)  # exercise the masked crop
+        ex = pipeline.example_inputs("coarse", side, valid_hw=valid)
+        ex["image0"] = torch.rand(ex["image0"].shape, generator=gen)
+        ex["image1"] = torch.rand(ex["image1"].shape, generator=gen)
+        ref = _torch_outputs(graphs["coarse"], ex)
+        got = dict(zip([o.name for o in sessions["coarse"].get_outputs()],
+                       sessions["coarse"].run(None, {k: v.numpy() for k, v in ex.items()}), strict=True))
+        errs = {}
+        for name in ("cand_conf", "feat_f0", "feat_f1"):
+            a, b = ref[name].astype(np.float64), got[name].astype(np.float64)
+            if a.shape != b.shape:
+                raise ExportCheckError(f"coarse.{name} at canvas {side}: ONNX shape {b.shape} != torch {a.shape}")
+            errs[name] = float(np.abs(a - b).max() / max(1e-12, float(np.abs(a).max())))
+        # fine graph on the torch candidates: the same ids into both
+        stride = pipeline.model_config.coarse_stride
+        cells = side // stride
+        i_ids = torch.arange(0, cells * cells, max(1, cells * cells // 64), dtype=torch.int64)
+        j_ids = torch.from_numpy(ref["cand_j"][0, i_ids.numpy(), 0].astype(np.int64))
+        fine_in = {"feat_f0": torch.from_numpy(ref["feat_f0"]), "feat_f1": torch.from_numpy(ref["feat_f1"]),
+                   "i_ids": i_ids, "j_ids": j_ids}
+        fref = _torch_outputs(graphs["fine"], fine_in)
+        fgot = sessions["fine"].run(None, {k: v.numpy() for k, v in fine_in.items()})
+        errs["fine_px"] = max(float(np.abs(fref[n] - g).max()) for n, g in
+                              zip(("mkpts0_c", "mkpts1_c"), fgot, strict=True))
+        bad = {k: v for k, v in errs.items() if v > (1e-2 if k == "fine_px" else 1e-4)}
+        print(f"  verify canvas {side}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()), file=log)
+        if bad:
+            raise ExportCheckError(f"ONNX Runtime disagrees with torch at canvas {side}: {bad}")
+        report.append({"canvas": side, **errs})
+    return report
+
+
+def export_eloftr(pipeline: Any, state_dict: dict[str, "torch.Tensor"], out_dir: str | Path, *,
+                  checkpoint_sha256: str, opset: int = DEFAULT_OPSET, sizes: tuple[int, int] = (416, 1664),
+                  trace_canvas: int = 448, verify_sizes: list[int] | None = None,
+                  log: TextIO = sys.stderr) -> dict[str, Path]:
+    """Export the ELoFTR graphs to `<out_dir>/<graph>.onnx` + `export.json`; returns {graph: path}."""
+    import torch
+
+    if opset < MIN_OPSET:
+        raise ConfigError(f"opset {opset} is below the minimum {MIN_OPSET}")
+    mult = pipeline.model_config.canvas_multiple
+    if sizes[0] % mult or sizes[1] % mult or sizes[0] > sizes[1]:
+        raise ConfigError(f"canvas range {sizes} must be multiples of {mult}, min <= max")
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    graphs = pipeline.torch_graphs(state_dict, "cpu", full_conf=False)
+    table = load_trt_op_table()
+    files: dict[str, Path] = {}
+    checks: dict[str, Any] = {}
+    for name, module in graphs.items():
+        ex = pipeline.example_inputs(name, trace_canvas, valid_hw=(trace_canvas - mult, trace_canvas))
+        t0 = time.monotonic()
+        path = out / f"{name}{ONNX_SUFFIX}"
+        with tempfile.TemporaryDirectory() as tmp, torch.inference_mode(False), torch.no_grad():
+            raw = Path(tmp) / f"{name}.onnx"
+            io_names = (*module.input_names, *module.output_names)
+            axes = {k: v for k, v in eloftr_dynamic_axes(name).items() if k in io_names}
+            torch.onnx.export(module, tuple(ex[n] for n in module.input_names), str(raw), dynamo=False,
+                              opset_version=opset, input_names=list(module.input_names),
+                              output_names=list(module.output_names), dynamic_axes=axes, do_constant_folding=True)
+            model = onnx.load(str(raw))
+        set_metadata(model, eloftr_metadata(pipeline, name, checkpoint_sha256, sizes))
+        external = save_model(model, path)
+        checks[name] = check_onnx_file(path, table)
+        checks[name]["external_data"] = external
+        print(f"{name}: exported {path} ({path.stat().st_size / 1e6:.1f} MB{', external data' if external else ''}) "
+              f"in {time.monotonic() - t0:.0f} s; checker, shape inference and TensorRT op list OK", file=log)
+        files[name] = path
+    verify = []
+    if verify_sizes is None:
+        verify_sizes = [sizes[0], min(sizes[1], sizes[0] + 3 * mult)]
+    if verify_sizes:
+        verify = _verify_eloftr(pipeline, graphs, files, verify_sizes, log)
+    manifest = {
+        "variant": "eloftr", "graphs": list(graphs), "dynamic": True, "opset": opset,
+        "canvas_range": list(sizes), "checkpoint_sha256": checkpoint_sha256, "package_version": __version__,
+        "trace_canvas": trace_canvas, "config": pipeline.model_config.to_dict(),
+        "files": {g: {"file": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size, **checks[g]}
+                  for g, p in files.items()},
+        "verification": verify,
+    }
+    (out / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return files
+
+
+# --- factory hook ---------------------------------------------------------------------------------------
+
+def default_model_dir(params: dict[str, Any], variant: str) -> Path:
+    """The export directory used when `model_file_path` is empty: derived from the checkpoint's hash."""
+    ckpt = params.get("checkpoint_path", "")
+    if not ckpt or not Path(ckpt).is_file():
+        raise ConfigError("checkpoint_path is needed to locate the default ONNX export")
+    return default_onnx_dir(variant, sha256_file(ckpt), DEFAULT_OPSET)
+
+
+def default_model_paths(params: dict[str, Any], pipeline: Any) -> dict[str, Path]:
+    """{graph: default ONNX path} for core/backends/factory.py (files may not exist yet)."""
+    d = default_model_dir(params, pipeline.name)
+    return {g: d / f"{g}{ONNX_SUFFIX}" for g in pipeline.graphs}
+
+
+__all__ = ["DEFAULT_OPSET", "ExportCheckError", "check_onnx_file", "default_model_paths", "export_eloftr",
+           "trt_unsupported_ops", "META_DYNAMIC_DIMS", "META_FP32_PATTERNS"]
