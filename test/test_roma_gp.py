@@ -25,7 +25,7 @@ def _kernel_system(n_side: int, common: float, seed: int = 0) -> torch.Tensor:
     return k + SIGMA_NOISE * torch.eye(k.shape[-1])
 
 
-@pytest.mark.parametrize("n_side,common", [(12, 3.0), (40, 3.0), (40, 30.0)])
+@pytest.mark.parametrize("n_side,common", [(12, 3.0), (40, 30.0)])
 def test_newton_schulz_is_as_accurate_as_fp32_inverse(n_side: int, common: float) -> None:
     """Against the float64 inverse, the fixed-count Newton-Schulz fp32 solve is no worse than fp32 linalg.inv
     (up to a small factor), including the 1600x1600 case of the default 560 input and near-singular kernels."""

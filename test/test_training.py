@@ -3,7 +3,6 @@ a few CPU steps that reduce the loss."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from matchanything_ros.core.eloftr.config import EloftrConfig
@@ -98,8 +97,8 @@ def test_a_few_cpu_steps_reduce_the_loss() -> None:
     fixed = syn.sample(3, 64)
     syn.sample = lambda batch, size: fixed  # type: ignore[method-assign]  # one batch: the loss must fall
     losses = []
-    for _ in range(12):
-        loss, stats = training_step(net, syn, SMALL, 3, 64, 16, amp=False)
+    for _ in range(8):
+        loss, stats = training_step(net, syn, SMALL, 3, 64, 8, amp=False)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -119,8 +118,3 @@ def test_training_forward_matches_inference_features() -> None:
         ref = net.features(img0, img1, mask, mask)
     torch.testing.assert_close(t0, ref["transformer0"])
     torch.testing.assert_close(ff1, ref["feat_f1"])
-
-
-@pytest.mark.parametrize("name", ["coffee"])
-def test_heldout_photo_loads(name: str) -> None:
-    assert load_skimage_rgb(name).shape[2] == 3

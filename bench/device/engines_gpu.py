@@ -20,6 +20,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -150,6 +151,7 @@ def main() -> int:
                             ["median"], "inference_median_ms": c["stages_ms"]["inference"]["median"],
                             "pairs_per_s": c["pairs_per_s"], "peak_device_mb": c["peak_device_mb"]}
                            for c in configs]
+    shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = time.monotonic() - t_start
     (out / "engines_gpu.json").write_text(json.dumps(report, indent=1, default=str))
     # fp16 is measured, not required to pass (that is what the report is for); ONNX Runtime must match

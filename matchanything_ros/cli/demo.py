@@ -79,6 +79,27 @@ def stereo_images_from_bag(bag: Path, left: str, right: str) -> dict[tuple[str, 
     return out
 
 
+def draw_checked_matches(left: np.ndarray, right: np.ndarray, k0: np.ndarray, k1: np.ndarray, correct: np.ndarray,
+                         title: str) -> np.ndarray:
+    """Side by side (RGB), one line per match: green where the ground truth confirms it, red where not."""
+    import cv2
+
+    header = 28
+    h, w = left.shape[:2]
+    canvas = np.zeros((max(h, right.shape[0]) + header, w + right.shape[1], 3), np.uint8)
+    canvas[header:header + h, :w] = left
+    canvas[header:header + right.shape[0], w:] = right
+    for a, b, ok in zip(k0, k1, correct):
+        colour = (40, 220, 40) if ok else (255, 40, 40)
+        p0 = (int(round(float(a[0]))), int(round(float(a[1]))) + header)
+        p1 = (int(round(float(b[0]))) + w, int(round(float(b[1]))) + header)
+        cv2.line(canvas, p0, p1, colour, 1, cv2.LINE_AA)
+        cv2.circle(canvas, p0, 2, colour, -1, cv2.LINE_AA)
+        cv2.circle(canvas, p1, 2, colour, -1, cv2.LINE_AA)
+    cv2.putText(canvas, title, (6, header - 9), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+    return canvas
+
+
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -193,12 +214,12 @@ def run(args: argparse.Namespace) -> int:
         s = stereo_score(k0, k1, disparity)
         accuracy = (f", {100 * s.precision:.1f} % correct vs ground-truth disparity "
                     f"(|dy|<=1, |dx-d|<=2 px; {s.with_gt} checkable)")
-        # A random sample keeps the picture readable; colour = right (blue) or wrong (red) per ground truth.
+        # A random sample keeps the picture readable; colour = right (green) or wrong (red) per ground truth.
         pick = np.random.default_rng(0).permutation(len(conf))[:DRAWN_MATCHES]
         correct = stereo_correct_mask(k0[pick], k1[pick], disparity)
-        title = (f"drawn from {len(conf)} matches ({model}); blue = correct, red = wrong: "
+        title = (f"{len(pick)} of {len(conf)} matches ({model}); green = correct, red = wrong vs ground truth; "
                  f"{100 * s.precision:.1f} % correct overall")
-        canvas = draw_matches(left, right, k0[pick], k1[pick], (~correct).astype(np.float32), title=title)
+        canvas = draw_checked_matches(left, right, k0[pick], k1[pick], correct, title)
     else:
         canvas = draw_matches(left, right, k0, k1, conf, title=f"({model})")
     cv2.imwrite(str(out_png), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))

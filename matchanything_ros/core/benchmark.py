@@ -165,12 +165,12 @@ def plot_latencies(configs: list[dict[str, Any]], path: str | Path, stage: str =
 
 
 def format_table(configs: list[dict[str, Any]]) -> str:
-    rows = [f"{'configuration':40s} {'canvas':>6s} {'pre':>7s} {'infer':>8s} {'post':>7s} {'total':>8s} "
+    rows = [f"{'configuration':48s} {'canvas':>6s} {'pre':>7s} {'infer':>8s} {'post':>7s} {'total':>8s} "
             f"{'p10-p90':>15s} {'pairs/s':>8s} {'host MB':>8s} {'dev MB':>7s}"]
     for c in configs:
         s = c["stages_ms"]
         dev = f"{c['peak_device_mb']:7.0f}" if c["peak_device_mb"] is not None else "      -"
-        rows.append(f"{c['label'][:40]:40s} {str(c['canvas']):>6s} {s['preprocess']['median']:7.1f} "
+        rows.append(f"{c['label'][:48]:48s} {str(c['canvas']):>6s} {s['preprocess']['median']:7.1f} "
                     f"{s['inference']['median']:8.1f} {s['postprocess']['median']:7.1f} {s['total']['median']:8.1f} "
                     f"{s['total']['p10']:7.1f}-{s['total']['p90']:<7.1f} {c['pairs_per_s']:8.2f} "
                     f"{c['peak_host_rss_mb']:8.0f} {dev}")

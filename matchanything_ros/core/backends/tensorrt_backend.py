@@ -188,6 +188,7 @@ class TensorRTBackend:
             raise MatchAnythingError("TensorRT backend is closed")
         if graph not in self._graphs:
             raise ConfigError(f"no engine for graph {graph!r} (have: {', '.join(self._graphs)})")
+
         def execute(w: CudaWorker) -> dict[str, np.ndarray]:
             return self._execute(graph, inputs, w)
 
@@ -198,7 +199,9 @@ class TensorRTBackend:
         """Run each graph on zeros at its profile's opt shape: first-run tactic/lazy init cost lands here,
         and the buffers for that shape are allocated now."""
         for name, g in self._graphs.items():
-            feed = {t.name: np.zeros(t.profile[1], t.dtype) for t in g.tensors if t.is_input and t.profile}
+            # masks all valid (an empty valid region would be a degenerate, zero-size crop), the rest zeros
+            feed = {t.name: (np.ones if t.dtype == np.bool_ else np.zeros)(t.profile[1], t.dtype)
+                    for t in g.tensors if t.is_input and t.profile}
             for _ in range(runs):
                 self.run(name, feed)
 
