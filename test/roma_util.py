@@ -36,14 +36,17 @@ def pair_meta(name: str) -> dict[str, Any]:
     return next(p for p in meta()["pairs"] if p["name"] == name)
 
 
-def pair_params(only_full_res: bool = False) -> list[Any]:
-    """pytest params of the fixture pairs; long ones marked slow. only_full_res: dense outputs stored at stride 1."""
+def pair_params(only_full_res: bool = False, mark_slow: bool = True) -> list[Any]:
+    """pytest params of the fixture pairs; long ones marked slow (unless mark_slow is False: no forward needed).
+
+    only_full_res: only pairs whose dense outputs are stored at stride 1."""
     out = []
     for p in meta()["pairs"]:
         strides = p.get("strides", {})
         if only_full_res and any(strides.get(k, 1) != 1 for k in ("final_warp_A_to_B", "final_certainty")):
             continue
-        marks = [pytest.mark.slow] if p.get("forward_seconds_cpu", 0) > SLOW_FORWARD_SECONDS else []
+        slow = mark_slow and p.get("forward_seconds_cpu", 0) > SLOW_FORWARD_SECONDS
+        marks = [pytest.mark.slow] if slow else []
         out.append(pytest.param(p["name"], marks=marks, id=p["name"]))
     return out
 

@@ -41,7 +41,7 @@ def _every(z: dict[str, np.ndarray], prefix: str) -> tuple[str, int]:
     return key, int(re.search(r"every(\d+)$", key).group(1))  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("name", ru.pair_params())
+@pytest.mark.parametrize("name", ru.pair_params(mark_slow=False))  # preprocessing only: fast for every pair
 def test_preprocessed_images(name: str) -> None:
     z = ru.npz(name)
     coarse, fine, _, _ = ru.model_inputs(name)
