@@ -83,11 +83,12 @@ def _import_backend(module: str, cls: str) -> Any:
 
 def _tensorrt_importable() -> bool:
     try:
-        importlib.import_module("tensorrt")
+        trt = importlib.import_module("tensorrt")
         importlib.import_module("pycuda")
     except ImportError:
         return False
-    return True
+    # type stubs (tensorrt-stubs) make `import tensorrt` succeed as an empty namespace package
+    return hasattr(trt, "Runtime")
 
 
 def create_torch_backend(params: dict[str, Any], pipeline: Any, device: str) -> Backend:
