@@ -2,14 +2,18 @@
 
 ELoFTR: `<dir>/coarse.onnx` and `<dir>/fine.onnx` with a dynamic canvas side between
 --engine-min-size and --engine-max-size (multiples of 32) and a dynamic match count, plus
-`<dir>/export.json`. With an empty --model-file-path the directory is the cache location the
-onnxruntime/tensorrt backends look in by default (derived from the checkpoint's sha256).
+`<dir>/export.json`. RoMa: `<dir>/dense.onnx` with the static shapes of --coarse-res and
+--upsample-res (one export per pair of sizes; needs --dinov2-path too) and the export-ready
+Newton-Schulz GP. With an empty --model-file-path the directory is the cache location the
+onnxruntime/tensorrt backends look in by default (derived from the checkpoint's sha256, and for
+RoMa the two sizes).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..core.errors import ConfigError
 from . import add_param_args, param_values
@@ -27,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset (>= {MIN_OPSET}; default: {DEFAULT_OPSET})")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip the ONNX Runtime vs torch check at two canvas sizes (about a minute on a CPU)")
+                        help="skip the ONNX Runtime vs torch check (ELoFTR: two canvas sizes; RoMa: its size; "
+                             "about a minute on a CPU)")
     parser.set_defaults(func=run)
 
 
@@ -40,9 +45,10 @@ def run(args: argparse.Namespace) -> int:
     from ..core.variants import pipeline_class
 
     params = param_values(args, EXPORT_PARAMS)
+    if params["variant"] == "roma":
+        return run_roma(args, params)
     if params["variant"] != "eloftr":
-        raise ConfigError("export of RoMa is not available yet in this release (its static-shape graph with the "
-                          "Newton-Schulz GP is prepared in core/roma but not wired to the exporter); use ELoFTR")
+        raise ConfigError(f"no ONNX export for variant {params['variant']!r}")
     path, model_config, is_demo = resolve_eloftr_checkpoint(params["checkpoint_path"])
     params["checkpoint_path"] = str(path)
     out_dir = Path(params["model_file_path"]) if params["model_file_path"] else default_model_dir(params, "eloftr")
@@ -53,5 +59,26 @@ def run(args: argparse.Namespace) -> int:
                           sizes=(params["engine_min_size"], params["engine_max_size"]),
                           verify_sizes=None if args.verify else [], log=sys.stderr)
     print(f"exported {', '.join(str(p) for p in files.values())}" + (" (bundled demo model)" if is_demo else ""))
+    print(f"next: matchanything build-engine --model-file-path {out_dir} --precision fp16   (on the target GPU)")
+    return 0
+
+
+def run_roma(args: argparse.Namespace, params: dict[str, Any]) -> int:
+    """RoMa: one static `dense` graph for (coarse_res, upsample_res); --engine-*-size do not apply."""
+    import torch
+
+    from ..core.checkpoint import file_sha256
+    from ..core.export import default_model_dir, export_roma
+    from ..core.roma.pipeline import RomaPipeline
+
+    pipeline = RomaPipeline(params)  # validates coarse_res / upsample_res before the weights are read
+    state = pipeline.load_weights(params)  # both files, strictly; clear errors for missing paths
+    out_dir = Path(params["model_file_path"]) if params["model_file_path"] else default_model_dir(params, "roma")
+    torch.set_grad_enabled(False)
+    files = export_roma(pipeline, state, out_dir, checkpoint_sha256=file_sha256(params["checkpoint_path"]),
+                        dinov2_sha256=file_sha256(params["dinov2_path"]), opset=args.opset, verify=args.verify,
+                        log=sys.stderr)
+    print(f"exported {files['dense']} (RoMa, coarse_res {pipeline.config.coarse_res}, upsample_res "
+          f"{pipeline.config.upsample_res}; run the matcher with these two sizes)")
     print(f"next: matchanything build-engine --model-file-path {out_dir} --precision fp16   (on the target GPU)")
     return 0

@@ -2,14 +2,15 @@
 
 ELoFTR exports two graphs (`coarse`, `fine`) with a dynamic canvas side (416..1664 by default,
 multiples of 32) and a dynamic match count M for `fine`. Outputs have shapes fixed by the inputs
-(no data-dependent shapes), so TensorRT needs no output allocator.
+(no data-dependent shapes), so TensorRT needs no output allocator. RoMa exports one static graph
+(`dense`) per (coarse_res, upsample_res), with the Newton-Schulz GP solve (no Inverse op).
 
 Every export is checked before it is declared done, because peers ship exports that only work at
 the trace size: `onnx.checker`, ONNX shape inference, every operator against TensorRT's ONNX
 support list (`data/trt_onnx_ops.json`), and (unless disabled) ONNX Runtime against the torch
-graphs at two sizes other than the trace size. The files carry metadata (variant, config,
-thresholds, preprocessing contract, package version, checkpoint sha256, dim rules for the engine
-builder); weights go to external data when a graph exceeds 2 GB.
+graphs at two sizes other than the trace size (RoMa: at its one size). The files carry metadata
+(variant, config, thresholds, preprocessing contract, package version, checkpoint sha256, dim rules
+for the engine builder); weights go to external data when a graph's serialized size reaches 2 GB.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
-PROTOBUF_LIMIT = 2 << 30  # 2 GB: a single ONNX protobuf cannot be larger; weights go to a .data file
+PROTOBUF_LIMIT = 2 << 30  # 2 GB: a single ONNX protobuf must be smaller; weights go to a .data file
 TRT_OPS_FILE = Path(__file__).resolve().parent.parent / "data" / "trt_onnx_ops.json"
 TOPK_MAX_K = 3840  # TensorRT restriction on TopK (see trt_onnx_ops.json)
 
@@ -104,13 +105,27 @@ def trt_unsupported_ops(model: onnx.ModelProto, table: dict[str, Any] | None = N
 
 # --- checks and metadata ----------------------------------------------------------------------------
 
-def _initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+def proto_bytes(model: onnx.ModelProto) -> int | None:
+    """Serialized size of `model`; None when it is past protobuf's 2 GB limit (upb refuses to size it)."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        return int(model.ByteSize())
+    except EncodeError:
+        return None
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> bool:
-    """Save; weights go to `<name>.data` beside it when the graph would exceed 2 GB. Returns that choice."""
-    external = _initializer_bytes(model) > PROTOBUF_LIMIT - (64 << 20)  # margin for the graph itself
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """Whether the graph cannot be one protobuf: its actual serialized size reaches 2 GB."""
+    size = proto_bytes(model)
+    return size is None or size >= PROTOBUF_LIMIT
+
+
+def save_model(model: onnx.ModelProto, path: Path, external: bool | None = None) -> bool:
+    """Save; weights go to `<name>.data` beside it when the graph would reach 2 GB (or when `external`
+    says so). Returns that choice. Check such files by path (`check_onnx_file`), never in memory."""
+    if external is None:
+        external = needs_external_data(model)
     data_name = path.name + ".data"
     (path.parent / data_name).unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
@@ -302,14 +317,146 @@ def export_eloftr(pipeline: Any, state_dict: dict[str, "torch.Tensor"], out_dir:
     return files
 
 
+# --- RoMa ---------------------------------------------------------------------------------------------
+
+ROMA_GP_SOLVER = "newton_schulz"  # fixed-count matrix products: no Inverse op, exports to ONNX and TensorRT
+ROMA_GP_NODES = r"/gps\.16/"  # node names of the GP (kept in FP32 by fp16 engine builds)
+# ORT vs torch: the RoMa parity tolerances (flows 1e-3 normalised; certainty = sigmoid of logits within 1e-2)
+ROMA_VERIFY_TOL = {"warp": 1e-3, "certainty": 1e-2 / 4}
+
+
+def roma_static_tag(coarse_res: int, upsample_res: int) -> str:
+    """Name part of a RoMa export: its graph is static, one per (coarse_res, upsample_res)."""
+    return f"c{coarse_res}-u{upsample_res}"
+
+
+def roma_metadata(pipeline: Any, checkpoint_sha256: str, dinov2_sha256: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from .roma.gp import newton_schulz_iterations
+
+    cfg = pipeline.config
+    c, u = cfg.coarse_res, cfg.upsample_res
+    tokens = (c // 14) ** 2
+    return {
+        "variant": "roma",
+        "graph": "dense",
+        "graphs": list(pipeline.graphs),
+        "package_version": __version__,
+        "checkpoint_sha256": checkpoint_sha256,
+        "dinov2_sha256": dinov2_sha256,
+        "config": asdict(cfg),
+        "static_shapes": {"coarse_res": c, "upsample_res": u},
+        "gp": {"solver": ROMA_GP_SOLVER, "tokens": tokens, "iterations": newton_schulz_iterations(tokens)},
+        "preprocessing": {
+            "image0_coarse/image1_coarse": f"float32 [1,3,{c},{c}] RGB in [0,1], stretched (aspect not kept)",
+            "image0_fine/image1_fine": f"float32 [1,3,{u},{u}] RGB in [0,1], stretched",
+            "stage1": "see matchanything_ros.core.roma.preprocess (optional web-UI 640x480 stage, torchvision "
+                      "antialiased bicubic, no ImageNet normalisation)",
+            "outputs": f"warp [1,{u},{2 * u},4] (left half A->B, right half B->A, normalised coordinates), "
+                       f"certainty [1,{u},{2 * u}]; sampling runs on the host",
+        },
+        "dynamic_dims": {},
+        "fp32_layer_patterns": [ROMA_GP_NODES],
+        "opset_min": MIN_OPSET,
+    }
+
+
+def _verify_roma(path: Path, inputs: dict[str, "torch.Tensor"], expected: dict[str, np.ndarray],
+                 log: TextIO) -> dict[str, float]:
+    """ONNX Runtime (CPU) on `path` vs the torch outputs `expected`; raises on mismatch."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {k: v.numpy() for k, v in inputs.items()}),
+                   strict=True))
+    del sess
+    errs = {}
+    for name, tol in ROMA_VERIFY_TOL.items():
+        if got[name].shape != expected[name].shape:
+            raise ExportCheckError(f"dense.{name}: ONNX shape {got[name].shape} != torch {expected[name].shape}")
+        errs[name] = float(np.abs(got[name].astype(np.float64) - expected[name]).max())
+    print("  verify: " + ", ".join(f"{k} max |diff| {v:.2e}" for k, v in errs.items()), file=log)
+    bad = {k: v for k, v in errs.items() if not v <= ROMA_VERIFY_TOL[k]}
+    if bad:
+        raise ExportCheckError(f"ONNX Runtime disagrees with torch (tolerances {ROMA_VERIFY_TOL}): {bad}")
+    return errs
+
+
+def export_roma(pipeline: Any, state_dict: dict[str, "torch.Tensor"], out_dir: str | Path, *,
+                checkpoint_sha256: str, dinov2_sha256: str = "", opset: int = DEFAULT_OPSET, verify: bool = True,
+                external_data: bool | None = None, log: TextIO = sys.stderr) -> dict[str, Path]:
+    """Export RoMa's "dense" graph with the static shapes of `pipeline.config` to `<out_dir>/dense.onnx`.
+
+    The GP is the export-ready Newton-Schulz solve. `state_dict` as `RomaPipeline.load_weights` gives it
+    (checkpoint + `dinov2.` keys). `external_data`: None = only when the graph reaches 2 GB. With `verify`,
+    ONNX Runtime must reproduce torch (same solver) on seeded random images within the parity tolerances;
+    the torch model is freed before the ONNX Runtime session is made (two copies of 1.7 GB otherwise)."""
+    import gc
+
+    import torch
+
+    if opset < MIN_OPSET:
+        raise ConfigError(f"opset {opset} is below the minimum {MIN_OPSET}")
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"dense{ONNX_SUFFIX}"
+    module = pipeline.torch_graphs(state_dict, "cpu", gp_solver=ROMA_GP_SOLVER)["dense"]
+    gen = torch.Generator().manual_seed(0)
+    inputs = {k: torch.rand(v.shape, generator=gen) for k, v in pipeline.example_inputs("dense").items()}
+    t0 = time.monotonic()
+    expected = _torch_outputs(module, inputs) if verify else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "dense.onnx"
+        with torch.inference_mode(False), torch.no_grad():
+            torch.onnx.export(module, tuple(inputs[n] for n in module.input_names), str(raw), dynamo=False,
+                              opset_version=opset, input_names=list(module.input_names),
+                              output_names=list(module.output_names), do_constant_folding=True)
+        del module
+        gc.collect()
+        model = onnx.load(str(raw))
+    set_metadata(model, roma_metadata(pipeline, checkpoint_sha256, dinov2_sha256))
+    size = proto_bytes(model)
+    external = save_model(model, path, external_data)
+    del model
+    gc.collect()
+    checks = check_onnx_file(path)
+    if checks["op_counts"].get("Inverse"):
+        raise ExportCheckError(f"{path}: the GP still has an Inverse op (TensorRT has none)")
+    checks.update(external_data=external, proto_bytes=size)
+    print(f"dense: exported {path} ({(size or 0) / 1e9:.2f} GB{', external data' if external else ''}) in "
+          f"{time.monotonic() - t0:.0f} s; checker, shape inference and TensorRT op list OK", file=log)
+    verification = _verify_roma(path, inputs, expected, log) if verify else {}
+    cfg = pipeline.config
+    manifest = {
+        "variant": "roma", "graphs": ["dense"], "dynamic": False, "opset": opset,
+        "static_shapes": {"coarse_res": cfg.coarse_res, "upsample_res": cfg.upsample_res},
+        "gp_solver": ROMA_GP_SOLVER, "checkpoint_sha256": checkpoint_sha256, "dinov2_sha256": dinov2_sha256,
+        "package_version": __version__,
+        "files": {"dense": {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, **checks}},
+        "verification": [verification] if verification else [],
+    }
+    (out / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return {"dense": path}
+
+
 # --- factory hook ---------------------------------------------------------------------------------------
 
 def default_model_dir(params: dict[str, Any], variant: str) -> Path:
-    """The export directory used when `model_file_path` is empty: derived from the checkpoint's hash."""
+    """The export directory used when `model_file_path` is empty: derived from the checkpoint's hash
+    (and, for RoMa's static graph, from coarse_res/upsample_res)."""
     ckpt = params.get("checkpoint_path", "")
     if not ckpt or not Path(ckpt).is_file():
         raise ConfigError("checkpoint_path is needed to locate the default ONNX export")
-    return default_onnx_dir(variant, sha256_file(ckpt), DEFAULT_OPSET)
+    tag = ""
+    if variant == "roma":
+        from .roma.config import RomaConfig
+
+        cfg = RomaConfig.from_params(params)
+        tag = roma_static_tag(cfg.coarse_res, cfg.upsample_res)
+    return default_onnx_dir(variant, sha256_file(ckpt), DEFAULT_OPSET, tag)
 
 
 def default_model_paths(params: dict[str, Any], pipeline: Any) -> dict[str, Path]:
@@ -319,4 +466,4 @@ def default_model_paths(params: dict[str, Any], pipeline: Any) -> dict[str, Path
 
 
 __all__ = ["DEFAULT_OPSET", "ExportCheckError", "check_onnx_file", "default_model_paths", "export_eloftr",
-           "trt_unsupported_ops", "META_DYNAMIC_DIMS", "META_FP32_PATTERNS"]
+           "export_roma", "needs_external_data", "trt_unsupported_ops", "META_DYNAMIC_DIMS", "META_FP32_PATTERNS"]

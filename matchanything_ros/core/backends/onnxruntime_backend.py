@@ -66,6 +66,7 @@ class OnnxRuntimeBackend:
         self._output_names: dict[str, list[str]] = {}
         self._metadata: dict[str, dict[str, str]] = {}
         self._shared_dims: dict[str, dict[str, list[tuple[str, int]]]] = {}  # symbolic dim -> inputs using it
+        self._fixed_dims: dict[str, dict[str, list[int | None]]] = {}  # input -> dims fixed by the export (or None)
         for graph, path in model_paths.items():
             if not Path(path).is_file():
                 raise ConfigError(f"ONNX model for graph {graph!r} not found: {path} (create it with "
@@ -95,6 +96,8 @@ class OnnxRuntimeBackend:
                     if isinstance(d, str):
                         shared.setdefault(d, []).append((i.name, axis))
             self._shared_dims[graph] = {d: uses for d, uses in shared.items() if len(uses) > 1}
+            self._fixed_dims[graph] = {i.name: [d if isinstance(d, int) else None for d in i.shape]
+                                       for i in sess.get_inputs()}
             self._output_names[graph] = [o.name for o in sess.get_outputs()]
             self._metadata[graph] = dict(sess.get_modelmeta().custom_metadata_map)
         self.provider = provider
@@ -129,9 +132,25 @@ class OnnxRuntimeBackend:
                 raise ConfigError(f"graph {graph!r}: inputs must agree on dimension {dim!r}, got {sizes}"
                                   + (" (exported ELoFTR graphs need both images on the same canvas size: give "
                                      "images of the same size or use a force-resize)" if dim == "canvas" else ""))
+        self._check_fixed_dims(graph, inputs)
         feeds = {n: np.ascontiguousarray(inputs[n], dtype=t) if t is not None else inputs[n] for n, t in types.items()}
         outs = sess.run(self._output_names[graph], feeds)
         return dict(zip(self._output_names[graph], outs, strict=True))
+
+    def _check_fixed_dims(self, graph: str, inputs: dict[str, np.ndarray]) -> None:
+        """Static exports (RoMa: one per coarse_res/upsample_res) take exactly their shapes; say which."""
+        for name, dims in self._fixed_dims[graph].items():
+            got = tuple(int(d) for d in np.shape(inputs[name]))
+            if len(got) == len(dims) and all(d is None or d == g for d, g in zip(dims, got, strict=True)):
+                continue
+            want = [d if d is not None else "*" for d in dims]
+            hint = ""
+            sizes = self.metadata(graph).get("matchanything.static_shapes")
+            if isinstance(sizes, dict):
+                hint = (f"; this export is for {', '.join(f'{k} {v}' for k, v in sizes.items())}: set those, or "
+                        "export for yours with `matchanything export --variant roma --coarse-res N --upsample-res M`")
+            raise ConfigError(f"graph {graph!r}: input {name!r} has shape {list(got)}, the ONNX model takes "
+                              f"{want}{hint}")
 
     def close(self) -> None:
         self._sessions.clear()

@@ -15,8 +15,11 @@ every backend.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -232,6 +235,9 @@ class CoarseTransformer(nn.Module):
         self.layers = nn.ModuleList([AggregatedAttentionLayer(cfg) for _ in cfg.layer_names])
         self.rope = (RotaryEncoding2d(cfg.d_model, cfg.rope_max_grid, cfg.npe, cfg.rope_fp16_tables)
                      if cfg.rope else None)
+        # ((h0, w0), (h1, w1)) crop sizes computed on the host, set while a CUDA graph is captured:
+        # reading them from the device masks would synchronise, which a capture forbids
+        self.fixed_valid: tuple[tuple[int, int], tuple[int, int]] | None = None
 
     @staticmethod
     def valid_size(mask: torch.Tensor, multiple: int) -> tuple[int, int]:
@@ -248,8 +254,11 @@ class CoarseTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         H0, W0 = feat0.shape[-2:]
         H1, W1 = feat1.shape[-2:]
-        h0, w0 = self.valid_size(mask0, self.agg_size0)
-        h1, w1 = self.valid_size(mask1, self.agg_size1)
+        if self.fixed_valid is not None:
+            (h0, w0), (h1, w1) = self.fixed_valid
+        else:
+            h0, w0 = self.valid_size(mask0, self.agg_size0)
+            h1, w1 = self.valid_size(mask1, self.agg_size1)
         f0, f1 = feat0[:, :, :h0, :w0], feat1[:, :, :h1, :w1]
         for layer, name in zip(self.layers, self.layer_names):
             if name == "self":
@@ -387,6 +396,16 @@ def dual_softmax_confidence(
         sim = torch.einsum("nlc,nsc->nls", f0, f1) / temperature
         valid = mask0.flatten(1)[:, :, None] & mask1.flatten(1)[:, None, :]
         sim = sim.masked_fill_(~valid, -1e9)
+        if sim.is_cuda:
+            # CUDA's softmax over a non-last dim is a slow strided kernel (half of the whole forward at
+            # 832² on an H100); the column softmax over the transpose's last dim is far faster. Not
+            # bit-identical, but CUDA never is to the CPU reference; the CPU path below is the original's.
+            row = torch.softmax(sim, 2)
+            sim_t = sim.transpose(1, 2).contiguous()
+            del sim
+            col_t = torch.softmax(sim_t, 2)
+            del sim_t
+            return row.mul_(col_t.transpose(1, 2))
         conf = torch.softmax(sim, 1)
         return conf.mul_(torch.softmax(sim, 2))  # in place: the [L0, L1] matrices dominate memory
 
@@ -432,6 +451,30 @@ class EloftrCoarse(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         feats = self.net.features(image0, image1, mask0, mask1)
         return self.head(feats, mask0, mask1)
+
+    # --- CUDA-graph support (used by the torch backend on CUDA): the graph's shapes are fixed for a
+    # given canvas and valid region, so one capture serves every frame of a camera.
+    def capture_key(self, inputs: dict[str, Any]) -> tuple[Any, ...]:
+        """What a captured graph depends on besides the image values: shapes and the two masks."""
+        m0, m1 = np.asarray(inputs["mask0"]), np.asarray(inputs["mask1"])
+        return (np.shape(inputs["image0"]), np.shape(inputs["image1"]), m0.shape, m1.shape, m0.tobytes(), m1.tobytes())
+
+    @contextlib.contextmanager
+    def static_crop(self, inputs: dict[str, Any]) -> Iterator[None]:
+        """Fix the transformer's crop sizes from the host masks while a graph is captured."""
+        transformer = self.net.loftr_coarse
+
+        def size(mask: Any, multiple: int) -> tuple[int, int]:
+            m = np.asarray(mask)[0]
+            rows, cols = int(m[:, 0].sum()), int(m[0, :].sum())  # the rule of CoarseTransformer.valid_size
+            return rows // multiple * multiple, cols // multiple * multiple
+
+        transformer.fixed_valid = (size(inputs["mask0"], transformer.agg_size0),
+                                   size(inputs["mask1"], transformer.agg_size1))
+        try:
+            yield
+        finally:
+            transformer.fixed_valid = None
 
     def head(
         self, feats: dict[str, torch.Tensor], mask0: torch.Tensor, mask1: torch.Tensor

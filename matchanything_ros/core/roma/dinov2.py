@@ -94,7 +94,8 @@ class DinoV2ViTL14(nn.Module):
 
     def interpolated_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """pos_embed for a grid_h x grid_w token grid, [1, 1 + h*w, dim], computed in fp32."""
-        frozen = self._frozen_pos.get((grid_h, grid_w))
+        # int(): under ONNX tracing the grid sizes arrive as 0-d tensors, which would miss the cache
+        frozen = self._frozen_pos.get((int(grid_h), int(grid_w)))
         if frozen is not None:
             return frozen
         pos = self.pos_embed.float()
