@@ -6,6 +6,8 @@ scikit-image, the real node as a subprocess, rclpy service calls for parameters.
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,19 +90,30 @@ def ros_args_for(params: dict[str, Any]) -> list[str]:
     return out
 
 
-def library_match(params: dict[str, Any], pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[Any]:
-    """`Matcher.match` of the library with the node's settings, one torch thread like the nodes."""
-    import torch
-
+def _library_match_in_child(params: dict[str, Any], pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[Any]:
     from matchanything_ros.core.matcher import Matcher, MatcherConfig
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with Matcher(MatcherConfig.from_params(params)) as matcher:
+        return [matcher.match(a, b) for a, b in pairs]
+
+
+def library_match(params: dict[str, Any], pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[Any]:
+    """`Matcher.match` of the library with the node's settings, in a child process with one torch thread
+    like the nodes (NODE_ENV). Not by toggling torch.set_num_threads here: raising torch's thread count
+    again after lowering it breaks MKL's batched LU in torch 2.13 (RoMa's GP inverse then fails later
+    in this test process)."""
+    ctx = multiprocessing.get_context("spawn")
+    saved = {k: os.environ.get(k) for k in NODE_ENV}
+    os.environ.update(NODE_ENV)  # a spawned child starts from this environment
     try:
-        with Matcher(MatcherConfig.from_params(params)) as matcher:
-            return [matcher.match(a, b) for a, b in pairs]
+        with ctx.Pool(1) as pool:
+            return pool.apply(_library_match_in_child, (params, pairs))
     finally:
-        torch.set_num_threads(threads)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def image_msg(array: np.ndarray, stamp_ns: int, frame_id: str = "cam0", encoding: str = "rgb8") -> Any:

@@ -67,17 +67,6 @@ def stereo_frames() -> list[tuple[str, int, np.ndarray, str]]:
     return sorted(frames, key=lambda f: f[1])
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """process_bag runs in this process: one torch thread, as the node processes (NODE_ENV)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def params(seeded_checkpoint):
     return {**defaults(), **node_params(seeded_checkpoint)}

@@ -304,3 +304,31 @@ def test_speed_form_matches_exact_form(net: EloftrNet, prefixed_weights: dict[st
         out = fast.features(image0, image1, mask, mask)
     for key in ("transformer0", "transformer1", "feat_f0", "feat_f1"):
         assert_close(out[key], ref[key].numpy(), f"speed form {key}", rtol=1e-4)
+
+
+@pytest.mark.parametrize("run", PAIRS[:1], indirect=True)
+def test_static_crop_for_cuda_graphs_equals_eager(run: dict[str, Any], net: EloftrNet) -> None:
+    """On CUDA the torch backend captures the coarse graph with the transformer's crop fixed from the
+    host masks (a capture cannot read the device); that crop and the outputs must equal the eager ones,
+    and a different valid region must map to a different capture."""
+    coarse = EloftrCoarse(net)
+    transformer = net.loftr_coarse
+    t = run["inputs"]
+    host = {k: v.numpy() for k, v in t.items()}
+    with torch.inference_mode():
+        eager = coarse(t["image0"], t["image1"], t["mask0"], t["mask1"])
+        with coarse.static_crop(host):
+            fixed = transformer.fixed_valid
+            static = coarse(t["image0"], t["image1"], t["mask0"], t["mask1"])
+    assert transformer.fixed_valid is None, "the fixed crop must not outlive the capture"
+    expected = (transformer.valid_size(t["mask0"], transformer.agg_size0),
+                transformer.valid_size(t["mask1"], transformer.agg_size1))
+    assert fixed == expected
+    assert fixed[0][0] < t["mask0"].shape[1], "the fixture's canvas should have padding rows (else trivial)"
+    for name, a, b in zip(coarse.output_names, eager, static):
+        assert torch.equal(a, b), name
+    other = dict(host)
+    shrunk = other["mask0"].copy()
+    shrunk[:, :, -8:] = False  # the last 8 columns (rows at the bottom are padding already)
+    other["mask0"] = shrunk
+    assert coarse.capture_key(other) != coarse.capture_key(host)

@@ -18,6 +18,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -107,7 +108,7 @@ def trt_unsupported_ops(model: onnx.ModelProto, table: dict[str, Any] | None = N
 
 def proto_bytes(model: onnx.ModelProto) -> int | None:
     """Serialized size of `model`; None when it is past protobuf's 2 GB limit (upb refuses to size it)."""
-    from google.protobuf.message import EncodeError
+    from google.protobuf.message import EncodeError  # type: ignore[import-untyped]
 
     try:
         return int(model.ByteSize())
@@ -410,7 +411,9 @@ def export_roma(pipeline: Any, state_dict: dict[str, "torch.Tensor"], out_dir: s
     expected = _torch_outputs(module, inputs) if verify else {}
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "dense.onnx"
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # sizes turned into trace constants are the point of a static-shape graph, not a hazard
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(module, tuple(inputs[n] for n in module.input_names), str(raw), dynamo=False,
                               opset_version=opset, input_names=list(module.input_names),
                               output_names=list(module.output_names), do_constant_folding=True)
