@@ -99,9 +99,8 @@ def _library_match_in_child(params: dict[str, Any], pairs: list[tuple[np.ndarray
 
 def library_match(params: dict[str, Any], pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[Any]:
     """`Matcher.match` of the library with the node's settings, in a child process with one torch thread
-    like the nodes (NODE_ENV). Not by toggling torch.set_num_threads here: raising torch's thread count
-    again after lowering it breaks MKL's batched LU in torch 2.13 (RoMa's GP inverse then fails later
-    in this test process)."""
+    like the nodes (NODE_ENV). Not by calling torch.set_num_threads here: after any such call MKL's LU
+    in torch 2.13 (RoMa's GP inverse) fails or goes wrong later in this test process."""
     ctx = multiprocessing.get_context("spawn")
     saved = {k: os.environ.get(k) for k in NODE_ENV}
     os.environ.update(NODE_ENV)  # a spawned child starts from this environment

@@ -104,7 +104,6 @@ def test_ort_matches_torch_fp32_on_every_fixture_pair(size: int) -> None:
 
     # threshold 0.001 (the fixtures'): many matches per pair; both backends run the same top-K coarse graph
     cfg = {"threshold": 0.001, "resize_max": size}
-    torch.set_num_threads(2)
     ref_pipe, ort_pipe = EloftrPipeline(cfg, coarse_mode="topk"), EloftrPipeline(cfg, coarse_mode="topk")
     ref_backend = Recording(TorchBackend(ref_pipe.torch_graphs(seeded_eloftr_state(), "cpu"), "cpu", "fp32"))
     ort_backend = _ort()

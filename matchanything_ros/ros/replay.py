@@ -99,13 +99,19 @@ def replay_bag(
             clock_pub = node.create_publisher(
                 Clock, CLOCK_TOPIC, QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
         if wait_for_subscribers_s > 0:
+            waited = dict(by_topic)
+            if clock_pub is not None:
+                waited[CLOCK_TOPIC] = clock_pub
             end = time.monotonic() + wait_for_subscribers_s
             while time.monotonic() < end and not should_stop():
-                if all(p.get_subscription_count() > 0 for p in by_topic.values()):
+                if all(p.get_subscription_count() > 0 for p in waited.values()):
+                    # Discovery is two-way: seeing the subscriber does not mean it has matched us yet,
+                    # and best-effort subscribers (sensor-data QoS) would silently miss the first frames.
+                    time.sleep(0.5)
                     break
                 time.sleep(0.05)
             else:
-                missing = [t for t, p in by_topic.items() if p.get_subscription_count() == 0]
+                missing = [t for t, p in waited.items() if p.get_subscription_count() == 0]
                 if missing:
                     log(f"replay: no subscriber on {', '.join(missing)} after {wait_for_subscribers_s} s; "
                         "starting anyway")
