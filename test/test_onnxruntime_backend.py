@@ -96,7 +96,6 @@ def test_ort_matches_torch_fp32_on_every_fixture_pair(size: int) -> None:
     pixel; seen on 1 of 75 matches at one size with the seeded weights): at most 2 % of the matches, each
     within a fine-window step. The fine graph on identical inputs: every
     keypoint within 1e-2 px."""
-    import torch
 
     from matchanything_ros.core.backends.torch_backend import TorchBackend
     from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
