@@ -138,6 +138,7 @@ class Probe:
         self.node = rclpy.create_node(name, context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
+        self.subscriptions: dict[int, Any] = {}  # id(inbox) -> its subscription
 
     def close(self) -> None:
         self.executor.shutdown()
@@ -148,8 +149,15 @@ class Probe:
     def subscribe(self, msg_type: Any, topic: str, qos: Any = 10) -> list[Any]:
         """Subscribe; the returned list receives every message in arrival order."""
         inbox: list[Any] = []
-        self.node.create_subscription(msg_type, topic, inbox.append, qos)
+        self.subscriptions[id(inbox)] = self.node.create_subscription(msg_type, topic, inbox.append, qos)
         return inbox
+
+    def wait_for_publisher(self, inbox: list[Any], timeout: float = 30.0, what: str = "a publisher") -> None:
+        """Spin until the subscription behind `inbox` is matched with a publisher, plus a short settle:
+        discovery is two-way, and a publisher that has not matched us yet drops what it sends."""
+        sub = self.subscriptions[id(inbox)]
+        self.spin_until(lambda: sub.get_publisher_count() > 0, timeout, what)
+        self.spin_for(0.5)
 
     def publisher(self, msg_type: Any, topic: str, qos: Any = 10) -> Any:
         return self.node.create_publisher(msg_type, topic, qos)

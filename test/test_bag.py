@@ -161,6 +161,7 @@ def test_replay_with_clock_through_the_node_under_sim_time(module_ros_env, seede
     node.wait_for_output(r"matcher ready", timeout=90)
     probe = module_ros_env.probe("replay_probe")
     matches = probe.subscribe(KeypointMatches, "/matches")
+    probe.wait_for_publisher(matches, what="the node's /matches publisher")
     client = NodeClient(probe)
     replay = module_ros_env.start_node(
         [sys.executable, "-m", "matchanything_ros.cli", "replay", str(bag), "--clock", "--rate", "1.0",
