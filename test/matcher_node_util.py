@@ -5,7 +5,6 @@ scikit-image, the real node as a subprocess, rclpy service calls for parameters.
 """
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing
 import os
 import sys
@@ -15,6 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
+from reference import seeded_weights_module  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NODE_CMD = [sys.executable, "-m", "matchanything_ros.ros.matcher_node"]
@@ -54,10 +54,7 @@ def write_seeded_checkpoint(path: Path, reference_dir: Path) -> Path:
 
     if path.exists():
         return path
-    spec = importlib.util.spec_from_file_location("seeded_weights", reference_dir / "seeded_weights.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = seeded_weights_module(reference_dir)
     cfg = EloftrConfig(block_dims=(32, 64, 128), layer_depths=(1, 2, 2), d_model=128, nhead=4,
                        layer_names=("self", "cross") * 2, fine_d_model=32)
     state = {f"matcher.{k}": module.seeded_tensor(f"matcher.{k}", tuple(v.shape), str(v.dtype).split(".")[-1], SEED)

@@ -8,7 +8,6 @@ Everything about the fixtures (names, sizes, seeds, the weight override, strides
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import tempfile
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from reference import seeded_weights_module  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 REF_ROOT = Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR") or REPO.parent / "shared" / "reference").resolve()
@@ -58,11 +58,7 @@ def npz(name: str) -> dict[str, np.ndarray]:
 
 
 def _seeded_module() -> Any:
-    spec = importlib.util.spec_from_file_location("seeded_weights", REF_ROOT / "seeded_weights.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return seeded_weights_module(REF_ROOT)
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from PIL import Image
 from matchanything_ros.core.errors import CheckpointError, ConfigError
 from matchanything_ros.core.matcher import (DEMO_ELOFTR_CONFIG, DEMO_ELOFTR_WEIGHTS, Matcher, MatcherConfig,
                                             matcher_param_names)
+from reference import seeded_weights_module  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 REF_ROOT = Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
@@ -79,15 +79,11 @@ def test_cli_reproduces_fixture_keypoints(tmp_path: Path) -> None:
     """Released checkpoint format ({"state_dict": seeded weights}) + the fixture's images -> its keypoints."""
     if not (REF / "index.json").is_file():
         pytest.skip(f"reference fixtures not found under {REF}")
-    import importlib.util
 
     index = json.loads((REF / "index.json").read_text())
     pair = sorted(index["pairs"], key=lambda p: index["pairs"][p]["n_matches"])[-1]  # the most matches
     ref = np.load(REF / index["pairs"][pair]["file"])
-    spec = importlib.util.spec_from_file_location("seeded_weights", REF_ROOT / "seeded_weights.py")
-    assert spec is not None and spec.loader is not None
-    seeded: Any = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seeded)
+    seeded = seeded_weights_module(REF_ROOT)
     ckpt = tmp_path / "matchanything_eloftr.ckpt"
     torch.save({"state_dict": seeded.seeded_state_dict(REF / "manifest.json", index["seed"])}, ckpt)
     img0, img1 = tmp_path / "img0.png", tmp_path / "img1.png"

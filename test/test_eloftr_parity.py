@@ -8,7 +8,6 @@ below reuses that run.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from matchanything_ros.core.eloftr.model import (EloftrCoarse, EloftrFine, Eloft
                                                  gather_windows, topk_candidates)
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
 from matchanything_ros.core.eloftr.postprocess import select_coarse_matches
+from reference import seeded_weights_module  # noqa: E402
 
 pytestmark = pytest.mark.parity
 
@@ -43,17 +43,13 @@ FORCE_WH = tuple(INDEX["force_resize_wh"]) if INDEX.get("force_resize_wh") else 
 FP32_RTOL = 1e-5  # relative to the tensor's largest magnitude
 
 
-def seeded_weights_module() -> Any:
-    spec = importlib.util.spec_from_file_location("seeded_weights", REF_ROOT / "seeded_weights.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def seeded_weights() -> Any:
+    return seeded_weights_module(REF_ROOT)
 
 
 @pytest.fixture(scope="module")
 def prefixed_weights() -> dict[str, torch.Tensor]:
-    return seeded_weights_module().seeded_state_dict(REF / "manifest.json", INDEX["seed"])
+    return seeded_weights().seeded_state_dict(REF / "manifest.json", INDEX["seed"])
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ with test_onnxruntime_backend.py / test_tensorrt_module.py / test_validate_bench
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from matchanything_ros.core.export import (
     load_trt_op_table,
     trt_unsupported_ops,
 )
+from reference import seeded_weights_module  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REF = Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR") or REPO.parent / "shared" / "reference").resolve()
@@ -41,11 +41,7 @@ def seeded_eloftr_state() -> dict[str, Any]:
     if "state" not in _CACHE:
         if not (REF / "eloftr" / "manifest.json").is_file():
             pytest.fail(f"reference material not found under {REF}; set MATCHANYTHING_REFERENCE_DIR")
-        spec = importlib.util.spec_from_file_location("seeded_weights", REF / "seeded_weights.py")
-        assert spec and spec.loader
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        state = mod.seeded_state_dict(REF / "eloftr" / "manifest.json", SEED)
+        state = seeded_weights_module(REF).seeded_state_dict(REF / "eloftr" / "manifest.json", SEED)
         _CACHE["state"] = {k.removeprefix("matcher."): v for k, v in state.items()}
     return _CACHE["state"]
 

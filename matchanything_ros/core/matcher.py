@@ -16,7 +16,7 @@ import numpy as np
 from .. import __version__
 from .errors import CheckpointError, ConfigError
 from .images import to_rgb_u8
-from .params import PARAMS, PARAMS_BY_NAME
+from .params import PARAMS, PARAMS_BY_NAME, default
 from .result import MatchResult
 from .variants import pipeline_class
 
@@ -26,35 +26,31 @@ DEMO_ELOFTR_CONFIG = DATA_DIR / "demo_eloftr.json"
 MATCHER_GROUPS = ("matcher", "engine")
 
 
-def _d(name: str) -> Any:
-    return PARAMS_BY_NAME[name].default
-
-
 @dataclass(frozen=True)
 class MatcherConfig:
     """Every `matcher`/`engine` parameter of core/params.py (defaults from there), validated."""
 
-    variant: str = _d("variant")
-    checkpoint_path: str = _d("checkpoint_path")
-    dinov2_path: str = _d("dinov2_path")
-    backend: str = _d("backend")
-    device: str = _d("device")
-    precision: str = _d("precision")
-    threshold: float = _d("threshold")
-    preset: str = _d("preset")
-    resize_max: int = _d("resize_max")
-    force_resize_width: int = _d("force_resize_width")
-    force_resize_height: int = _d("force_resize_height")
-    coarse_res: int = _d("coarse_res")
-    upsample_res: int = _d("upsample_res")
-    sample_mode: str = _d("sample_mode")
-    sample_seed: int = _d("sample_seed")
-    num_samples: int = _d("num_samples")
-    roma_webui_resize: bool = _d("roma_webui_resize")
-    model_file_path: str = _d("model_file_path")
-    engine_file_path: str = _d("engine_file_path")
-    force_engine_update: bool = _d("force_engine_update")
-    max_workspace_size: int = _d("max_workspace_size")
+    variant: str = default("variant")
+    checkpoint_path: str = default("checkpoint_path")
+    dinov2_path: str = default("dinov2_path")
+    backend: str = default("backend")
+    device: str = default("device")
+    precision: str = default("precision")
+    threshold: float = default("threshold")
+    preset: str = default("preset")
+    resize_max: int = default("resize_max")
+    force_resize_width: int = default("force_resize_width")
+    force_resize_height: int = default("force_resize_height")
+    coarse_res: int = default("coarse_res")
+    upsample_res: int = default("upsample_res")
+    sample_mode: str = default("sample_mode")
+    sample_seed: int = default("sample_seed")
+    num_samples: int = default("num_samples")
+    roma_webui_resize: bool = default("roma_webui_resize")
+    model_file_path: str = default("model_file_path")
+    engine_file_path: str = default("engine_file_path")
+    force_engine_update: bool = default("force_engine_update")
+    max_workspace_size: int = default("max_workspace_size")
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -138,6 +138,11 @@ PARAMS_BY_NAME: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
 HF_SPACE_FORCE_RESIZE_WH = (640, 480)
 
 
+def default(name: str) -> Any:
+    """The default of one parameter (for dataclass fields that mirror PARAMS)."""
+    return PARAMS_BY_NAME[name].default
+
+
 def defaults(group: str | None = None) -> dict[str, Any]:
     return {p.name: p.default for p in PARAMS if group is None or p.group == group}
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from ..params import HF_SPACE_FORCE_RESIZE_WH, PARAMS_BY_NAME
+from ..params import HF_SPACE_FORCE_RESIZE_WH, PARAMS_BY_NAME, default
 
 # Constants of the released model (MatchAnything `default.py` / RoMa `roma_outdoor.py`), not settings.
 DINOV2_PATCH = 14
@@ -17,18 +17,14 @@ WEBUI_RESIZE_MAX = 832  # web UI `resize_max` applied before the 640x480 force-r
 WEBUI_SIZE_WH = HF_SPACE_FORCE_RESIZE_WH
 
 
-def _default(name: str) -> Any:
-    return PARAMS_BY_NAME[name].default
-
-
 @dataclass(frozen=True)
 class RomaConfig:
-    coarse_res: int = _default("coarse_res")
-    upsample_res: int = _default("upsample_res")
-    sample_mode: str = _default("sample_mode")
-    sample_seed: int = _default("sample_seed")
-    num_samples: int = _default("num_samples")
-    webui_resize: bool = _default("roma_webui_resize")
+    coarse_res: int = default("coarse_res")
+    upsample_res: int = default("upsample_res")
+    sample_mode: str = default("sample_mode")
+    sample_seed: int = default("sample_seed")
+    num_samples: int = default("num_samples")
+    webui_resize: bool = default("roma_webui_resize")
 
     def __post_init__(self) -> None:
         for name, value in (("coarse_res", self.coarse_res), ("upsample_res", self.upsample_res),
@@ -45,10 +41,10 @@ class RomaConfig:
     def from_params(cls, values: dict[str, Any]) -> "RomaConfig":
         """Build from a `core.params` mapping (unrelated keys are ignored)."""
         return cls(
-            coarse_res=int(values.get("coarse_res", _default("coarse_res"))),
-            upsample_res=int(values.get("upsample_res", _default("upsample_res"))),
-            sample_mode=str(values.get("sample_mode", _default("sample_mode"))),
-            sample_seed=int(values.get("sample_seed", _default("sample_seed"))),
-            num_samples=int(values.get("num_samples", _default("num_samples"))),
-            webui_resize=bool(values.get("roma_webui_resize", _default("roma_webui_resize"))),
+            coarse_res=int(values.get("coarse_res", default("coarse_res"))),
+            upsample_res=int(values.get("upsample_res", default("upsample_res"))),
+            sample_mode=str(values.get("sample_mode", default("sample_mode"))),
+            sample_seed=int(values.get("sample_seed", default("sample_seed"))),
+            num_samples=int(values.get("num_samples", default("num_samples"))),
+            webui_resize=bool(values.get("roma_webui_resize", default("roma_webui_resize"))),
         )
