@@ -8,6 +8,7 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -60,12 +61,15 @@ def test_missing_file(tmp_path: Path) -> None:
         load_state_dict(tmp_path / "nope.ckpt", "eloftr")
 
 
-@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+@pytest.mark.parametrize("suffix", [".ckpt", ".pth", ".safetensors"])
 def test_corrupt_file(tmp_path: Path, suffix: str) -> None:
+    """Any garbage gives a CheckpointError (the unpickler fails differently on different bytes)."""
+    rng = np.random.default_rng(1234)
     path = tmp_path / f"broken{suffix}"
-    path.write_bytes(os.urandom(4096))
-    with pytest.raises(CheckpointError, match="corrupt|not a plain weights"):
-        load_state_dict(path, "eloftr")
+    for size in (1, 7, 64, 4096) * 50:
+        path.write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+        with pytest.raises(CheckpointError, match="corrupt|not a plain weights"):
+            load_state_dict(path, "eloftr")
 
 
 def test_truncated_checkpoint(tmp_path: Path, state: dict[str, torch.Tensor]) -> None:

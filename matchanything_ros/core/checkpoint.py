@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,21 +35,22 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def _read_raw(path: Path) -> Any:
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"corrupt safetensors file {path}: {exc}") from exc
+        except Exception as exc:  # SafetensorError, OSError, ... : all mean unreadable
+            raise CheckpointError(f"corrupt safetensors file {path}: {type(exc).__name__}: {exc}") from exc
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path} is not a plain weights file (refusing to execute pickled code; weights_only=True): {exc}"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {exc}") from exc
+    except Exception as exc:
+        # Garbage bytes make the unpickler fail in arbitrary ways (IndexError, KeyError, struct.error,
+        # UnicodeDecodeError, ...): every one of them means "this file is not a readable checkpoint".
+        raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def _extract_state_dict(raw: Any, path: Path) -> dict[str, torch.Tensor]:

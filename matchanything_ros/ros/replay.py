@@ -147,7 +147,25 @@ def replay_bag(
                 stats.published += 1
             stats.loops += 1
             if not loop or should_stop():
+                _flush(list(by_topic.values()), log)
                 return stats
+
+
+def _flush(publishers: list[Any], log: Callable[[str], None], timeout_s: float = 5.0) -> None:
+    """Let the last messages reach the subscribers before the caller tears the node down.
+
+    publish() returns before DDS has delivered a large (fragmented) message; destroying the writer
+    right after loses it, reliable or not. Reliable subscribers acknowledge; best-effort ones get a
+    short grace period.
+    """
+    from rclpy.duration import Duration
+
+    deadline = time.monotonic() + timeout_s
+    for pub in publishers:
+        left = max(deadline - time.monotonic(), 0.0)
+        if not pub.wait_for_all_acked(Duration(nanoseconds=int(left * 1e9))):
+            log(f"replay: the last messages on {pub.topic_name} were not acknowledged within {timeout_s:.0f} s")
+    time.sleep(0.2)
 
 
 def replay_bag_in_own_context(bag_path: str | Path, domain_id: int | None = None, **kwargs: Any) -> ReplayStats:
