@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eloftr_gpu import load_weights, reference_dir  # noqa: E402
+from eloftr_gpu import reference_dir, seeded_checkpoint  # noqa: E402
 
 from matchanything_ros.core.matcher import Matcher, MatcherConfig  # noqa: E402
 
@@ -50,11 +50,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=30)
     args = ap.parse_args()
     ref = reference_dir()
-    index = json.loads((ref / "eloftr" / "index.json").read_text())
-    state = load_weights(ref, index["seed"])
-    tmp = Path(tempfile.mkdtemp())
-    ckpt = tmp / "seeded.ckpt"
-    torch.save({"state_dict": {"matcher." + k: v for k, v in state.items()}}, ckpt)
+    index, ckpt = seeded_checkpoint(ref, Path(tempfile.mkdtemp()))
     report: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
 
     # parity of the product path (hf_space preset, the fixtures' threshold) on CUDA vs the official outputs

@@ -57,6 +57,15 @@ def load_weights(ref_root: Path, seed: int) -> dict[str, torch.Tensor]:
     return {k.removeprefix("matcher."): v for k, v in state.items()}
 
 
+def seeded_checkpoint(ref_root: Path, out_dir: Path) -> tuple[dict[str, Any], Path]:
+    """(the fixtures' index.json, a Lightning-style .ckpt of the fixtures' seeded weights in out_dir)."""
+    index = json.loads((ref_root / "eloftr" / "index.json").read_text())
+    state = load_weights(ref_root, index["seed"])
+    ckpt = out_dir / "seeded.ckpt"
+    torch.save({"state_dict": {"matcher." + k: v for k, v in state.items()}}, ckpt)
+    return index, ckpt
+
+
 class Variant:
     """One way of running the graphs: precision, form (exact/speed), half weights, compile."""
 
