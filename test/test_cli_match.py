@@ -78,7 +78,7 @@ def test_cli_bad_force_resize(tmp_path: Path) -> None:
 def test_cli_reproduces_fixture_keypoints(tmp_path: Path) -> None:
     """Released checkpoint format ({"state_dict": seeded weights}) + the fixture's images -> its keypoints."""
     if not (REF / "index.json").is_file():
-        pytest.skip(f"reference fixtures not found under {REF}")
+        pytest.fail(f"reference fixtures not found under {REF}; set MATCHANYTHING_REFERENCE_DIR")
 
     index = json.loads((REF / "index.json").read_text())
     pair = sorted(index["pairs"], key=lambda p: index["pairs"][p]["n_matches"])[-1]  # the most matches

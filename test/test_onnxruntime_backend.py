@@ -36,12 +36,22 @@ def test_reports_the_provider_that_runs() -> None:
 
 
 def test_cuda_without_cuda_provider_is_an_error_not_a_fallback() -> None:
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" in available:
-        pytest.skip("this onnxruntime has a CUDA provider; the refusal path needs one without")
+    # the provider choice, for an onnxruntime without and with a CUDA provider
+    cpu_only = ["CPUExecutionProvider"]
     with pytest.raises(BackendUnavailableError, match="no CUDA execution provider"):
-        _ort("cuda")
-    assert choose_provider("auto", available) == ("CPUExecutionProvider", 0)
+        choose_provider("cuda", cpu_only)
+    assert choose_provider("auto", cpu_only) == ("CPUExecutionProvider", 0)
+    assert choose_provider("cuda:1", ["CUDAExecutionProvider", *cpu_only]) == ("CUDAExecutionProvider", 1)
+    # and the backend built on this machine's onnxruntime: CUDA runs on CUDA or is refused, never falls back
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        backend = _ort("cuda")
+        try:
+            assert backend.device == "CUDAExecutionProvider"
+        finally:
+            backend.close()
+    else:
+        with pytest.raises(BackendUnavailableError, match="no CUDA execution provider"):
+            _ort("cuda")
 
 
 def test_precision_and_missing_files_are_clear_errors(tmp_path) -> None:
