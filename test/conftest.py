@@ -11,19 +11,14 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from reference import REFERENCE_ROOT, REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Before anything imports rclpy: loopback-only discovery, the one RMW we ship, and rcl's log
 # files out of ~/.ros. (env.sh sets the first two too; this covers a bare `pytest`.)
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
 os.environ.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="matchanything_test_roslog_"))
-
-
-def reference_dir_path() -> Path:
-    """$MATCHANYTHING_REFERENCE_DIR, else <repo>/../shared/reference."""
-    return Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR") or REPO_ROOT.parent / "shared" / "reference").resolve()
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +28,7 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    path = reference_dir_path()
+    path = REFERENCE_ROOT
     if not path.is_dir():
         pytest.fail(f"reference fixtures not found at {path}; set MATCHANYTHING_REFERENCE_DIR")
     return path

@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# $MATCHANYTHING_REFERENCE_DIR, else <repo>/../shared/reference
+REFERENCE_ROOT = Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR")
+                      or REPO_ROOT.parent / "shared" / "reference").resolve()
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from reference import seeded_weights_module  # noqa: E402
+from reference import REFERENCE_ROOT, seeded_weights_module  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-REF_ROOT = Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR") or REPO.parent / "shared" / "reference").resolve()
+REF_ROOT = REFERENCE_ROOT
 REF = REF_ROOT / "roma"
 SLOW_FORWARD_SECONDS = 60.0  # pairs whose official CPU forward took longer run only under the `slow` marker
 

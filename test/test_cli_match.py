@@ -16,10 +16,10 @@ from PIL import Image
 from matchanything_ros.core.errors import CheckpointError, ConfigError
 from matchanything_ros.core.matcher import (DEMO_ELOFTR_CONFIG, DEMO_ELOFTR_WEIGHTS, Matcher, MatcherConfig,
                                             matcher_param_names)
-from reference import seeded_weights_module  # noqa: E402
+from reference import REFERENCE_ROOT, seeded_weights_module  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-REF_ROOT = Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+REF_ROOT = REFERENCE_ROOT
 REF = REF_ROOT / "eloftr"
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,12 +23,11 @@ from matchanything_ros.core.eloftr.model import (EloftrCoarse, EloftrFine, Eloft
                                                  gather_windows, topk_candidates)
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
 from matchanything_ros.core.eloftr.postprocess import select_coarse_matches
-from reference import seeded_weights_module  # noqa: E402
+from reference import REFERENCE_ROOT, seeded_weights_module  # noqa: E402
 
 pytestmark = pytest.mark.parity
 
-REPO = Path(__file__).resolve().parent.parent
-REF_ROOT = Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+REF_ROOT = REFERENCE_ROOT
 REF = REF_ROOT / "eloftr"
 if not (REF / "index.json").is_file():
     # The suite needs the reference set (CI has it beside the clone): a missing one is a failure, not a skip.

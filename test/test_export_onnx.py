@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,10 +27,9 @@ from matchanything_ros.core.export import (
     load_trt_op_table,
     trt_unsupported_ops,
 )
-from reference import seeded_weights_module  # noqa: E402
+from reference import REFERENCE_ROOT, seeded_weights_module  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-REF = Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR") or REPO.parent / "shared" / "reference").resolve()
+REF = REFERENCE_ROOT
 SEED = 1234
 _CACHE: dict[str, Any] = {}
 
