@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 from ..core.errors import ConfigError
-from ..core.params import BACKENDS, PARAMS
+from ..core.params import BACKENDS, MATCHER_PARAM_NAMES
 from . import add_param_args, param_values
 
-BENCH_PARAMS = [p.name for p in PARAMS if p.group in ("matcher", "engine")]
+BENCH_PARAMS = list(MATCHER_PARAM_NAMES)
 DEMO_PAIR = Path(__file__).resolve().parent.parent / "data" / "demo_homography.npz"
 
 

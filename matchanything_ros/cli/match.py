@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
-from ..core.params import PARAMS
+from ..core.params import MATCHER_PARAM_NAMES
 from . import add_param_args, param_values
 
-MATCH_PARAMS = [p.name for p in PARAMS if p.group in ("matcher", "engine")]
+MATCH_PARAMS = list(MATCHER_PARAM_NAMES)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

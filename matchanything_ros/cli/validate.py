@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..core.params import DEVICES, PARAMS
+from ..core.params import DEVICES, MATCHER_PARAM_NAMES
 from . import add_param_args, param_values
 
-VALIDATE_PARAMS = [p.name for p in PARAMS if p.group in ("matcher", "engine")]
+VALIDATE_PARAMS = list(MATCHER_PARAM_NAMES)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

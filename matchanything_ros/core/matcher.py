@@ -16,14 +16,13 @@ import numpy as np
 from .. import __version__
 from .errors import CheckpointError, ConfigError
 from .images import to_rgb_u8
-from .params import PARAMS, PARAMS_BY_NAME, default
+from .params import MATCHER_PARAM_NAMES, PARAMS_BY_NAME, default
 from .result import MatchResult
 from .variants import pipeline_class
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEMO_ELOFTR_WEIGHTS = DATA_DIR / "demo_eloftr.safetensors"
 DEMO_ELOFTR_CONFIG = DATA_DIR / "demo_eloftr.json"
-MATCHER_GROUPS = ("matcher", "engine")
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class MatcherConfig:
 
 def matcher_param_names() -> set[str]:
     """Names of the parameters MatcherConfig must hold (test/test_cli_match.py checks they agree)."""
-    return {p.name for p in PARAMS if p.group in MATCHER_GROUPS}
+    return set(MATCHER_PARAM_NAMES)
 
 
 def resolve_eloftr_checkpoint(checkpoint_path: str) -> tuple[Path, Any, bool]:

@@ -143,6 +143,15 @@ def default(name: str) -> Any:
     return PARAMS_BY_NAME[name].default
 
 
+def names(*groups: str) -> tuple[str, ...]:
+    """The parameter names of these groups, in PARAMS order."""
+    return tuple(p.name for p in PARAMS if p.group in groups)
+
+
+# What a Matcher is built from (the library, every CLI command that matches, the node's rebuild trigger).
+MATCHER_PARAM_NAMES = names("matcher", "engine")
+
+
 def defaults(group: str | None = None) -> dict[str, Any]:
     return {p.name: p.default for p in PARAMS if group is None or p.group == group}
 

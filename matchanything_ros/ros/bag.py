@@ -182,10 +182,9 @@ def process_bag(
         own_matcher = matcher is None
         if own_matcher:
             from ..core.matcher import Matcher, MatcherConfig
-            from ..core.params import PARAMS
+            from ..core.params import MATCHER_PARAM_NAMES
 
-            matcher = Matcher(MatcherConfig.from_params({p.name: params[p.name] for p in PARAMS
-                                                         if p.group != "node" and p.name in params}))
+            matcher = Matcher(MatcherConfig.from_params({k: params[k] for k in MATCHER_PARAM_NAMES if k in params}))
         try:
             sync = make_synchronizer(params)
             bar = Progress(total, progress)

@@ -30,7 +30,7 @@ from sensor_msgs.msg import Image
 
 from .. import __version__
 from ..core.errors import ConfigError, InputImageError, MatchAnythingError
-from ..core.params import PARAMS, PARAMS_BY_NAME, ParamSpec
+from ..core.params import MATCHER_PARAM_NAMES, PARAMS, PARAMS_BY_NAME, ParamSpec
 from .image_conv import array_to_image_msg, image_msg_to_array, to_rgb
 from .sync import NS_PER_S, StampOrderError, SyncedPair, format_stamp, make_synchronizer, stamp_to_ns
 from .worker import MatcherWorker
@@ -39,7 +39,7 @@ NODE_NAME = "matcher_node"
 # Parameters that need a restart: the subscriptions depend on them.
 READ_ONLY_PARAMS = frozenset({"mode"})
 SYNC_PARAMS = frozenset({"mode", "approximate_sync", "approximate_sync_tolerance_seconds", "queue_size"})
-MATCHER_PARAMS = tuple(p.name for p in PARAMS if p.group != "node")  # a change rebuilds the matcher
+MATCHER_PARAMS = frozenset(MATCHER_PARAM_NAMES)  # a change rebuilds the matcher
 LOG_REPEAT_S = 5.0  # the same warning text is logged at most once per this period
 JUMP_GRACE_S = 1.0  # after the clock jumped back, older stamps restart the synchronizer for this long
 
@@ -206,9 +206,9 @@ class MatcherNode(Node):
         if changed & SYNC_PARAMS:
             self.sync = make_synchronizer(self.params)
             self.get_logger().info(f"synchronizer is now {self.sync_policy()}, queue_size {self.params['queue_size']}")
-        if changed & set(MATCHER_PARAMS):
+        if changed & MATCHER_PARAMS:
             self.matcher_state = "loading"
-            self.get_logger().info(f"reconfiguring the matcher ({', '.join(sorted(changed & set(MATCHER_PARAMS)))})")
+            self.get_logger().info(f"reconfiguring the matcher ({', '.join(sorted(changed & MATCHER_PARAMS))})")
             self.worker.reconfigure(dict(self.params))
 
     # ------------------------------------------------------------------ input (executor thread)
