@@ -122,3 +122,18 @@ def test_weight_files_load_strictly_and_refuse_wrong_or_partial_files(tmp_path) 
     state = pipe.load_weights({"checkpoint_path": str(ckpt), "dinov2_path": str(tmp_path / "partial.pth")})
     with pytest.raises(CheckpointError, match="norm.bias"):
         pipe.build_net(state)
+
+
+def test_frozen_dinov2_position_table_survives_a_device_move() -> None:
+    """The backend moves the graphs with `.to(device)`: the frozen table must be rebuilt there, not dropped
+    (else every frame interpolates the 37x37 table again), and equal what a forward would compute."""
+    from matchanything_ros.core.roma.dinov2 import DinoV2ViTL14
+
+    torch.manual_seed(0)
+    vit = DinoV2ViTL14(dim=32, depth=1, heads=2).eval()
+    vit.freeze_pos_embed(40, 40)
+    vit.to("cpu", torch.float32)
+    frozen = vit._frozen_pos[(40, 40)]
+    vit._frozen_pos.clear()
+    with torch.no_grad():
+        assert torch.equal(frozen, vit.interpolated_pos_embed(40, 40))

@@ -120,8 +120,14 @@ class DinoV2ViTL14(nn.Module):
             self._frozen_pos[(grid_h, grid_w)] = self.interpolated_pos_embed(grid_h, grid_w).detach()
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        self._frozen_pos = {}  # device/dtype moves invalidate the cached constants
-        return super()._apply(fn, recurse)
+        # A device/dtype move invalidates the cached tables: recompute them from the moved weights,
+        # or every forward after `.to(device)` would interpolate the table again.
+        frozen_sizes = list(self._frozen_pos)
+        self._frozen_pos = {}
+        out = super()._apply(fn, recurse)
+        for grid_h, grid_w in frozen_sizes:
+            self.freeze_pos_embed(grid_h, grid_w)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] (H, W multiples of 14) -> normalised patch tokens as a map [B, dim, H/14, W/14]."""
