@@ -5,7 +5,9 @@ ROS tests (marker `ros`) use the `ros_env` fixture; see rosutil.py for the harne
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +20,9 @@ from reference import REFERENCE_ROOT, REPO_ROOT
 # files out of ~/.ros. (env.sh sets the first two too; this covers a bare `pytest`.)
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
-os.environ.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="matchanything_test_roslog_"))
+if "ROS_LOG_DIR" not in os.environ:
+    os.environ["ROS_LOG_DIR"] = tempfile.mkdtemp(prefix="matchanything_test_roslog_")
+    atexit.register(shutil.rmtree, os.environ["ROS_LOG_DIR"], True)
 
 
 @pytest.fixture(scope="session")
