@@ -147,3 +147,17 @@ def test_benchmark_cli_writes_json_and_plot(tmp_path: Path, seeded_checkpoint: P
         assert c["peak_host_rss_mb"] > 50 and c["peak_device_mb"] is None
     assert doc["environment"]["package_version"]
     assert cv2.imread(str(png)) is not None
+
+
+def test_matcher_info_names_the_onnx_models_in_use(seeded_checkpoint: Path) -> None:
+    """MatcherInfo.engine_file says which exported files run (empty for torch, which runs none)."""
+    from matchanything_ros.core.matcher import Matcher, MatcherConfig
+
+    onnx_dir = exported_eloftr()
+    params = {"checkpoint_path": str(seeded_checkpoint), "device": "cpu", "resize_max": 416}
+    with Matcher(MatcherConfig.from_params({**params, "backend": "onnxruntime",
+                                            "model_file_path": str(onnx_dir)})) as m:
+        assert m.info["engine_file"] == (f"coarse={(onnx_dir / 'coarse.onnx').resolve()}, "
+                                         f"fine={(onnx_dir / 'fine.onnx').resolve()}")
+    with Matcher(MatcherConfig.from_params({**params, "backend": "torch"})) as m:
+        assert m.info["engine_file"] == ""

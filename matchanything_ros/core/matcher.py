@@ -139,11 +139,12 @@ class Matcher:
         if self._sha256 is None:
             self._sha256 = file_sha256(self.checkpoint)
         c = self.config
-        engine_file = getattr(self.backend, "engine_file", None) or getattr(self.backend, "model_file", None)
+        # the ONNX models / TensorRT engines in use, one per graph (the torch backend runs no file)
+        engine_file = ", ".join(f"{graph}={path}" for graph, path in getattr(self.backend, "files", {}).items())
         return {
             "variant": c.variant, "backend": self.backend.name, "device": self.backend.device,
             "precision": self.backend.precision, "checkpoint": self.checkpoint, "checkpoint_sha256": self._sha256,
-            "engine_file": str(engine_file) if engine_file else "", "is_demo_model": self.is_demo_model,
+            "engine_file": engine_file, "is_demo_model": self.is_demo_model,
             "preset": c.preset, "resize_max": c.resize_max, "force_resize_width": c.force_resize_width,
             "force_resize_height": c.force_resize_height, "coarse_res": c.coarse_res,
             "upsample_res": c.upsample_res, "threshold": c.threshold, "package_version": __version__,

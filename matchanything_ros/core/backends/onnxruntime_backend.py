@@ -67,6 +67,7 @@ class OnnxRuntimeBackend:
         self._metadata: dict[str, dict[str, str]] = {}
         self._shared_dims: dict[str, dict[str, list[tuple[str, int]]]] = {}  # symbolic dim -> inputs using it
         self._fixed_dims: dict[str, dict[str, list[int | None]]] = {}  # input -> dims fixed by the export (or None)
+        self.files = {graph: str(Path(path).resolve()) for graph, path in model_paths.items()}  # MatcherInfo
         for graph, path in model_paths.items():
             if not Path(path).is_file():
                 raise ConfigError(f"ONNX model for graph {graph!r} not found: {path} (create it with "

@@ -79,6 +79,7 @@ class TensorRTBackend:
         self._runtime: trt.Runtime | None = None
         self._lock = threading.Lock()  # run() from several threads: one graph execution at a time
         self._closed = False
+        self.files = {graph: str(Path(path).resolve()) for graph, path in engine_paths.items()}  # MatcherInfo
         for graph, path in engine_paths.items():
             if not Path(path).is_file():
                 raise ConfigError(f"TensorRT engine for graph {graph!r} not found: {path} "
