@@ -1,6 +1,7 @@
 """Choose and build the inference backend for a pipeline.
 
-`backend=auto` tries, in order: TensorRT (if `tensorrt` and `pycuda` import and engine files exist),
+`backend=auto` tries, in order: TensorRT (if `tensorrt` and `pycuda` import, the device is not `cpu`
+and engine files exist),
 ONNX Runtime (if the ONNX files exist), then PyTorch (CUDA when available, else CPU). The chosen
 backend is logged and returned; its `name`/`device`/`precision` say what really runs.
 
@@ -116,8 +117,13 @@ def create_backend(params: dict[str, Any], pipeline: Any) -> Backend:
         raise ConfigError(f"unknown backend {choice!r}")
     backend: Backend
     if choice in ("auto", "tensorrt"):
-        engines = _files(params, pipeline, "engine_file_path", "engine_build", "default_engine_paths")
-        if engines is not None and _tensorrt_importable():
+        trt_importable = _tensorrt_importable()
+        # auto tries TensorRT only where it can run: importable, and not on a device asked to be the CPU
+        # (looking up the default engines hashes the checkpoint: not for nothing)
+        tried = choice == "tensorrt" or (trt_importable and params.get("device", "auto") != "cpu")
+        engines = (_files(params, pipeline, "engine_file_path", "engine_build", "default_engine_paths")
+                   if tried else None)
+        if engines is not None and trt_importable:
             # TensorRT runs on CUDA only: device auto means cuda here (resolve_device needs torch, which a
             # TensorRT-only install such as a Jetson may not have)
             trt_device = "cuda" if params.get("device", "auto") == "auto" else device
