@@ -188,3 +188,16 @@ def test_roma_export_cli_refuses_bad_sizes_and_missing_files(tmp_path: Path, cap
     assert cli_main([*base, "--coarse-res", "224"]) == 1
     assert "set checkpoint_path" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_build_engine_looks_for_the_export_of_its_own_sizes() -> None:
+    """RoMa's graph is static: without --model-file-path, build-engine must find the export made for the
+    --coarse-res/--upsample-res it is given, as `export` wrote it, not the default sizes' one."""
+    from matchanything_ros.cli.build_engine import BUILD_PARAMS
+    from matchanything_ros.core.export import resolve_onnx_dir, roma_static_tag
+
+    ckpt, _ = ru.weight_files()
+    params = {"variant": "roma", "checkpoint_path": str(ckpt), "coarse_res": 280, "upsample_res": 432}
+    assert {"coarse_res", "upsample_res"} <= set(BUILD_PARAMS)  # the flags exist
+    assert resolve_onnx_dir(params).name.endswith(roma_static_tag(280, 432))
+    assert resolve_onnx_dir({**params, "model_file_path": "/exports/roma"}) == Path("/exports/roma")

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..core.params import PARAMS
+from ..core.params import names
 from . import add_param_args, param_values
 
-BUILD_PARAMS = ["variant", "checkpoint_path", "model_file_path", "engine_file_path", "precision",
-                "force_engine_update", "max_workspace_size"] + [p.name for p in PARAMS if p.group == "build"]
+# coarse_res/upsample_res: which RoMa export to find when --model-file-path is empty (its graph is static)
+BUILD_PARAMS = ["variant", "checkpoint_path", "coarse_res", "upsample_res", "model_file_path", "engine_file_path",
+                "precision", "force_engine_update", "max_workspace_size"] + list(names("build"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,14 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from ..core.engine_build import build_engine_set
 
     params = param_values(args, BUILD_PARAMS)
-    onnx_dir = params["model_file_path"]
-    if not onnx_dir:
-        from ..core.export import default_model_dir
-        from ..core.matcher import resolve_eloftr_checkpoint
+    from ..core.export import resolve_onnx_dir
 
-        if params["variant"] == "eloftr":
-            params["checkpoint_path"] = str(resolve_eloftr_checkpoint(params["checkpoint_path"])[0])
-        onnx_dir = str(default_model_dir(params, params["variant"]))
+    onnx_dir = str(resolve_onnx_dir(params))
     engines = build_engine_set(
         onnx_dir, precision=params["precision"], engine_dir=params["engine_file_path"] or None,
         sizes=(params["engine_min_size"], params["engine_opt_size"], params["engine_max_size"]),

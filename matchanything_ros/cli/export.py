@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
@@ -40,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..core.checkpoint import file_sha256, load_state_dict
-    from ..core.export import default_model_dir, export_eloftr
+    from ..core.export import export_eloftr, resolve_onnx_dir
     from ..core.matcher import resolve_eloftr_checkpoint
     from ..core.variants import pipeline_class
 
@@ -51,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"no ONNX export for variant {params['variant']!r}")
     path, model_config, is_demo = resolve_eloftr_checkpoint(params["checkpoint_path"])
     params["checkpoint_path"] = str(path)
-    out_dir = Path(params["model_file_path"]) if params["model_file_path"] else default_model_dir(params, "eloftr")
+    out_dir = resolve_onnx_dir(params)
     pipeline = pipeline_class("eloftr")({}, model_config)
     state = load_state_dict(path, "eloftr")
     torch.set_grad_enabled(False)
@@ -68,12 +67,12 @@ def run_roma(args: argparse.Namespace, params: dict[str, Any]) -> int:
     import torch
 
     from ..core.checkpoint import file_sha256
-    from ..core.export import default_model_dir, export_roma
+    from ..core.export import export_roma, resolve_onnx_dir
     from ..core.roma.pipeline import RomaPipeline
 
     pipeline = RomaPipeline(params)  # validates coarse_res / upsample_res before the weights are read
     state = pipeline.load_weights(params)  # both files, strictly; clear errors for missing paths
-    out_dir = Path(params["model_file_path"]) if params["model_file_path"] else default_model_dir(params, "roma")
+    out_dir = resolve_onnx_dir(params)
     torch.set_grad_enabled(False)
     files = export_roma(pipeline, state, out_dir, checkpoint_sha256=file_sha256(params["checkpoint_path"]),
                         dinov2_sha256=file_sha256(params["dinov2_path"]), opset=args.opset, verify=args.verify,

@@ -462,6 +462,19 @@ def default_model_dir(params: dict[str, Any], variant: str) -> Path:
     return default_onnx_dir(variant, sha256_file(ckpt), DEFAULT_OPSET, tag)
 
 
+def resolve_onnx_dir(params: dict[str, Any]) -> Path:
+    """The export directory of `params`: model_file_path, else the default one for its checkpoint
+    (ELoFTR's empty checkpoint_path = the bundled demo model; RoMa's by coarse_res/upsample_res)."""
+    if params.get("model_file_path"):
+        return Path(params["model_file_path"])
+    variant = params.get("variant", "eloftr")
+    if variant == "eloftr":
+        from .matcher import resolve_eloftr_checkpoint
+
+        params = {**params, "checkpoint_path": str(resolve_eloftr_checkpoint(params.get("checkpoint_path", ""))[0])}
+    return default_model_dir(params, variant)
+
+
 def default_model_paths(params: dict[str, Any], pipeline: Any) -> dict[str, Path]:
     """{graph: default ONNX path} for core/backends/factory.py (files may not exist yet)."""
     d = default_model_dir(params, pipeline.name)
@@ -469,4 +482,5 @@ def default_model_paths(params: dict[str, Any], pipeline: Any) -> dict[str, Path
 
 
 __all__ = ["DEFAULT_OPSET", "ExportCheckError", "check_onnx_file", "default_model_paths", "export_eloftr",
+           "resolve_onnx_dir",
            "export_roma", "needs_external_data", "trt_unsupported_ops", "META_DYNAMIC_DIMS", "META_FP32_PATTERNS"]
