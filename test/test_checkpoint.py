@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from matchanything_ros.core.checkpoint import file_sha256, load_state_dict
+from matchanything_ros.core.checkpoint import load_state_dict
+from matchanything_ros.core.engine_cache import sha256_file
 from matchanything_ros.core.eloftr.config import EloftrConfig
 from matchanything_ros.core.eloftr.model import EloftrNet
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
@@ -124,7 +125,7 @@ def test_partial_or_extra_keys_are_named(state: dict[str, torch.Tensor]) -> None
         pipe.build_net(big)
 
 
-def test_file_sha256(tmp_path: Path) -> None:
+def test_sha256_file(tmp_path: Path) -> None:
     path = tmp_path / "f.bin"
     path.write_bytes(b"abc")
-    assert file_sha256(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

@@ -25,7 +25,7 @@ import roma_util as ru
 from matchanything_ros import __version__
 from matchanything_ros.cli import main as cli_main
 from matchanything_ros.core.backends.onnxruntime_backend import OnnxRuntimeBackend
-from matchanything_ros.core.checkpoint import file_sha256
+from matchanything_ros.core.engine_cache import sha256_file
 from matchanything_ros.core.engine_build import profile_shapes, read_onnx_metadata
 from matchanything_ros.core.errors import ConfigError
 from matchanything_ros.core.export import check_onnx_file, needs_external_data, save_model, trt_unsupported_ops
@@ -95,7 +95,7 @@ def test_roma_export_is_static_checked_and_carries_metadata(roma_export: tuple[P
     meta = {k.removeprefix("matchanything."): v for k, v in read_onnx_metadata(path).items()}
     assert meta["variant"] == "roma" and meta["graph"] == "dense"
     assert meta["package_version"] == __version__
-    assert meta["checkpoint_sha256"] == file_sha256(ckpt) and meta["dinov2_sha256"] == file_sha256(dino)
+    assert meta["checkpoint_sha256"] == sha256_file(ckpt) and meta["dinov2_sha256"] == sha256_file(dino)
     assert json.loads(meta["static_shapes"]) == {"coarse_res": c, "upsample_res": u}
     cfg = json.loads(meta["config"])
     assert (cfg["coarse_res"], cfg["upsample_res"]) == (c, u)

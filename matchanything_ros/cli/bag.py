@@ -6,11 +6,11 @@ import json
 import sys
 
 from ..core.params import PARAMS
+from ..ros.sync import SYNC_PARAMS
 from . import add_param_args, param_values
 
 # The node's settings minus max_input_age: offline, nothing is late.
-BAG_PARAMS = [p.name for p in PARAMS if p.group != "node"] + [
-    "mode", "approximate_sync", "approximate_sync_tolerance_seconds", "queue_size"]
+BAG_PARAMS = [p.name for p in PARAMS if p.group != "node"] + list(SYNC_PARAMS)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

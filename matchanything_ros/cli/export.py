@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..core.checkpoint import file_sha256, load_state_dict
+    from ..core.checkpoint import load_state_dict
+    from ..core.engine_cache import sha256_file
     from ..core.export import export_eloftr, resolve_onnx_dir
     from ..core.matcher import resolve_eloftr_checkpoint
     from ..core.variants import pipeline_class
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     pipeline = pipeline_class("eloftr")({}, model_config)
     state = load_state_dict(path, "eloftr")
     torch.set_grad_enabled(False)
-    files = export_eloftr(pipeline, state, out_dir, checkpoint_sha256=file_sha256(path), opset=args.opset,
+    files = export_eloftr(pipeline, state, out_dir, checkpoint_sha256=sha256_file(path), opset=args.opset,
                           sizes=(params["engine_min_size"], params["engine_max_size"]),
                           verify_sizes=None if args.verify else [], log=sys.stderr)
     print(f"exported {', '.join(str(p) for p in files.values())}" + (" (bundled demo model)" if is_demo else ""))
@@ -66,7 +67,7 @@ def run_roma(args: argparse.Namespace, params: dict[str, Any]) -> int:
     """RoMa: one static `dense` graph for (coarse_res, upsample_res); --engine-*-size do not apply."""
     import torch
 
-    from ..core.checkpoint import file_sha256
+    from ..core.engine_cache import sha256_file
     from ..core.export import export_roma, resolve_onnx_dir
     from ..core.roma.pipeline import RomaPipeline
 
@@ -74,8 +75,8 @@ def run_roma(args: argparse.Namespace, params: dict[str, Any]) -> int:
     state = pipeline.load_weights(params)  # both files, strictly; clear errors for missing paths
     out_dir = resolve_onnx_dir(params)
     torch.set_grad_enabled(False)
-    files = export_roma(pipeline, state, out_dir, checkpoint_sha256=file_sha256(params["checkpoint_path"]),
-                        dinov2_sha256=file_sha256(params["dinov2_path"]), opset=args.opset, verify=args.verify,
+    files = export_roma(pipeline, state, out_dir, checkpoint_sha256=sha256_file(params["checkpoint_path"]),
+                        dinov2_sha256=sha256_file(params["dinov2_path"]), opset=args.opset, verify=args.verify,
                         log=sys.stderr)
     print(f"exported {files['dense']} (RoMa, coarse_res {pipeline.config.coarse_res}, upsample_res "
           f"{pipeline.config.upsample_res}; run the matcher with these two sizes)")

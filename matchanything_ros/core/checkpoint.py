@@ -8,7 +8,6 @@ names the missing/unexpected keys (no silent non-strict loading, unlike the orig
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,14 +22,6 @@ VARIANT_MARKERS = {
     "eloftr": ("backbone.layer0.", "loftr_coarse.layers."),
     "roma": ("model.encoder.", "model.decoder."),
 }
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_raw(path: Path) -> Any:

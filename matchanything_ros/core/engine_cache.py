@@ -53,12 +53,10 @@ def cache_root() -> Path:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes (checkpoints, ONNX models, engines)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
+        while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 

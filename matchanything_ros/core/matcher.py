@@ -134,10 +134,10 @@ class Matcher:
 
     @property
     def info(self) -> dict[str, Any]:
-        from .checkpoint import file_sha256
+        from .engine_cache import sha256_file
 
         if self._sha256 is None:
-            self._sha256 = file_sha256(self.checkpoint)
+            self._sha256 = sha256_file(self.checkpoint)
         c = self.config
         # the ONNX models / TensorRT engines in use, one per graph (the torch backend runs no file)
         engine_file = ", ".join(f"{graph}={path}" for graph, path in getattr(self.backend, "files", {}).items())

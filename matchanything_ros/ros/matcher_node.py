@@ -32,13 +32,13 @@ from .. import __version__
 from ..core.errors import ConfigError, InputImageError, MatchAnythingError
 from ..core.params import MATCHER_PARAM_NAMES, PARAMS, PARAMS_BY_NAME, ParamSpec
 from .image_conv import array_to_image_msg, image_msg_to_array, to_rgb
-from .sync import NS_PER_S, StampOrderError, SyncedPair, format_stamp, make_synchronizer, stamp_to_ns
+from .sync import (NS_PER_S, SYNC_PARAMS, StampOrderError, SyncedPair, format_stamp, make_synchronizer,
+                   stamp_to_ns)
 from .worker import MatcherWorker
 
 NODE_NAME = "matcher_node"
 # Parameters that need a restart: the subscriptions depend on them.
 READ_ONLY_PARAMS = frozenset({"mode"})
-SYNC_PARAMS = frozenset({"mode", "approximate_sync", "approximate_sync_tolerance_seconds", "queue_size"})
 MATCHER_PARAMS = frozenset(MATCHER_PARAM_NAMES)  # a change rebuilds the matcher
 LOG_REPEAT_S = 5.0  # the same warning text is logged at most once per this period
 JUMP_GRACE_S = 1.0  # after the clock jumped back, older stamps restart the synchronizer for this long
@@ -203,7 +203,7 @@ class MatcherNode(Node):
         changed = {p.name for p in params if p.name in PARAMS_BY_NAME}
         for name in changed:
             self.params[name] = self.get_parameter(name).value
-        if changed & SYNC_PARAMS:
+        if changed & set(SYNC_PARAMS):
             self.sync = make_synchronizer(self.params)
             self.get_logger().info(f"synchronizer is now {self.sync_policy()}, queue_size {self.params['queue_size']}")
         if changed & MATCHER_PARAMS:

@@ -232,6 +232,10 @@ class SequentialPairer(Generic[M]):
 Synchronizer = ExactTimeSync[Any] | ApproximateTimeSync[Any] | SequentialPairer[Any]
 
 
+# The parameters make_synchronizer reads (node and bag tool): a change of one makes a new synchronizer.
+SYNC_PARAMS = ("mode", "approximate_sync", "approximate_sync_tolerance_seconds", "queue_size")
+
+
 def make_synchronizer(params: dict[str, Any]) -> Synchronizer:
     """The synchronizer the node and the bag tool use for these parameter values."""
     if params["mode"] == "sequential":
