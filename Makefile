@@ -27,12 +27,7 @@ test: setup
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 demo: setup
-	@$(IN_ENV) if python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("matchanything_ros.cli.demo") is None)'; then \
-	  matchanything demo; \
-	else \
-	  echo "make demo: not available yet: the 'matchanything demo' subcommand (matchanything_ros/cli/demo.py) has not landed, so nothing was run." >&2; \
-	  exit 1; \
-	fi
+	@$(IN_ENV) matchanything demo
 
 lint: setup
 	@$(IN_ENV) ruff check .

@@ -18,10 +18,10 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .. import __version__
-from .errors import ConfigError, EngineMismatchError
+from .errors import EngineMismatchError
 
 SIDECAR_SCHEMA = 1
 ENGINE_SUFFIX = ".engine"
@@ -97,16 +97,6 @@ def model_dir(path: str | Path) -> Path:
     if p.suffix in (ONNX_SUFFIX, ENGINE_SUFFIX) or p.name == EXPORT_MANIFEST:
         return p.parent
     return p
-
-
-def graph_files(directory: str | Path, graphs: Iterable[str], suffix: str) -> dict[str, Path]:
-    """{graph: <directory>/<graph><suffix>}, or a ConfigError naming every missing file."""
-    d = model_dir(directory)
-    files = {g: d / f"{g}{suffix}" for g in graphs}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise ConfigError(f"missing model file(s): {', '.join(missing)}")
-    return files
 
 
 def sidecar_path(engine_path: str | Path) -> Path:

@@ -166,20 +166,3 @@ def _flush(publishers: list[Any], log: Callable[[str], None], timeout_s: float =
         if not pub.wait_for_all_acked(Duration(nanoseconds=int(left * 1e9))):
             log(f"replay: the last messages on {pub.topic_name} were not acknowledged within {timeout_s:.0f} s")
     time.sleep(0.2)
-
-
-def replay_bag_in_own_context(bag_path: str | Path, domain_id: int | None = None, **kwargs: Any) -> ReplayStats:
-    """`replay_bag` on a node of its own rclpy Context (for scripts and the demo: no global rclpy state)."""
-    import rclpy
-    from rclpy.context import Context
-
-    context = Context()
-    rclpy.init(context=context, domain_id=domain_id)
-    node = rclpy.create_node("bag_replayer", context=context)
-    try:
-        kwargs.setdefault("should_stop", lambda: not context.ok())
-        return replay_bag(bag_path, node, **kwargs)
-    finally:
-        node.destroy_node()
-        if context.ok():
-            context.shutdown()

@@ -47,15 +47,6 @@ class LatestSlot(Generic[T]):
             item, self._item = self._item, None
             return item
 
-    def discard(self) -> bool:
-        """Drop the stored item, if any (counted as dropped)."""
-        with self._cond:
-            had = self._item is not None
-            if had:
-                self.dropped += 1
-            self._item = None
-            return had
-
     def wake(self) -> None:
         """Make a waiting `take` return now (used to deliver control requests)."""
         with self._cond:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -20,29 +19,6 @@ from .metrics import StereoScore, corner_error, error_auc, ransac_homography, st
 
 MatchFn = Callable[[np.ndarray, np.ndarray], MatchResult]
 MODALITIES = ("plain", "inverted", "edges")
-
-
-def pipeline_match_fn(weights: str | Path, config_json: str | Path, threshold: float | None = None,
-                      preset: str | None = None, device: str = "cpu") -> MatchFn:
-    """A match function running the ELoFTR pipeline (torch backend) with any weights + config pair."""
-    from ..core.backends.torch_backend import TorchBackend
-    from ..core.checkpoint import load_state_dict
-    from ..core.eloftr.config import EloftrConfig
-    from ..core.eloftr.pipeline import EloftrPipeline
-
-    params: dict[str, Any] = {}
-    if threshold is not None:
-        params["threshold"] = threshold
-    if preset is not None:
-        params["preset"] = preset
-    pipe = EloftrPipeline(params, model_config=EloftrConfig.from_json(config_json))
-    backend = TorchBackend(pipe.torch_graphs(load_state_dict(weights, "eloftr"), device), device)
-
-    def match(image0: np.ndarray, image1: np.ndarray) -> MatchResult:
-        inputs, meta = pipe.preprocess(image0, image1)
-        return pipe.postprocess(pipe.infer(backend, inputs, meta), meta)
-
-    return match
 
 
 @dataclass

@@ -207,12 +207,6 @@ class RomaNet(nn.Module):
         self.decoder = Decoder(gp_solver)
         self.dinov2 = DinoV2ViTL14()
 
-    @property
-    def gp_solver(self) -> GpSolver:
-        gp = self.decoder.gps["16"]
-        assert isinstance(gp, GaussianProcessMatch)
-        return gp.solver
-
     def set_gp_solver(self, solver: GpSolver) -> None:
         gp = self.decoder.gps["16"]
         assert isinstance(gp, GaussianProcessMatch)

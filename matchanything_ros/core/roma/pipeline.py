@@ -52,7 +52,6 @@ class RomaPipeline:
         self.config = roma_config or RomaConfig.from_params(config)
         self.dinov2_path = str(PARAMS_BY_NAME["dinov2_path"].validate(config.get("dinov2_path", "")))
         self.gp_solver: GpSolver = gp_solver
-        self.last_sparse: SparseMatches | None = None
 
     # --- VariantPipeline -----------------------------------------------------------------------
     def preprocess(self, image0: np.ndarray, image1: np.ndarray) -> tuple[dict[str, np.ndarray], RomaMeta]:
@@ -83,7 +82,6 @@ class RomaPipeline:
     def postprocess(self, outputs: dict[str, Any], meta: RomaMeta) -> MatchResult:
         t0 = time.perf_counter()
         sparse = self.sample(outputs["warp"], outputs["certainty"])
-        self.last_sparse = sparse
         s0, s1 = meta.image0.model_size_wh, meta.image1.model_size_wh
         k0, k1 = to_pixels(sparse.matches, s0, s1)
         keep = valid_mask(k0, k1, sparse.confidence, s0, s1)

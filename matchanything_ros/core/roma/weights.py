@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import _extract_state_dict, _read_raw, check_keys, detect_variant, load_state_dict
+from ..checkpoint import _extract_state_dict, _read_raw, check_keys, detect_variant
 from ..errors import CheckpointError
 from .model import RomaNet
 
@@ -54,11 +54,3 @@ def load_dinov2_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     state = _extract_state_dict(_read_raw(p), p)
     _refuse_matchanything_keys(state, str(p))
     return state
-
-
-def load_roma_files(model: RomaNet, checkpoint_path: str | Path, dinov2_path: str | Path) -> None:
-    if not str(checkpoint_path):
-        raise CheckpointError("RoMa needs the MatchAnything checkpoint (matchanything_roma.ckpt): set checkpoint_path")
-    roma = load_state_dict(checkpoint_path, "roma")
-    dino = load_dinov2_state_dict(dinov2_path)
-    load_state_dicts_into(model, roma, dino, str(checkpoint_path), str(dinov2_path))
