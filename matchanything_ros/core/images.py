@@ -76,3 +76,13 @@ def load_image(path: str | Path) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputImageError(f"not a readable image file: {p} ({exc})") from exc
     return to_rgb_u8(arr)
+
+
+def resize_cv2_area(image: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    """hloc's `resize_image(..., "cv2_area")`, which both variants' reference preprocessing uses:
+    INTER_AREA, but INTER_LINEAR when either side grows."""
+    import cv2
+
+    h, w = image.shape[:2]
+    grows = w < size_wh[0] or h < size_wh[1]
+    return cv2.resize(image, size_wh, interpolation=cv2.INTER_LINEAR if grows else cv2.INTER_AREA)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 from PIL import Image
 
 from ..errors import InputImageError
+from ..images import resize_cv2_area
 
 DFACTOR = 32  # both stages floor image sides to multiples of 32
 
@@ -45,13 +45,6 @@ class ImageMeta:
         return np.array(self.orig_wh, dtype=np.float64) / np.array(self.stage1_wh, dtype=np.float64)
 
 
-def _resize_cv2_area(image: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
-    """hloc's resize_image(..., "cv2_area"): INTER_AREA, but INTER_LINEAR if either side grows."""
-    h, w = image.shape[:2]
-    grows = w < size_wh[0] or h < size_wh[1]
-    return cv2.resize(image, size_wh, interpolation=cv2.INTER_LINEAR if grows else cv2.INTER_AREA)
-
-
 def stage1(image_rgb: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
     """RGB uint8 HxWx3 -> float32 CHW in [0,1] (the tensor match_images gives the model)."""
     image = image_rgb.astype(np.float32)
@@ -62,9 +55,9 @@ def stage1(image_rgb: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
             size_new = (int(round(w * scale)), int(round(h * scale)))
             if min(size_new) < 1:
                 raise InputImageError(f"image {w}x{h} shrinks to nothing with resize_max={settings.resize_max}")
-            image = _resize_cv2_area(image, size_new)
+            image = resize_cv2_area(image, size_new)
     if settings.force_resize_wh is not None:
-        image = _resize_cv2_area(image, settings.force_resize_wh)
+        image = resize_cv2_area(image, settings.force_resize_wh)
     if image.ndim == 2:  # cv2 drops a singleton channel axis; inputs here are always 3-channel
         image = image[:, :, None]
     chw = np.ascontiguousarray(image.transpose(2, 0, 1)) / np.float32(255.0)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputImageError
+from ..images import resize_cv2_area
 from .config import WEBUI_RESIZE_MAX, WEBUI_SIZE_WH
 
 _F32 = np.float32
@@ -97,15 +98,6 @@ def aa_bicubic_resize(image_chw: np.ndarray, out_h: int, out_w: int) -> np.ndarr
     return x
 
 
-def _cv2_area_resize(image: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
-    """hloc `resize_image(..., "cv2_area")`: INTER_AREA, INTER_LINEAR when enlarging either side."""
-    import cv2  # only the web-UI stage needs OpenCV
-
-    h, w = image.shape[:2]
-    interp = cv2.INTER_LINEAR if (w < size_wh[0] or h < size_wh[1]) else cv2.INTER_AREA
-    return cv2.resize(image, size_wh, interpolation=interp)
-
-
 def check_rgb_image(image: np.ndarray, name: str) -> None:
     if not isinstance(image, np.ndarray):
         raise InputImageError(f"{name}: expected a numpy array, got {type(image).__name__}")
@@ -123,8 +115,8 @@ def webui_stage(image_rgb: np.ndarray) -> np.ndarray:
     h, w = img.shape[:2]
     scale = WEBUI_RESIZE_MAX / max(w, h)
     if scale < 1.0:
-        img = _cv2_area_resize(img, (int(round(w * scale)), int(round(h * scale))))
-    return _cv2_area_resize(img, WEBUI_SIZE_WH)
+        img = resize_cv2_area(img, (int(round(w * scale)), int(round(h * scale))))
+    return resize_cv2_area(img, WEBUI_SIZE_WH)
 
 
 @dataclass(frozen=True)
