@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-DATA = Path(__file__).resolve().parents[1] / "matchanything_ros" / "data"
+from matchanything_ros.core.matcher import DATA_DIR as DATA
 
 # Measured 2026-11-25 (MODEL_CARD.md): 4834 matches, 78.1 % correct at the defaults.
 MOTORCYCLE_MIN_MATCHES = 4300

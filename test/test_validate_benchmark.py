@@ -12,10 +12,11 @@ from test_export_onnx import exported_eloftr, seeded_eloftr_state
 
 from matchanything_ros.cli import main
 from matchanything_ros.core.benchmark import plot_latencies, stats
+from matchanything_ros.core.matcher import DATA_DIR
 from matchanything_ros.core.result import MatchResult
 from matchanything_ros.core.validate import CRITERIA, RunOutput, compare, load_pairs
 
-DEMO = Path(__file__).resolve().parents[1] / "matchanything_ros" / "data" / "demo_homography.npz"
+DEMO = DATA_DIR / "demo_homography.npz"
 
 
 def _run(keys: list[int], kp0: np.ndarray, kp1: np.ndarray, conf: np.ndarray) -> RunOutput:

@@ -24,10 +24,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from matchanything_ros.cli.demo import DATA_DIR, LEFT_TOPIC, RIGHT_TOPIC  # noqa: E402  (what the demo reads)
 from matchanything_ros.training.images import HELDOUT_IMAGES, TRAIN_IMAGES, load_skimage_rgb, pack_images  # noqa: E402
 
-LEFT_TOPIC = "/stereo/left/image_rect"
-RIGHT_TOPIC = "/stereo/right/image_rect"
 FRAME_PERIOD_NS = 500_000_000
 BAG_START_NS = 1_700_000_000 * 1_000_000_000  # fixed, so the file is reproducible
 
@@ -80,7 +79,7 @@ def make_homography_pair(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=Path, default=REPO / "matchanything_ros" / "data")
+    parser.add_argument("--out-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--frames", type=int, default=2, help="stereo pairs in the bag (same images, new stamps)")
     parser.add_argument("--train-pack", type=Path, default=None,
                         help="also pack the training photos into this .npz (e.g. .device/train_data/train_images.npz)")

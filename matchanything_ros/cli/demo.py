@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from ..core.matcher import DATA_DIR
 from . import add_param_args, param_values
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 DEMO_BAG = DATA_DIR / "demo_stereo"
 LEFT_TOPIC = "/stereo/left/image_rect"
 RIGHT_TOPIC = "/stereo/right/image_rect"
