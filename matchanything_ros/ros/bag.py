@@ -16,9 +16,9 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
-from .. import __version__
 from ..core.errors import ConfigError, InputImageError
 from .image_conv import array_to_image_fields, image_msg_to_array, to_rgb
+from .message_fields import keypoint_matches_fields, matcher_info_fields
 from .sync import StampOrderError, make_synchronizer, stamp_to_ns
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
@@ -265,20 +265,9 @@ def _rosbags_image(array: np.ndarray) -> dict[str, Any]:
 def _matches_msg(typestore: Any, pair: Any, img0: np.ndarray, img1: np.ndarray, result: Any,
                  info: dict[str, Any]) -> Any:
     return typestore.types[MATCHES_TYPE](
-        header=pair.msg0.header,
-        image1_stamp=pair.msg1.header.stamp,
-        image1_frame_id=pair.msg1.header.frame_id,
-        image0_width=img0.shape[1], image0_height=img0.shape[0],
-        image1_width=img1.shape[1], image1_height=img1.shape[0],
-        keypoints0=np.ascontiguousarray(result.keypoints0, dtype=np.float32).reshape(-1),
-        keypoints1=np.ascontiguousarray(result.keypoints1, dtype=np.float32).reshape(-1),
-        confidence=np.ascontiguousarray(result.confidence, dtype=np.float32).reshape(-1),
-        variant=str(info.get("variant", "")),
-        backend=str(info.get("backend", "")),
-        precision=str(info.get("precision", "")),
-        # Wall-clock timings would make two runs differ: the output must be deterministic.
-        preprocess_ms=0.0, inference_ms=0.0, postprocess_ms=0.0,
-    )
+        header=pair.msg0.header, image1_stamp=pair.msg1.header.stamp, image1_frame_id=pair.msg1.header.frame_id,
+        # Wall-clock timings would make two runs differ: the output must be deterministic (timings 0).
+        **keypoint_matches_fields(img0.shape, img1.shape, result, info, timings_ms={}))
 
 
 def _info_msg(typestore: Any, info: dict[str, Any], frame_id: str, timestamp_ns: int) -> Any:
@@ -286,16 +275,7 @@ def _info_msg(typestore: Any, info: dict[str, Any], frame_id: str, timestamp_ns:
     sec, nsec = divmod(int(timestamp_ns), 1_000_000_000)
     header = types["std_msgs/msg/Header"](stamp=types["builtin_interfaces/msg/Time"](sec=sec, nanosec=nsec),
                                           frame_id=frame_id)
-    return types[INFO_TYPE](
-        header=header,
-        **{k: str(info.get(k) or "") for k in ("variant", "backend", "device", "precision", "checkpoint",
-                                                "checkpoint_sha256", "engine_file", "preset")},
-        is_demo_model=bool(info.get("is_demo_model", False)),
-        **{k: int(info.get(k) or 0) for k in ("resize_max", "force_resize_width", "force_resize_height",
-                                              "coarse_res", "upsample_res")},
-        threshold=float(info.get("threshold", 0.0)),
-        package_version=str(info.get("package_version") or __version__),
-    )
+    return types[INFO_TYPE](header=header, **matcher_info_fields(info))
 
 
 def read_matches(path: str | Path, topic: str = "/matches") -> list[dict[str, Any]]:

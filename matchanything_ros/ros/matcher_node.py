@@ -28,10 +28,10 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profi
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import Image
 
-from .. import __version__
 from ..core.errors import ConfigError, InputImageError, MatchAnythingError
 from ..core.params import MATCHER_PARAM_NAMES, PARAMS, PARAMS_BY_NAME, ParamSpec
 from .image_conv import array_to_image_msg, image_msg_to_array, to_rgb
+from .message_fields import MATCH_ARRAY_FIELDS, keypoint_matches_fields, matcher_info_fields
 from .sync import (NS_PER_S, SYNC_PARAMS, StampOrderError, SyncedPair, format_stamp, make_synchronizer,
                    stamp_to_ns)
 from .worker import MatcherWorker
@@ -294,17 +294,9 @@ class MatcherNode(Node):
         self.info_pub.publish(self._info_msg(info))
 
     def _info_msg(self, info: dict[str, Any]) -> Any:
-        msg = self._msg_types()[1]()
+        msg = self._msg_types()[1](**matcher_info_fields(info))
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.header.frame_id = self._image0_frame_id
-        for field in ("variant", "backend", "device", "precision", "checkpoint", "checkpoint_sha256", "engine_file",
-                      "preset"):
-            setattr(msg, field, str(info.get(field) or ""))
-        msg.is_demo_model = bool(info.get("is_demo_model", False))
-        for field in ("resize_max", "force_resize_width", "force_resize_height", "coarse_res", "upsample_res"):
-            setattr(msg, field, int(info.get(field) or 0))
-        msg.threshold = float(info.get("threshold", self.params["threshold"]))
-        msg.package_version = str(info.get("package_version") or __version__)
         return msg
 
     def _on_unprocessed(self, item: WorkItem) -> None:
@@ -438,23 +430,12 @@ class MatcherNode(Node):
 def build_matches_msg(msg_type: Any, header0: Any, header1: Any, shape0: tuple[int, ...], shape1: tuple[int, ...],
                       result: Any, info: dict[str, Any], convert_ms: float = 0.0) -> Any:
     """A KeypointMatches for `result`: header = image0's, image1's stamp and frame explicit."""
-    msg = msg_type()
-    msg.header = header0
-    msg.image1_stamp = header1.stamp
-    msg.image1_frame_id = header1.frame_id
-    msg.image0_height, msg.image0_width = shape0[:2]
-    msg.image1_height, msg.image1_width = shape1[:2]
-    msg.keypoints0 = float32_sequence(result.keypoints0)
-    msg.keypoints1 = float32_sequence(result.keypoints1)
-    msg.confidence = float32_sequence(result.confidence)
-    msg.variant = str(info.get("variant", ""))
-    msg.backend = str(info.get("backend", ""))
-    msg.precision = str(info.get("precision", ""))
-    timings = result.timings_ms
-    msg.preprocess_ms = float(timings.get("preprocess", 0.0)) + convert_ms
-    msg.inference_ms = float(timings.get("inference", 0.0))
-    msg.postprocess_ms = float(timings.get("postprocess", 0.0))
-    return msg
+    timings = dict(result.timings_ms)
+    timings["preprocess"] = float(timings.get("preprocess", 0.0)) + convert_ms  # + the Image -> array conversion
+    fields = keypoint_matches_fields(shape0, shape1, result, info, timings)
+    for name in MATCH_ARRAY_FIELDS:  # rclpy takes array.array for float32[] without a per-element loop
+        fields[name] = float32_sequence(fields[name])
+    return msg_type(header=header0, image1_stamp=header1.stamp, image1_frame_id=header1.frame_id, **fields)
 
 
 def float32_sequence(values: np.ndarray) -> array.array:
