@@ -59,7 +59,7 @@ def phases(m: Matcher, img0: np.ndarray, img1: np.ndarray, runs: int = 30) -> di
     for _ in range(runs):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        be.keep_on_device = {"feat_f0", "feat_f1"}
+
         coarse = be.run("coarse", inputs)
         t1 = time.perf_counter()
         cm = select_coarse_matches(coarse, meta.mask0, meta.mask1, p.threshold, p.model_config.border_rm)

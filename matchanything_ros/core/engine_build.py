@@ -57,13 +57,15 @@ BUILD_WARNING = ("*** Building TensorRT engines: this can take minutes (up to ~2
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
-    model = onnx.load(str(path), load_external_data=False)
+    return _metadata(onnx.load(str(path), load_external_data=False))
+
+
+def _metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def _onnx_inputs(path: str | Path) -> list[tuple[str, list[int | str]]]:
+def _onnx_inputs(model: onnx.ModelProto) -> list[tuple[str, list[int | str]]]:
     """Graph inputs (initializers excluded) as (name, [int | symbolic dim name])."""
-    model = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     out = []
     for vi in model.graph.input:
@@ -92,10 +94,10 @@ def profile_shapes(onnx_path: str | Path, sizes: tuple[int, int, int], matches: 
     sizes: canvas side (min, opt, max); matches: fine-graph M (min, opt, max). Static graphs
     (RoMa) get min = opt = max.
     """
-    meta = read_onnx_metadata(onnx_path)
-    rules: dict[str, dict[str, Any]] = json.loads(meta.get(META_DYNAMIC_DIMS, "{}"))
+    model = onnx.load(str(onnx_path), load_external_data=False)  # once: a RoMa export is ~1.7 GB inline
+    rules: dict[str, dict[str, Any]] = json.loads(_metadata(model).get(META_DYNAMIC_DIMS, "{}"))
     profile: dict[str, list[list[int]]] = {}
-    for name, dims in _onnx_inputs(onnx_path):
+    for name, dims in _onnx_inputs(model):
         shapes: list[list[int]] = [[], [], []]
         for d in dims:
             for k in range(3):

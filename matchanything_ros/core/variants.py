@@ -29,6 +29,11 @@ class VariantPipeline(Protocol):
     name: str
     graphs: tuple[str, ...]  # graph names in execution order
 
+    @property
+    def device_outputs(self) -> frozenset[str]:
+        """Graph outputs the torch backend keeps on the device (consumed by the next graph or step)."""
+        ...
+
     def preprocess(self, image0: np.ndarray, image1: np.ndarray) -> tuple[dict[str, np.ndarray], Any]:
         """RGB uint8 images -> inputs of the first graph, plus meta for post-processing."""
         ...

@@ -105,7 +105,7 @@ def create_torch_backend(params: dict[str, Any], pipeline: Any, device: str) -> 
         graphs = pipeline.torch_graphs(state, device, precision=precision)
     else:
         graphs = pipeline.torch_graphs(state, device)
-    return TorchBackend(graphs, device, precision)
+    return TorchBackend(graphs, device, precision, keep_on_device=getattr(pipeline, "device_outputs", ()))
 
 
 def create_backend(params: dict[str, Any], pipeline: Any) -> Backend:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, graphs: dict[str, torch.nn.Module], device: str = "cpu", precision: str = "fp32",
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, keep_on_device: Iterable[str] = ()) -> None:
         if precision not in ("fp32", "fp16"):
             raise ConfigError(f"precision must be fp32 or fp16, got {precision!r}")
         dev = torch.device(device)
@@ -48,7 +48,8 @@ class TorchBackend:
         self.precision = precision
         self.graphs = {k: g.to(dev).eval() for k, g in graphs.items()}
         self.stream = torch.cuda.Stream(device=dev) if dev.type == "cuda" else None
-        self.keep_on_device: set[str] = set()  # outputs returned as device tensors (fed to a later graph)
+        # outputs returned as device tensors (fed to a later graph or step): the pipeline's device_outputs
+        self.keep_on_device: set[str] = set(keep_on_device)
         # CUDA graphs for graphs that support capture (fixed shapes, no host sync): one replay instead of
         # ~1000 kernel launches, which otherwise cost more CPU time than the GPU spends computing
         self.cuda_graphs = cuda_graphs and dev.type == "cuda"

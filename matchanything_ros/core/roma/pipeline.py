@@ -62,10 +62,13 @@ class RomaPipeline:
                   "image0_fine": p0.fine[None], "image1_fine": p1.fine[None]}
         return inputs, RomaMeta(p0, p1)
 
+    @property
+    def device_outputs(self) -> frozenset[str]:
+        """Outputs the torch backend hands back as device tensors: the balanced sampler runs where the
+        warp is (no 24 MB copy, KDE on the GPU)."""
+        return frozenset({"warp", "certainty"}) if self.config.sample_mode == "balanced" else frozenset()
+
     def infer(self, backend: "Backend", inputs: dict[str, np.ndarray], meta: RomaMeta) -> dict[str, Any]:
-        if hasattr(backend, "keep_on_device") and self.config.sample_mode == "balanced":
-            # torch: the balanced sampler runs where the warp is (no 24 MB copy, KDE on the GPU)
-            backend.keep_on_device = {"warp", "certainty"}
         return backend.run("dense", inputs)
 
     def sample(self, warp: Any, certainty: Any) -> SparseMatches:
