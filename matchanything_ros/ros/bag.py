@@ -196,12 +196,13 @@ def process_bag(
                 if debug_topic:
                     debug_conn = writer.add_connection(debug_topic, IMAGE_TYPE, typestore=typestore)
                 wrote_info = False
+                info = matcher.info  # fixed for the run (the property builds a dict)
                 for connection, timestamp, raw in reader.messages(connections=connections):
                     summary.messages_read += 1
                     msg: Any = reader.deserialize(raw, connection.msgtype)
                     if info_conn is not None and not wrote_info:
-                        info = _info_msg(typestore, matcher.info, msg.header.frame_id, timestamp)
-                        writer.write(info_conn, timestamp, typestore.serialize_cdr(info, INFO_TYPE))
+                        info_msg = _info_msg(typestore, info, msg.header.frame_id, timestamp)
+                        writer.write(info_conn, timestamp, typestore.serialize_cdr(info_msg, INFO_TYPE))
                         wrote_info = True
                     index = 0 if connection.topic == topic0 else 1
                     failures = sync.stats.sync_failures
@@ -222,7 +223,7 @@ def process_bag(
                             summary.pairs_skipped += 1
                             _problem(summary, log, f"pair stamped {pair.stamp0} ns skipped: {exc}")
                             continue
-                        out = _matches_msg(typestore, pair, img0, img1, result, matcher.info)
+                        out = _matches_msg(typestore, pair, img0, img1, result, info)
                         writer.write(out_conn, timestamp, typestore.serialize_cdr(out, MATCHES_TYPE))
                         summary.pairs_matched += 1
                         summary.total_matches += len(result)

@@ -294,7 +294,7 @@ class MatcherNode(Node):
         self.info_pub.publish(self._info_msg(info))
 
     def _info_msg(self, info: dict[str, Any]) -> Any:
-        msg = self._msg_types()[1](**matcher_info_fields(info))
+        msg = self.info_pub.msg_type(**matcher_info_fields(info))
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.header.frame_id = self._image0_frame_id
         return msg
@@ -349,7 +349,7 @@ class MatcherNode(Node):
 
     def _matches_msg(self, pair: SyncedPair[Image], img0: np.ndarray, img1: np.ndarray, result: Any,
                      convert_ms: float) -> Any:
-        return build_matches_msg(self._msg_types()[0], pair.msg0.header, pair.msg1.header, img0.shape, img1.shape,
+        return build_matches_msg(self.matches_pub.msg_type, pair.msg0.header, pair.msg1.header, img0.shape, img1.shape,
                                  result, self.matcher_info, convert_ms)
 
     def _publish_debug(self, pair: SyncedPair[Image], img0: np.ndarray, img1: np.ndarray, result: Any) -> None:
