@@ -464,10 +464,8 @@ class EloftrCoarse(nn.Module):
         """Fix the transformer's crop sizes from the host masks while a graph is captured."""
         transformer = self.net.loftr_coarse
 
-        def size(mask: Any, multiple: int) -> tuple[int, int]:
-            m = np.asarray(mask)[0]
-            rows, cols = int(m[:, 0].sum()), int(m[0, :].sum())  # the rule of CoarseTransformer.valid_size
-            return rows // multiple * multiple, cols // multiple * multiple
+        def size(mask: Any, multiple: int) -> tuple[int, int]:  # host masks: no device sync
+            return transformer.valid_size(torch.as_tensor(np.asarray(mask)), multiple)
 
         transformer.fixed_valid = (size(inputs["mask0"], transformer.agg_size0),
                                    size(inputs["mask1"], transformer.agg_size1))
