@@ -97,6 +97,19 @@ def resolve_eloftr_checkpoint(checkpoint_path: str) -> tuple[Path, Any, bool]:
     return path, cfg, is_demo
 
 
+def run_pipeline(pipeline: Any, backend: Any, image0: np.ndarray, image1: np.ndarray) -> MatchResult:
+    """Images -> preprocess -> the backend's graphs -> postprocess, with per-stage timings (ms)."""
+    t0 = time.perf_counter()
+    inputs, meta = pipeline.preprocess(to_rgb_u8(image0), to_rgb_u8(image1))
+    t1 = time.perf_counter()
+    outputs = pipeline.infer(backend, inputs, meta)
+    t2 = time.perf_counter()
+    result = pipeline.postprocess(outputs, meta)
+    t3 = time.perf_counter()
+    result.timings_ms = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}
+    return result
+
+
 class Matcher:
     def __init__(self, config: MatcherConfig | None = None) -> None:
         from .backends.factory import create_backend
@@ -120,17 +133,7 @@ class Matcher:
         self.backend = create_backend(params, self.pipeline)
 
     def match(self, image0: np.ndarray, image1: np.ndarray) -> MatchResult:
-        t0 = time.perf_counter()
-        rgb0, rgb1 = to_rgb_u8(image0), to_rgb_u8(image1)
-        inputs, meta = self.pipeline.preprocess(rgb0, rgb1)
-        t1 = time.perf_counter()
-        outputs = self.pipeline.infer(self.backend, inputs, meta)
-        t2 = time.perf_counter()
-        result = self.pipeline.postprocess(outputs, meta)
-        t3 = time.perf_counter()
-        result.timings_ms = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3,
-                             "postprocess": (t3 - t2) * 1e3}
-        return result
+        return run_pipeline(self.pipeline, self.backend, image0, image1)
 
     @property
     def info(self) -> dict[str, Any]:

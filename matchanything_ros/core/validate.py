@@ -13,7 +13,6 @@ Pass/fail uses the seed README's promise: mean keypoint error <= 1 px, confidenc
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -49,18 +48,11 @@ def match_keys(pipeline: Any, result: MatchResult) -> np.ndarray:
 
 
 def run_pair(pipeline: Any, backend: Any, image0: np.ndarray, image1: np.ndarray) -> RunOutput:
-    """preprocess -> backend graphs -> postprocess, timed per stage (what Matcher.match does)."""
-    from .images import to_rgb_u8
+    """Matcher.match's run (preprocess -> backend graphs -> postprocess, timed) plus the match keys."""
+    from .matcher import run_pipeline
 
-    t0 = time.perf_counter()
-    inputs, meta = pipeline.preprocess(to_rgb_u8(image0), to_rgb_u8(image1))
-    t1 = time.perf_counter()
-    outputs = pipeline.infer(backend, inputs, meta)
-    t2 = time.perf_counter()
-    result = pipeline.postprocess(outputs, meta)
-    t3 = time.perf_counter()
-    timings = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}
-    return RunOutput(result, match_keys(pipeline, result), timings)
+    result = run_pipeline(pipeline, backend, image0, image1)
+    return RunOutput(result, match_keys(pipeline, result), dict(result.timings_ms))
 
 
 def compare(ref: RunOutput, test: RunOutput) -> dict[str, Any]:
