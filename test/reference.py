@@ -1,4 +1,8 @@
-"""The shared reference set (fixtures + seeded_weights.py), located once for every test."""
+"""The reference set (golden fixtures of the original code + seeded_weights.py), located once for every test.
+
+It lives in the repository (test/fixtures/reference, see its README.md); $MATCHANYTHING_REFERENCE_DIR
+points the suite at another fixture set of the same layout.
+"""
 from __future__ import annotations
 
 import functools
@@ -8,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# $MATCHANYTHING_REFERENCE_DIR, else <repo>/../shared/reference
-REFERENCE_ROOT = Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR")
-                      or REPO_ROOT.parent / "shared" / "reference").resolve()
+BUNDLED_REFERENCE_DIR = REPO_ROOT / "test" / "fixtures" / "reference"
+REFERENCE_ROOT = Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR") or BUNDLED_REFERENCE_DIR).resolve()
 
 
 @functools.lru_cache(maxsize=None)

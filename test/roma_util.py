@@ -3,7 +3,7 @@ checkpoint files, one model per session, one forward per (pair, GP solver).
 
 Everything about the fixtures (names, sizes, seeds, the weight override, strides) is read from
 `roma/fixtures_meta.json` and the npz files under $MATCHANYTHING_REFERENCE_DIR (default
-<repo>/../shared/reference).
+test/fixtures/reference).
 """
 from __future__ import annotations
 

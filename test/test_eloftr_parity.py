@@ -1,7 +1,7 @@
 """ELoFTR parity with the official HF-space code, on the golden fixtures of the reference set.
 
 Fixture pairs, thresholds and the weights seed are read from `index.json` under
-$MATCHANYTHING_REFERENCE_DIR/eloftr (default: <repo>/../shared/reference), so the same tests run
+$MATCHANYTHING_REFERENCE_DIR/eloftr (default: test/fixtures/reference), so the same tests run
 on any fixture set of that layout. The network runs ONCE per pair (module cache); every check
 below reuses that run.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from typing import Any
 
 import numpy as np
@@ -97,14 +96,12 @@ def assert_close(actual: torch.Tensor | np.ndarray, expected: np.ndarray, name: 
 # --- weights and checkpoint layout ----------------------------------------------------------------
 
 def test_seeded_weights_fingerprint(prefixed_weights: dict[str, torch.Tensor]) -> None:
-    readme = (REF / "README.md").read_text()
-    match = re.search(r"fingerprint.*?`([0-9a-f]{64})`", readme, re.S | re.I)
-    assert match, "README.md states no weights fingerprint"
+    expected = INDEX["weights_fingerprint_sha256"]
     h = hashlib.sha256()
     for key in sorted(prefixed_weights):
         h.update(key.encode())
         h.update(prefixed_weights[key].contiguous().numpy().tobytes())
-    assert h.hexdigest() == match.group(1), "seeded_weights.py or the manifest drifted from the fixtures"
+    assert h.hexdigest() == expected, "seeded_weights.py or the manifest drifted from the fixtures"
 
 
 def test_model_layout_is_the_released_checkpoint() -> None:

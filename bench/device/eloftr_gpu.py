@@ -45,7 +45,7 @@ from matchanything_ros.core.eloftr.postprocess import border_keep, select_coarse
 
 
 def reference_dir() -> Path:
-    return Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR") or REPO.parent / "shared" / "reference")
+    return Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR") or REPO / "test" / "fixtures" / "reference")
 
 
 def load_weights(ref_root: Path, seed: int) -> dict[str, torch.Tensor]:

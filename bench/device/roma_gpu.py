@@ -7,7 +7,7 @@ Usage (repo root): python3 bench/device/roma_gpu.py [--out DIR] [--device cuda|c
    per mode: max |error| of the DINOv2 features (relative), every per-scale flow (normalised units)
    and certainty logit, the final warp and certainty, against the official CPU fp32 outputs.
 2. Latency at 480x640 -> 560 / 864 (the web UI's model input; random images as the official
-   baseline in shared/notes/baselines.md): GPU stretch-resize (antialiased bicubic, as the original
+   baseline of the original code on the same card): GPU stretch-resize (antialiased bicubic, as the original
    does inside its forward) + dense network + balanced sampling (5000 matches, KDE on the GPU) +
    pixel conversion, i.e. what the official "forward incl. sampling" covers. Median/min/max of
    >= 10 runs after warm-up, CUDA events; peak memory = torch.cuda.max_memory_allocated (weights included).
@@ -49,7 +49,7 @@ TARGET = {"median_ms": 60.0, "peak_mb": 2560}
 
 
 def reference_dir() -> Path:
-    return Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR") or REPO.parent / "shared" / "reference")
+    return Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR") or REPO / "test" / "fixtures" / "reference")
 
 
 def seeded_states(ref: Path, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

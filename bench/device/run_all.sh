@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One device call that checks and times everything GPU-side (the session's GPU time is scarce).
 # Run from the repo root on the GPU machine. Everything lands in $OUT/results.tar.gz (+ run_all.log).
-# Needs .device/ carried: wheels/ (pillow, pycuda sdist + deps) and reference/ (a copy of the fixtures).
+# Needs .device/ carried: wheels/ (pillow, pycuda sdist + deps) (the fixtures are in the repository: test/fixtures/reference).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; RAW=/tmp/device_results; mkdir -p "$OUT" "$RAW"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MATCHANYTHING_REFERENCE_DIR=${MATCHANYTHING_REFERENCE_DIR:-$PWD/.device/reference}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MATCHANYTHING_REFERENCE_DIR=${MATCHANYTHING_REFERENCE_DIR:-$PWD/test/fixtures/reference}
 exec > >(tee "$OUT/run_all.log") 2>&1
 date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -m pip install -q --no-index --no-deps .device/wheels/pillow-*.whl 2>&1 | tail -1
