@@ -9,12 +9,19 @@ IN_ENV := cd $(ROOT) && . ./env.sh &&
 PYTEST_ARGS ?=
 TESTS ?= test
 
-.PHONY: setup test demo lint typecheck clean distclean help
+# The generic-CPU kernels: PyTorch's ATen, oneDNN and MKL capped to what every x86-64 CPU has, so a
+# parity run here behaves like one on a CPU unlike ours (docs/parity.md)
+CPU_CAP_ENV ?= ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2
+
+.PHONY: setup test test-fast test-capped demo lint typecheck bench-ros clean distclean help
 
 help:
 	@echo "make setup      create .venv, install pinned requirements, build + install the package into install/"
 	@echo "make demo       the matcher node on a bundled stereo pair, writing a PNG of the matches"
 	@echo "make test       setup, then the test suite (what CI runs)"
+	@echo "make test-fast  the tests not marked slow (a few minutes on 2 cores); SHUFFLE=<seed> shuffles their order"
+	@echo "make test-capped  the parity tests with PyTorch's CPU kernels capped to the generic path (CPU_CAP_ENV)"
+	@echo "make bench-ros  the node's per-pair ROS overhead (README figure)"
 	@echo "make lint       ruff;  make typecheck: mypy on matchanything_ros/core"
 	@echo "make clean      remove build/ install/ log/;  make distclean: also .venv"
 
@@ -25,6 +32,15 @@ setup:
 test: setup
 	@$(IN_ENV) rc=0; python -m pytest $(TESTS) $(PYTEST_ARGS) || rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+test-fast: setup
+	@$(IN_ENV) python -m pytest $(TESTS) -m "not slow" $(if $(SHUFFLE),--shuffle-seed=$(SHUFFLE)) $(PYTEST_ARGS)
+
+test-capped: setup
+	@$(IN_ENV) env $(CPU_CAP_ENV) python -m pytest $(TESTS) -m parity $(PYTEST_ARGS)
+
+bench-ros: setup
+	@$(IN_ENV) python bench/ros_overhead.py
 
 demo: setup
 	@$(IN_ENV) matchanything demo

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from reference import REFERENCE_ROOT, REPO_ROOT
@@ -23,6 +24,80 @@ os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
 if "ROS_LOG_DIR" not in os.environ:
     os.environ["ROS_LOG_DIR"] = tempfile.mkdtemp(prefix="matchanything_test_roslog_")
     atexit.register(shutil.rmtree, os.environ["ROS_LOG_DIR"], True)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--shuffle-seed", type=int, default=None,
+                     help="run the test modules, and the tests inside each module, in an order shuffled with "
+                          "this seed (finds tests that depend on what an earlier test left behind)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    seed = config.getoption("--shuffle-seed")
+    if seed is None:
+        return
+    # shuffle whole modules, then the tests inside each: module-scoped fixtures (a node process, an
+    # export) are still built once per module, so a shuffled run costs what a plain one does
+    rng = random.Random(seed)
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    order = list(modules)
+    rng.shuffle(order)
+    items[:] = []
+    for name in order:
+        group = modules[name]
+        rng.shuffle(group)
+        items.extend(group)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    seed = config.getoption("--shuffle-seed")
+    return None if seed is None else f"test order shuffled with --shuffle-seed={seed}"
+
+
+def global_state() -> dict[str, Any]:
+    """Process-wide settings a test or a library call could leave changed for the tests after it."""
+    import torch
+
+    return {
+        "cwd": os.getcwd(),
+        "environ": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},  # pytest's own
+        "torch.grad_enabled": torch.is_grad_enabled(),
+        "torch.inference_mode": torch.is_inference_mode_enabled(),
+        "torch.num_threads": torch.get_num_threads(),
+        "torch.default_dtype": torch.get_default_dtype(),
+        "torch.deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "torch.float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "cudnn.deterministic": torch.backends.cudnn.deterministic,
+        "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
+
+
+def state_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    changes = []
+    for key in before:
+        if key == "environ":
+            env0, env1 = before[key], after[key]
+            for name in sorted(set(env0) | set(env1)):
+                if env0.get(name) != env1.get(name):
+                    changes.append(f"os.environ[{name!r}]: {env0.get(name)!r} -> {env1.get(name)!r}")
+        elif before[key] != after[key]:
+            changes.append(f"{key}: {before[key]!r} -> {after[key]!r}")
+    return changes
+
+
+@pytest.fixture(autouse=True)
+def no_global_state_left_changed() -> Iterator[None]:
+    """Every test leaves the process as it found it (grad mode, torch threads and flags, environment,
+    working directory, ROS domain), so no test depends on the order the suite runs in."""
+    before = global_state()
+    yield
+    changes = state_changes(before, global_state())
+    if changes:
+        pytest.fail("the test left process-wide state changed: " + "; ".join(changes), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@
 #
 # Env: MATCHANYTHING_PYTHON  python3.11 to create the venv with (default: found on PATH / pyenv)
 # Needs: python3.11 with headers, cmake >= 3.16, a C/C++ compiler, make, flock, sha256sum.
-# Facts and workarounds: ../shared/notes/ros2_offline.md (if present) and README.md.
+# Facts and workarounds: README.md ("Set-up on a bare machine").
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -47,14 +47,29 @@ on_exit() {
 }
 trap on_exit EXIT
 
-step() {  # step NAME FUNCTION: run and time one step (errexit stays on inside)
+step() {  # step NAME FUNCTION: run and time one step (errexit stays on inside); say so when it took time
   CUR_STEP=$1
   local t0 t1
   t0=$(date +%s.%N)
   "$2"
   t1=$(date +%s.%N)
   TIMINGS+=("$(awk -v a="$t0" -v b="$t1" -v n="$CUR_STEP" 'BEGIN { printf "  %-22s %6.1f s", n, b - a }')")
+  awk -v a="$t0" -v b="$t1" -v n="$CUR_STEP" -v t="$T_START" \
+    'BEGIN { if (b - a >= 1) printf "setup: %s done in %.1f s (%.0f s since start)\n", n, b - a, b - t }'
   CUR_STEP=
+}
+
+logged_progress() {  # logged_progress NAME REGEX CMD...: like logged, and show the lines matching REGEX as they come
+  local log=$LOGS/$1 regex=$2 rc=0
+  log=$log.log
+  shift 2
+  "$@" 2>&1 | tee "$log" | grep --line-buffered -E "$regex" | sed -u 's/^/  | /' || true
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    echo "---- last lines of $log:" >&2
+    tail -n 60 "$log" >&2
+    return "$rc"
+  fi
 }
 
 logged() {  # logged NAME CMD...: run CMD with its output in build/setup-logs/NAME.log; show it on failure
@@ -118,9 +133,10 @@ pip_install() {
     return 0
   fi
   for f in "${REQUIREMENTS[@]}"; do args+=(-r "$ROOT/requirements/$f.txt"); done
-  echo "setup: installing pinned requirements into .venv (log: ${LOGS#"$ROOT"/}/pip.log) ..."
+  echo "setup: installing pinned requirements into .venv, a few minutes on a fresh machine (log: ${LOGS#"$ROOT"/}/pip.log) ..."
   # torch comes from the machine's local wheel directory when pip is configured with one
-  logged pip "$VENV/bin/python" -m pip install --disable-pip-version-check "${args[@]}"
+  logged_progress pip '^(Collecting|Downloading|Installing collected|Successfully installed)' \
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off "${args[@]}"
   args=()
   for f in "${REQUIREMENTS_NODEPS[@]}"; do args+=(-r "$ROOT/requirements/$f.txt"); done
   logged pip-nodeps "$VENV/bin/python" -m pip install --disable-pip-version-check --no-deps "${args[@]}"
@@ -167,7 +183,8 @@ build_package() {
       -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=Release
     touch "$BUILD/.configure_ok"
   fi
-  logged cmake-build cmake --build "$BUILD" -j "$(nproc)"
+  echo "setup: building the messages and the package (cmake; log: ${LOGS#"$ROOT"/}/cmake-build.log) ..."
+  logged_progress cmake-build '^\[ *[0-9]+%\] Built target' cmake --build "$BUILD" -j "$(nproc)"
   logged cmake-install cmake --install "$BUILD"
 }
 

@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
                  f"{100 * s.precision:.1f} % correct overall")
         canvas = draw_checked_matches(left, right, k0[pick], k1[pick], correct, title)
     else:
-        canvas = draw_matches(left, right, k0, k1, conf, title=f"({model})")
+        canvas = draw_matches(left, right, k0, k1, conf, demo_model=getattr(info, "is_demo_model", False))
     cv2.imwrite(str(out_png), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     node_s = (msg.preprocess_ms + msg.inference_ms + msg.postprocess_ms) / 1e3
     print(f"matchanything demo: {len(conf)} matches{accuracy}; matching {node_s:.2f} s in the node "

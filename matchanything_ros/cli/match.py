@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="force-resize both images to W x H in stage 1 (sets --force-resize-width/height)")
     parser.add_argument("--json", dest="json_out", metavar="OUT", help="write the matches as JSON")
     parser.add_argument("--png", dest="png_out", metavar="OUT", help="write a side-by-side drawing of the matches")
-    parser.add_argument("--max-lines", type=int, default=500, help="most lines drawn in the PNG (default: 500)")
+    parser.add_argument("--max-lines", type=int, default=500, help="most matches drawn in the PNG, a spatially even sample (default: 500)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log which backend runs")
     parser.set_defaults(func=run)
 
@@ -50,7 +50,7 @@ def parse_force_resize(text: str) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.images import load_image
-    from ..core.matcher import Matcher, MatcherConfig
+    from ..core.matcher import DEMO_MODEL_NOTICE, Matcher, MatcherConfig
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if args.force_resize:
@@ -60,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
     with Matcher(MatcherConfig.from_params(params)) as matcher:
         result = matcher.match(image0, image1)
         info = matcher.info
-    summary = (f"{len(result)} matches ({info['variant']}, {info['backend']} on {info['device']} {info['precision']}; "
-               f"inference {result.timings_ms.get('inference', 0.0):.1f} ms)")
+    model = f"{DEMO_MODEL_NOTICE}, " if info["is_demo_model"] else ""
+    summary = (f"{len(result)} matches ({model}{info['variant']}, {info['backend']} on {info['device']} "
+               f"{info['precision']}; inference {result.timings_ms.get('inference', 0.0):.1f} ms)")
     if args.json_out:
         doc: dict[str, Any] = result.to_json_dict()
         doc.update({"image0": str(args.image0), "image1": str(args.image1), "matcher": info})
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         from ..core.viz import draw_matches
 
         png = draw_matches(image0, image1, result.keypoints0, result.keypoints1, result.confidence,
-                           max_lines=args.max_lines, title=f"{info['variant']} thr {info['threshold']:g}")
+                           max_lines=args.max_lines, title=f"{info['variant']} thr {info['threshold']:g}",
+                           demo_model=info["is_demo_model"])
         if not cv2.imwrite(str(args.png_out), png[:, :, ::-1]):
             raise ConfigError(f"cannot write PNG {args.png_out}")
     print(summary, file=sys.stdout)

@@ -23,6 +23,8 @@ from .variants import pipeline_class
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEMO_ELOFTR_WEIGHTS = DATA_DIR / "demo_eloftr.safetensors"
 DEMO_ELOFTR_CONFIG = DATA_DIR / "demo_eloftr.json"
+# said by every output (CLI, PNG, node log, debug image) made with the bundled demo model
+DEMO_MODEL_NOTICE = "demo model (not MatchAnything's weights)"
 
 
 @dataclass(frozen=True)
