@@ -56,13 +56,17 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     return None if seed is None else f"test order shuffled with --shuffle-seed={seed}"
 
 
+# set by pytest itself, and by torch's inductor the first time it is used (it memoises its cache folder there)
+ENVIRON_OWNED_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+
+
 def global_state() -> dict[str, Any]:
     """Process-wide settings a test or a library call could leave changed for the tests after it."""
     import torch
 
     return {
         "cwd": os.getcwd(),
-        "environ": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},  # pytest's own
+        "environ": {k: v for k, v in os.environ.items() if k not in ENVIRON_OWNED_BY_TOOLS},
         "torch.grad_enabled": torch.is_grad_enabled(),
         "torch.inference_mode": torch.is_inference_mode_enabled(),
         "torch.num_threads": torch.get_num_threads(),

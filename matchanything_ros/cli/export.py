@@ -54,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
     out_dir = resolve_onnx_dir(params)
     pipeline = pipeline_class("eloftr")({}, model_config)
     state = load_state_dict(path, "eloftr")
-    torch.set_grad_enabled(False)
-    files = export_eloftr(pipeline, state, out_dir, checkpoint_sha256=sha256_file(path), opset=args.opset,
-                          sizes=(params["engine_min_size"], params["engine_max_size"]),
-                          verify_sizes=None if args.verify else [], log=sys.stderr)
+    with torch.no_grad():  # scoped: the CLI runs in-process too (tests, scripts), where grad mode must survive
+        files = export_eloftr(pipeline, state, out_dir, checkpoint_sha256=sha256_file(path), opset=args.opset,
+                              sizes=(params["engine_min_size"], params["engine_max_size"]),
+                              verify_sizes=None if args.verify else [], log=sys.stderr)
     print(f"exported {', '.join(str(p) for p in files.values())}" + (" (bundled demo model)" if is_demo else ""))
     print(f"next: matchanything build-engine --model-file-path {out_dir} --precision fp16   (on the target GPU)")
     return 0
@@ -74,10 +74,10 @@ def run_roma(args: argparse.Namespace, params: dict[str, Any]) -> int:
     pipeline = RomaPipeline(params)  # validates coarse_res / upsample_res before the weights are read
     state = pipeline.load_weights(params)  # both files, strictly; clear errors for missing paths
     out_dir = resolve_onnx_dir(params)
-    torch.set_grad_enabled(False)
-    files = export_roma(pipeline, state, out_dir, checkpoint_sha256=sha256_file(params["checkpoint_path"]),
-                        dinov2_sha256=sha256_file(params["dinov2_path"]), opset=args.opset, verify=args.verify,
-                        log=sys.stderr)
+    with torch.no_grad():
+        files = export_roma(pipeline, state, out_dir, checkpoint_sha256=sha256_file(params["checkpoint_path"]),
+                            dinov2_sha256=sha256_file(params["dinov2_path"]), opset=args.opset, verify=args.verify,
+                            log=sys.stderr)
     print(f"exported {files['dense']} (RoMa, coarse_res {pipeline.config.coarse_res}, upsample_res "
           f"{pipeline.config.upsample_res}; run the matcher with these two sizes)")
     print(f"next: matchanything build-engine --model-file-path {out_dir} --precision fp16   (on the target GPU)")
