@@ -269,3 +269,28 @@ def test_file_hashes_are_remembered_by_path_size_and_mtime(tmp_path: Path) -> No
     assert sha256_file(f) == first
     os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a rewrite moves the mtime: hashed again
     assert sha256_file(f) != first
+
+
+def test_validate_tensorrt_prints_the_checklist_to_report_back(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`matchanything validate --backend tensorrt` on a machine without TensorRT: the checklist says
+    which step failed and why, the later steps did not run, and the facts to paste are there."""
+    import cv2
+
+    from matchanything_ros.cli import main
+    from matchanything_ros.core.validate import REPORT_BACK_BEGIN, REPORT_BACK_END
+
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"im{i}.png")
+        cv2.imwrite(str(images[-1]), np.full((64, 64, 3), 40 * i, np.uint8))
+    code = main(["validate", "--backend", "tensorrt", "--pair", str(images[0]), str(images[1]),
+                 "--report", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 4
+    block = out[out.index(REPORT_BACK_BEGIN):out.index(REPORT_BACK_END)].splitlines()
+    assert block[1].startswith("[FAIL] TensorRT runtime (tensorrt >= 10 and pycuda import): no TensorRT runtime: "
+                               "TensorRT's Python package is not installed")
+    assert [line[:6] for line in block[2:5]] == ["[----]"] * 3
+    assert any(line.startswith("l4t: ") for line in block) and any(line.startswith("matchanything_ros: ")
+                                                                     for line in block)
+    assert block[-1] == "result: FAILED"

@@ -188,3 +188,54 @@ def format_table(report: dict[str, Any]) -> str:
     s = report["summary"]
     rows.append(f"{s['passed_pairs']}/{s['pairs']} pairs pass -> {'PASS' if s['passed'] else 'FAIL'}")
     return "\n".join(rows)
+
+
+# --- the TensorRT checklist a Jetson user runs first -----------------------------------------------------
+
+REPORT_BACK_BEGIN = "----- matchanything TensorRT check: copy from here into the issue -----"
+REPORT_BACK_END = "----- end of the TensorRT check -----"
+
+
+@dataclass
+class CheckStep:
+    name: str
+    passed: bool | None  # None: not run (an earlier step failed)
+    detail: str
+
+
+def platform_facts() -> dict[str, str]:
+    """What identifies the machine in a report: L4T/JetPack release, Python, package version."""
+    import platform
+
+    from .. import __version__
+
+    facts = {"machine": f"{platform.machine()} {platform.system()} {platform.release()}",
+             "python": platform.python_version(), "matchanything_ros": __version__}
+    try:  # Jetson Linux: "# R36 (release), REVISION: 4.3, ..." (JetPack 6.2 is L4T 36.4.3)
+        facts["l4t"] = Path("/etc/nv_tegra_release").read_text().splitlines()[0].lstrip("# ").strip()
+    except (OSError, IndexError):
+        facts["l4t"] = "not a Jetson (no /etc/nv_tegra_release)"
+    return facts
+
+
+def engine_facts(backend: Any) -> dict[str, str]:
+    """Per-graph sidecar facts of a TensorRT backend (typing, pinned layers, build time, profile)."""
+    out = {}
+    for graph in getattr(backend, "graphs", ()):
+        sc = backend.sidecar(graph)
+        out[f"engine {graph}"] = (f"{sc.get('precision')} {sc.get('network_typing', '?')}ly typed, "
+                                  f"{sc.get('fp32_layers', '?')} fp32-pinned layers, built in "
+                                  f"{sc.get('build_seconds', '?')} s with TensorRT {sc.get('tensorrt_version')}")
+    return out
+
+
+def format_checklist(steps: list[CheckStep], facts: dict[str, str]) -> str:
+    """The block a user pastes back: every step with PASS/FAIL/not run, then the facts."""
+    lines = [REPORT_BACK_BEGIN]
+    for step in steps:
+        mark = {True: "PASS", False: "FAIL", None: "----"}[step.passed]
+        lines.append(f"[{mark}] {step.name}: {step.detail}")
+    lines += [f"{k}: {v}" for k, v in facts.items()]
+    lines.append("result: " + ("ALL PASS" if steps and all(s.passed for s in steps) else "FAILED"))
+    lines.append(REPORT_BACK_END)
+    return "\n".join(lines)
