@@ -151,12 +151,14 @@ def test_tensorrt_backend_imports_no_torch_and_reports_missing_tensorrt(tmp_path
             TensorRTBackend({"coarse": missing}, "cuda")
 
 
-def _repaired_stubs(dest: Path) -> Path:
-    """Copy tensorrt-stubs' .pyi files into `dest`, fixing what does not parse (parameters named after
-    keywords such as `in`, a non-default parameter after defaults) so mypy can read them."""
-    import tensorrt_stubs  # noqa: F401  (the distribution whose files we repair)
+def _repaired_stubs(dest: Path, site: Path | None = None) -> Path:
+    """Copy tensorrt-stubs' .pyi files (installed, or unpacked under `site`) into `dest`, fixing what does
+    not parse (parameters named after keywords such as `in`, a non-default parameter after defaults) so
+    mypy can read them. (`site` lets another stubs version be checked by hand: unpack its wheel there.)"""
+    if site is None:
+        import tensorrt_stubs  # the distribution whose files we repair
 
-    site = Path(tensorrt_stubs.__file__).resolve().parents[1]
+        site = Path(tensorrt_stubs.__file__).resolve().parents[1]
     kw = "|".join(keyword.kwlist)
     for rel in ("tensorrt/__init__.pyi", "tensorrt_bindings/__init__.pyi", "tensorrt_bindings/tensorrt.pyi"):
         text = (site / rel).read_text()
