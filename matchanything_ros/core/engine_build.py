@@ -632,7 +632,3 @@ def find_engines(params: dict[str, Any], pipeline: Any, system: TensorRTSystem) 
         return EngineLookup(engines, onnx_paths, "stale TensorRT engine: " + "\n".join(problems), command)
     return EngineLookup(engines, onnx_paths, None, command)
 
-
-def default_engine_paths(params: dict[str, Any], pipeline: Any) -> dict[str, Path]:
-    """{graph: default engine path} on this machine (BackendUnavailableError without TensorRT/pycuda/GPU)."""
-    return find_engines({**params, "engine_file_path": ""}, pipeline, this_system()).engines

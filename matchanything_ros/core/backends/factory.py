@@ -109,12 +109,18 @@ def _tensorrt_backend(params: dict[str, Any], pipeline: Any, device: str, precis
     if problem is not None:
         return None, problem
     device_index = int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
-    system = this_system(device_index)
-    if params.get("force_engine_update"):
+    try:
+        system = this_system(device_index)
+    except BackendUnavailableError as exc:  # e.g. no GPU or no driver
+        return None, str(exc)
+    if params.get("force_engine_update"):  # asked for explicitly: a failed build is an error, not a fallback
         onnx_dir = resolve_onnx_dir({**params, "variant": pipeline.name})
         log.warning("force_engine_update: building the TensorRT engines of %s (minutes; not hung)", onnx_dir)
         build_engine_set(onnx_dir, force=True, device_index=device_index, system=system, **engine_settings(params))
-    found = find_engines(params, pipeline, system)
+    try:
+        found = find_engines(params, pipeline, system)
+    except MatchAnythingError as exc:  # an unreadable export, sizes the export cannot take, ...
+        return None, f"cannot look up the TensorRT engines: {exc}"
     if found.problem is not None:
         return None, found.problem
     # TensorRT runs on CUDA only: device auto means cuda here (resolve_device needs torch, which a
