@@ -294,3 +294,23 @@ def test_validate_tensorrt_prints_the_checklist_to_report_back(tmp_path: Path, c
     assert any(line.startswith("l4t: ") for line in block) and any(line.startswith("matchanything_ros: ")
                                                                      for line in block)
     assert block[-1] == "result: FAILED"
+
+
+def test_benchmark_checklist_reports_each_configuration() -> None:
+    """The block `benchmark --backend tensorrt` ends with (wiring in cli/benchmark.py: see docs/engines.md),
+    on a real benchmark run of the demo model (torch CPU) and a configuration that could not start."""
+    from matchanything_ros.cli.benchmark import _demo_pairs
+    from matchanything_ros.core.benchmark import benchmark_config
+    from matchanything_ros.core.validate import REPORT_BACK_BEGIN, REPORT_BACK_END, benchmark_checklist
+
+    with Matcher(MatcherConfig(backend="torch", device="cpu", resize_max=416)) as m:
+        config = benchmark_config(m.pipeline, m.backend, _demo_pairs(), warmup=0, runs=2, label="torch cpu fp32 @416")
+    text = benchmark_checklist([config], [("tensorrt cuda fp16 @832", "no TensorRT runtime: ...")])
+    lines = text.splitlines()
+    assert lines[0] == REPORT_BACK_BEGIN and lines[-1] == REPORT_BACK_END
+    assert lines[1] == "[FAIL] benchmark tensorrt cuda fp16 @832: no TensorRT runtime: ..."
+    assert lines[2].startswith("[PASS] benchmark torch cpu fp32 @416: canvas ")
+    assert f"total median {config['stages_ms']['total']['median']:.1f} ms" in lines[2]
+    assert "peak device n/a" in lines[2] and "(2 runs)" in lines[2]
+    assert lines[-2] == "result: FAILED"
+    assert benchmark_checklist([config]).splitlines()[-2] == "result: ALL PASS"

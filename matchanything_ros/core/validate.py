@@ -239,3 +239,22 @@ def format_checklist(steps: list[CheckStep], facts: dict[str, str]) -> str:
     lines.append("result: " + ("ALL PASS" if steps and all(s.passed for s in steps) else "FAILED"))
     lines.append(REPORT_BACK_END)
     return "\n".join(lines)
+
+
+def benchmark_checklist(configs: list[dict[str, Any]], failures: Iterable[tuple[str, str]] = ()) -> str:
+    """The block `benchmark --backend tensorrt` ends with: one step per configuration (backend, device,
+    precision, size) that ran, with its figures, and one FAIL step per configuration that could not
+    start (label, why). `configs` are core/benchmark.benchmark_config results."""
+    steps = [CheckStep(f"benchmark {label}", False, why) for label, why in failures]
+    for c in configs:
+        st = c["stages_ms"]
+        device_mb = c.get("peak_device_mb")
+        steps.append(CheckStep(
+            f"benchmark {c['label']}", True,
+            f"canvas {c.get('canvas')}, total median {st['total']['median']:.1f} ms (p10 {st['total']['p10']:.1f}, "
+            f"p90 {st['total']['p90']:.1f}); preprocess {st['preprocess']['median']:.1f} / inference "
+            f"{st['inference']['median']:.1f} / postprocess {st['postprocess']['median']:.1f} ms; "
+            f"{c['pairs_per_s']:.2f} pairs/s; {c['matches_median']:.0f} matches; peak device "
+            + (f"{device_mb:.0f} MB" if device_mb is not None else "n/a")
+            + f"; peak host RSS {c['peak_host_rss_mb']:.0f} MB ({c['runs']} runs)"))
+    return format_checklist(steps, platform_facts())
