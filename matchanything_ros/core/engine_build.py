@@ -428,11 +428,6 @@ def this_system(device_index: int = 0) -> TensorRTSystem:
     return TensorRTSystem(gpu_name, cc, str(trt.__version__))
 
 
-# the parameters (core/params.py) that say which engine set to build or look up, and how to build it
-ENGINE_BUILD_PARAMS = ("precision", "engine_file_path", "engine_min_size", "engine_opt_size", "engine_max_size",
-                       "engine_max_matches", "max_workspace_size", "timing_cache_path")
-
-
 def engine_settings(params: dict[str, Any]) -> dict[str, Any]:
     """plan_engine_set/build_engine_set keyword arguments from parameter values (defaults from
     core/params.py): the one mapping the CLI, the library and the node share."""
