@@ -204,24 +204,25 @@ _PRODUCTS = frozenset({"MATRIX_MULTIPLY", "EINSUM"})
 
 
 def fp32_layer_plan(layers: list[LayerFacts], patterns: list[str]) -> list[str]:
-    """Names of the layers a weakly typed fp16 build pins to FP32.
+    """Names of the layers a weakly typed fp16 build pins to FP32 (see `needs_fp32`)."""
+    compiled = [re.compile(p) for p in patterns]
+    return [layer.name for layer in layers if needs_fp32(layer, compiled)]
+
+
+def needs_fp32(layer: LayerFacts, patterns: list[re.Pattern[str]]) -> bool:
+    """Whether a weakly typed fp16 build pins this layer to FP32.
 
     Only layers that compute on floating-point data: a reduction, top-k or product over integer or
     boolean tensors (the coarse graph has some) has no FP32 implementation to pin to, and with
     OBEY_PRECISION_CONSTRAINTS asking for one fails the build. Products count when both operands
     are activations (similarity/attention), not weights.
     """
-    compiled = [re.compile(p) for p in patterns]
-    pinned = []
-    for layer in layers:
-        if not layer.float_inputs or not layer.float_inputs[0]:
-            continue  # integer/bool data (or no input): nothing to pin
-        if any(p.search(layer.name) for p in compiled) or layer.kind in _ALWAYS_FP32:
-            pinned.append(layer.name)
-        elif layer.kind in _PRODUCTS and len(layer.float_inputs) >= 2 and all(layer.float_inputs) \
-                and not any(layer.constant_inputs):
-            pinned.append(layer.name)
-    return pinned
+    if not layer.float_inputs or not layer.float_inputs[0]:
+        return False  # integer/bool data (or no input): nothing to pin
+    if any(p.search(layer.name) for p in patterns) or layer.kind in _ALWAYS_FP32:
+        return True
+    return (layer.kind in _PRODUCTS and len(layer.float_inputs) >= 2 and all(layer.float_inputs)
+            and not any(layer.constant_inputs))
 
 
 def _layer_facts(network: trt.INetworkDefinition) -> list[LayerFacts]:
@@ -245,17 +246,19 @@ def _layer_facts(network: trt.INetworkDefinition) -> list[LayerFacts]:
 
 def keep_sensitive_layers_fp32(network: trt.INetworkDefinition, patterns: list[str]) -> list[str]:
     """Weak typing: pin the planned layers (and their float outputs) to FP32; returns their names."""
-    plan = set(fp32_layer_plan(_layer_facts(network), patterns))
+    compiled = [re.compile(p) for p in patterns]
     float_types = (trt.float32, trt.float16)
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.name not in plan:
+    pinned = []
+    for i, facts in enumerate(_layer_facts(network)):  # by index: layer names need not be unique
+        if not needs_fp32(facts, compiled):
             continue
+        layer = network.get_layer(i)
         layer.precision = trt.float32
         for j in range(layer.num_outputs):
             if layer.get_output(j).dtype in float_types:
                 layer.set_output_type(j, trt.float32)
-    return sorted(plan)
+        pinned.append(layer.name)
+    return pinned
 
 
 class _Progress:
