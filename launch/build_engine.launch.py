@@ -18,10 +18,11 @@ from __future__ import annotations
 
 COMMAND = ["matchanything", "build-engine"]
 # launch argument = the parameter (and CLI flag --name-with-dashes) it sets
+# (every flag of `matchanything build-engine`; coarse_res/upsample_res find a RoMa export by its sizes)
 ARGUMENTS: tuple[str, ...] = (
-    "variant", "checkpoint_path", "model_file_path", "engine_file_path", "precision", "max_workspace_size",
-    "force_engine_update", "engine_min_size", "engine_opt_size", "engine_max_size", "engine_max_matches",
-    "timing_cache_path",
+    "variant", "checkpoint_path", "coarse_res", "upsample_res", "model_file_path", "engine_file_path", "precision",
+    "max_workspace_size", "force_engine_update", "engine_min_size", "engine_opt_size", "engine_max_size",
+    "engine_max_matches", "timing_cache_path",
 )
 
 

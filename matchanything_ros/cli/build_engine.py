@@ -14,13 +14,13 @@ import sys
 from ..core.params import names
 from . import add_param_args, param_values
 
-# coarse_res/upsample_res: which RoMa export to find when --model-file-path is empty (its graph is static)
-BUILD_PARAMS = ["variant", "checkpoint_path", "coarse_res", "upsample_res", "model_file_path", "engine_file_path",
-                "precision", "force_engine_update", "max_workspace_size"] + list(names("build"))
+# coarse_res/upsample_res: which RoMa export to find when --model-file-path is empty (its graph is static);
+# every "engine"/"build" parameter, as the Matcher's engine lookup reads them (engine_build.engine_settings)
+BUILD_PARAMS = ["variant", "checkpoint_path", "coarse_res", "upsample_res", "precision", *names("engine", "build")]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("build-engine", help="build TensorRT engines from an ONNX export (TensorRT 10)",
+    parser = subparsers.add_parser("build-engine", help="build TensorRT engines from an ONNX export (TensorRT 10/11)",
                                    description=__doc__.splitlines()[0] if __doc__ else None)
     add_param_args(parser, BUILD_PARAMS)
     parser.add_argument("--device-index", type=int, default=0, help="CUDA device to build for (default: 0)")
@@ -28,18 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.engine_build import build_engine_set
-
-    params = param_values(args, BUILD_PARAMS)
+    from ..core.engine_build import build_engine_set, engine_settings
     from ..core.export import resolve_onnx_dir
 
+    params = param_values(args, BUILD_PARAMS)
     onnx_dir = str(resolve_onnx_dir(params))
-    engines = build_engine_set(
-        onnx_dir, precision=params["precision"], engine_dir=params["engine_file_path"] or None,
-        sizes=(params["engine_min_size"], params["engine_opt_size"], params["engine_max_size"]),
-        max_matches=params["engine_max_matches"], workspace_bytes=params["max_workspace_size"],
-        timing_cache_path=params["timing_cache_path"] or None, force=params["force_engine_update"],
-        device_index=args.device_index, log=sys.stderr)
+    engines = build_engine_set(onnx_dir, force=params["force_engine_update"], device_index=args.device_index,
+                               log=sys.stderr, **engine_settings(params))
     for graph, path in engines.items():
         print(f"{graph}: {path}")
     first = next(iter(engines.values()))

@@ -5,11 +5,15 @@ Example, after `matchanything build-engine` on the robot's GPU:
       --fixtures DIR_OF_NPZ --report validate.json
 Exit code 0 when every pair meets the criteria (mean keypoint error <= 1 px, confidence
 difference <= 0.01, match count within 5 %, confidence correlation > 0.95), 3 otherwise.
+With --backend tensorrt it ends with a checklist (runtime, engines, loading, accuracy: PASS/FAIL
+each, and the facts of the machine and the engines) to paste into an issue; exit code 4 when
+TensorRT could not run at all.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from ..core.params import DEVICES, MATCHER_PARAM_NAMES
 from . import add_param_args, param_values
@@ -35,25 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.matcher import Matcher, MatcherConfig
-    from ..core.validate import format_table, load_pairs, validate_pairs, write_report
+    from ..core.validate import format_table, load_pairs, write_report
 
     params = param_values(args, VALIDATE_PARAMS)
     if params["variant"] == "roma":
         params["sample_mode"] = "topk"  # correspondences need a deterministic sampler (same grid points)
     pairs = load_pairs([tuple(p) for p in args.pair], args.fixtures)
+    if params["backend"] == "tensorrt":
+        return _run_tensorrt_checklist(args, params, pairs)
     if args.reference_device == "cuda":
-        import torch
-
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        _tf32_off()
     ref_params = dict(params, backend="torch", device=args.reference_device, precision="fp32")
     with Matcher(MatcherConfig.from_params(ref_params)) as ref, Matcher(MatcherConfig.from_params(params)) as test:
-        report = validate_pairs((ref.pipeline, ref.backend), (test.pipeline, test.backend), pairs)
-        report["reference"] = {"backend": ref.backend.name, "device": ref.backend.device,
-                               "precision": ref.backend.precision}
-        report["test"] = {"backend": test.backend.name, "device": test.backend.device,
-                          "precision": test.backend.precision}
-        report["matcher"] = test.info
+        report = _validate(ref, test, pairs)
     print(f"reference: torch fp32 on {report['reference']['device']}; test: {report['test']['backend']} on "
           f"{report['test']['device']} {report['test']['precision']}")
     print(format_table(report))
@@ -61,3 +59,79 @@ def run(args: argparse.Namespace) -> int:
         write_report(report, args.report)
         print(f"report: {args.report}", file=sys.stderr)
     return 0 if report["summary"]["passed"] else 3
+
+
+def _tf32_off() -> None:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _validate(ref: Any, test: Any, pairs: list) -> dict[str, Any]:
+    from ..core.validate import validate_pairs
+
+    report = validate_pairs((ref.pipeline, ref.backend), (test.pipeline, test.backend), pairs)
+    report["reference"] = {"backend": ref.backend.name, "device": ref.backend.device,
+                           "precision": ref.backend.precision}
+    report["test"] = {"backend": test.backend.name, "device": test.backend.device,
+                      "precision": test.backend.precision}
+    report["matcher"] = test.info
+    return report
+
+
+def _run_tensorrt_checklist(args: argparse.Namespace, params: dict[str, Any], pairs: list) -> int:
+    """validate --backend tensorrt: each stage a checklist step, so a failure says where it stopped."""
+    from ..core.backends.factory import tensorrt_runtime_problem
+    from ..core.errors import MatchAnythingError
+    from ..core.matcher import Matcher, MatcherConfig
+    from ..core.validate import CheckStep, engine_facts, format_checklist, format_table, platform_facts, write_report
+
+    steps: list[CheckStep] = []
+    facts = platform_facts()
+    report: dict[str, Any] | None = None
+
+    def finish(code: int) -> int:
+        names = ("TensorRT runtime (tensorrt >= 10 and pycuda import)", "engines found, sidecars match this system",
+                 "engines load and run (warm-up at the profile's opt shape)",
+                 f"accuracy vs torch fp32 ({len(pairs)} pairs)")
+        for name in names[len(steps):]:
+            steps.append(CheckStep(name, None, "not run"))
+        if report is not None and args.report:
+            write_report({**report, "checklist": [vars(s) for s in steps], "facts": facts}, args.report)
+        print(format_checklist(steps, facts))
+        return code
+
+    problem = tensorrt_runtime_problem()
+    if problem is not None:
+        steps.append(CheckStep("TensorRT runtime (tensorrt >= 10 and pycuda import)", False, problem))
+        return finish(4)
+    import tensorrt
+
+    steps.append(CheckStep("TensorRT runtime (tensorrt >= 10 and pycuda import)", True,
+                           f"TensorRT {tensorrt.__version__}"))
+    try:
+        test = Matcher(MatcherConfig.from_params(params))
+    except MatchAnythingError as exc:  # no engine / stale engine / load failure: the message says which
+        text = str(exc)
+        found = "TensorRT backend unavailable" not in text
+        steps.append(CheckStep("engines found, sidecars match this system", found, "yes" if found else text))
+        if found:
+            steps.append(CheckStep("engines load and run (warm-up at the profile's opt shape)", False, text))
+        return finish(4)
+    with test:
+        steps.append(CheckStep("engines found, sidecars match this system", True, test.info["engine_file"]))
+        steps.append(CheckStep("engines load and run (warm-up at the profile's opt shape)", True, test.backend.device))
+        facts.update(engine_facts(test.backend))
+        if args.reference_device == "cuda":
+            _tf32_off()
+        ref_params = dict(params, backend="torch", device=args.reference_device, precision="fp32")
+        with Matcher(MatcherConfig.from_params(ref_params)) as ref:
+            report = _validate(ref, test, pairs)
+    print(format_table(report))
+    s = report["summary"]
+    steps.append(CheckStep(f"accuracy vs torch fp32 ({len(pairs)} pairs)", bool(s["passed"]),
+                           f"{s['passed_pairs']}/{s['pairs']} pairs pass; jaccard min {s['jaccard_min']}, "
+                           f"kp mean {s['kp_err_mean_px']} px, kp max {s['kp_err_max_px']} px, dconf max "
+                           f"{s['conf_abs_max']}, count diff max {s['count_diff_pct_max']} %"))
+    return finish(0 if s["passed"] else 3)

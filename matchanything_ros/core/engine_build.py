@@ -1,12 +1,19 @@
-"""`matchanything build-engine`: ONNX -> TensorRT 10 engine (Python API only), with a sidecar.
+"""`matchanything build-engine`: ONNX -> TensorRT engine (Python API only), with a sidecar.
 
-Follows the TensorRT 10 Python API: Builder -> NetworkDefinition (networks are always explicit
-batch in TensorRT 10) -> OnnxParser -> BuilderConfig with one optimisation profile whose
-min/opt/max come from parameters, FP16 with the numerically sensitive layers pinned to FP32
-(`layer.precision` + output types + OBEY_PRECISION_CONSTRAINTS, so the builder fails rather than
-silently running them in FP16), a workspace limit, a timing cache file and an IProgressMonitor
-progress bar. A loud line says the build takes minutes, so nobody kills a "hung" build.
+Follows the TensorRT 10 and 11 Python APIs: Builder -> NetworkDefinition -> OnnxParser ->
+BuilderConfig with one optimisation profile whose min/opt/max come from parameters, a workspace
+limit, a timing cache file and an IProgressMonitor progress bar. A loud line says the build takes
+minutes, so nobody kills a "hung" build.
 
+Precision: `network_typing` decides, in one place, from the TensorRT version, the precision asked
+for and the precision the ONNX model carries. A network whose export already has the asked
+precision is built strongly typed (TensorRT 11 knows nothing else). fp16 from an fp32 export needs
+weak typing (`BuilderFlag.FP16` + numerically sensitive layers pinned to FP32 with
+OBEY_PRECISION_CONSTRAINTS), which only TensorRT 10 has (deprecated since 10.12). The sidecar
+records the choice.
+
+What does not need TensorRT is plain data and runs in the tests: the typing decision, the FP32
+layer plan (from layer facts), profiles, cache keys, the engine lookup and sidecar checks.
 TensorRT is imported inside the functions: the rest of the package (and its tests) import this
 module on machines without TensorRT.
 """
@@ -20,12 +27,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import onnx
 
 from .engine_cache import (
     ENGINE_SUFFIX,
+    build_command,
     EXPORT_MANIFEST,
     ONNX_SUFFIX,
     cache_root,
@@ -37,6 +45,7 @@ from .engine_cache import (
     sha256_file,
     shapes_tag,
     slug,
+    write_atomic,
     write_sidecar,
 )
 from .backends.tensorrt_backend import import_tensorrt, trt
@@ -46,6 +55,7 @@ from .errors import ConfigError, EngineMismatchError, MatchAnythingError
 META_PREFIX = "matchanything."
 META_DYNAMIC_DIMS = META_PREFIX + "dynamic_dims"  # JSON {dim_name: {"canvas_div": k} | {"matches": true}}
 META_FP32_PATTERNS = META_PREFIX + "fp32_layer_patterns"  # JSON [regex, ...] of node names kept in FP32
+META_PRECISION = META_PREFIX + "precision"  # "fp16" for an fp16 export with explicit fp32 islands
 
 # Always kept in FP32 under --precision fp16: softmax and the products that feed it
 # (activation x activation matmuls = similarity / attention; see _sensitive), reductions,
@@ -121,34 +131,128 @@ def profile_shapes(onnx_path: str | Path, sizes: tuple[int, int, int], matches: 
     return profile
 
 
-def _sensitive(layer: trt.ILayer, producers: dict[str, trt.LayerType], patterns: list[re.Pattern[str]]) -> bool:
-    """Whether a layer must stay in FP32 under an FP16 build."""
-    if any(p.search(layer.name) for p in patterns):
-        return True
-    lt = layer.type
-    if lt in tuple(getattr(trt.LayerType, n) for n in DEFAULT_FP32_LAYER_TYPES):
-        return True
-    if lt in (trt.LayerType.MATRIX_MULTIPLY, trt.LayerType.EINSUM):
-        # a product of two activations (no weight operand) is a similarity/attention matrix
-        inputs = [layer.get_input(i) for i in range(layer.num_inputs)]
-        return all(t is not None and producers.get(t.name) != trt.LayerType.CONSTANT for t in inputs)
-    return False
+@dataclass(frozen=True)
+class NetworkTyping:
+    """How a network is built (see `network_typing`)."""
+
+    strongly_typed: bool
+    why: str
+    check_fast_fp16: bool = False  # ask builder.platform_has_fast_fp16 (deprecated since 10.5, gone in 11)
+
+    @property
+    def name(self) -> str:
+        return "strong" if self.strongly_typed else "weak"
 
 
-def keep_sensitive_layers_fp32(network: trt.INetworkDefinition, patterns: list[str]) -> list[str]:
-    """Pin sensitive layers (and their float outputs) to FP32; returns their names."""
+def version_tuple(version: str) -> tuple[int, int]:
+    """'10.13.0.35' -> (10, 13)."""
+    parts = re.findall(r"\d+", version)
+    if not parts:
+        raise ConfigError(f"cannot read the TensorRT version {version!r}")
+    return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+
+
+def network_typing(tensorrt_version: str, precision: str, onnx_precision: str) -> NetworkTyping:
+    """The one place where the TensorRT version decides how a network is typed.
+
+    * the export carries the asked precision (an fp32 export for fp32, an fp16 export with fp32
+      islands for fp16): strongly typed, on every version; TensorRT builds exactly the export's types;
+    * fp16 from an fp32 export: weak typing, TensorRT 10 only (deprecated since 10.12, removed in 11);
+    * fp32 from an fp16 export: refused (the engine would not be fp32).
+    """
+    if precision not in ("fp32", "fp16") or onnx_precision not in ("fp32", "fp16"):
+        raise ConfigError(f"precision must be fp32 or fp16, got {precision!r} (export: {onnx_precision!r})")
+    major, minor = version_tuple(tensorrt_version)
+    if major < 10:
+        raise ConfigError(f"TensorRT {tensorrt_version}: TensorRT 10 or newer is required")
+    if precision == onnx_precision:
+        return NetworkTyping(True, f"the export is {onnx_precision}: strongly typed, built as exported")
+    if precision == "fp32":
+        raise ConfigError("this export is fp16; an fp32 engine needs an fp32 export (`matchanything export`)")
+    if major >= 11:
+        raise ConfigError(
+            f"TensorRT {tensorrt_version} builds strongly typed networks only, so an fp16 engine needs an fp16 "
+            "export with fp32 islands, and this export is fp32. Build --precision fp32, or use TensorRT 10 "
+            "(JetPack ships TensorRT 10)")
+    return NetworkTyping(False, f"fp16 from an fp32 export: weak typing (TensorRT {major}.{minor}; deprecated "
+                                "since 10.12, removed in 11) with sensitive layers pinned to FP32",
+                         check_fast_fp16=(major, minor) < (10, 5))
+
+
+def onnx_precision(model: onnx.ModelProto) -> str:
+    """'fp16' for an export in half precision (metadata, else any fp16 weight), else 'fp32'."""
+    declared = _metadata(model).get(META_PRECISION)
+    if declared:
+        return declared
+    half = onnx.TensorProto.FLOAT16
+    return "fp16" if any(t.data_type == half for t in model.graph.initializer) else "fp32"
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """What the FP32 plan needs of one network layer (read from TensorRT, or written by a test)."""
+
+    name: str
+    kind: str  # TensorRT LayerType name: "SOFTMAX", "REDUCE", "MATRIX_MULTIPLY", ...
+    float_inputs: tuple[bool, ...]  # per input: a floating-point tensor?
+    constant_inputs: tuple[bool, ...]  # per input: produced by a CONSTANT layer (weights)?
+
+
+# the kinds whose float results feed rankings and probabilities (see DEFAULT_FP32_LAYER_TYPES)
+_ALWAYS_FP32 = frozenset(DEFAULT_FP32_LAYER_TYPES)
+_PRODUCTS = frozenset({"MATRIX_MULTIPLY", "EINSUM"})
+
+
+def fp32_layer_plan(layers: list[LayerFacts], patterns: list[str]) -> list[str]:
+    """Names of the layers a weakly typed fp16 build pins to FP32 (see `needs_fp32`)."""
     compiled = [re.compile(p) for p in patterns]
-    producers: dict[str, trt.LayerType] = {}
+    return [layer.name for layer in layers if needs_fp32(layer, compiled)]
+
+
+def needs_fp32(layer: LayerFacts, patterns: list[re.Pattern[str]]) -> bool:
+    """Whether a weakly typed fp16 build pins this layer to FP32.
+
+    Only layers that compute on floating-point data: a reduction, top-k or product over integer or
+    boolean tensors (the coarse graph has some) has no FP32 implementation to pin to, and with
+    OBEY_PRECISION_CONSTRAINTS asking for one fails the build. Products count when both operands
+    are activations (similarity/attention), not weights.
+    """
+    if not layer.float_inputs or not layer.float_inputs[0]:
+        return False  # integer/bool data (or no input): nothing to pin
+    if any(p.search(layer.name) for p in patterns) or layer.kind in _ALWAYS_FP32:
+        return True
+    return (layer.kind in _PRODUCTS and len(layer.float_inputs) >= 2 and all(layer.float_inputs)
+            and not any(layer.constant_inputs))
+
+
+def _layer_facts(network: trt.INetworkDefinition) -> list[LayerFacts]:
+    kinds = {getattr(trt.LayerType, k): k for k in dir(trt.LayerType) if k.isupper()}
+    float_types = {trt.float32, trt.float16}
+    producers: dict[str, Any] = {}
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         for j in range(layer.num_outputs):
             producers[layer.get_output(j).name] = layer.type
-    pinned = []
-    float_types = (trt.float32, trt.float16)
+    facts = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if not _sensitive(layer, producers, compiled):
+        inputs = [layer.get_input(k) for k in range(layer.num_inputs)]
+        facts.append(LayerFacts(
+            layer.name, kinds.get(layer.type, "?"),
+            tuple(t is not None and t.dtype in float_types for t in inputs),
+            tuple(t is not None and producers.get(t.name) == trt.LayerType.CONSTANT for t in inputs)))
+    return facts
+
+
+def keep_sensitive_layers_fp32(network: trt.INetworkDefinition, patterns: list[str]) -> list[str]:
+    """Weak typing: pin the planned layers (and their float outputs) to FP32; returns their names."""
+    compiled = [re.compile(p) for p in patterns]
+    float_types = (trt.float32, trt.float16)
+    pinned = []
+    for i, facts in enumerate(_layer_facts(network)):  # by index: layer names need not be unique
+        if not needs_fp32(facts, compiled):
             continue
+        layer = network.get_layer(i)
         layer.precision = trt.float32
         for j in range(layer.num_outputs):
             if layer.get_output(j).dtype in float_types:
@@ -212,14 +316,35 @@ def _make_monitor(progress: _Progress) -> trt.IProgressMonitor:
     return ProgressMonitor()
 
 
+def add_profile(builder: trt.Builder, config: trt.IBuilderConfig, network: trt.INetworkDefinition,
+                profile: dict[str, list[list[int]]], onnx_path: str | Path) -> None:
+    """One optimisation profile with a [min, opt, max] shape per network input."""
+    opt_profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        name = network.get_input(i).name
+        if name not in profile:
+            raise ConfigError(f"{onnx_path}: no profile shape for input {name!r}")
+        mn, op, mx = (trt.Dims(list(s)) for s in profile[name])
+        opt_profile.set_shape(name, mn, op, mx)
+    # TensorRT returns -1 (and only logs why) for a profile it rejects, e.g. min > opt
+    if config.add_optimization_profile(opt_profile) < 0:
+        raise MatchAnythingError(f"TensorRT rejected the optimisation profile for {onnx_path}: "
+                                 + "; ".join(f"{k}: {v}" for k, v in profile.items()) + " (see the log above)")
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: dict[str, list[list[int]]], *,
                  precision: str, workspace_bytes: int, timing_cache_path: str | Path,
                  fp32_layer_patterns: list[str] | None = None, log: TextIO = sys.stderr) -> dict[str, Any]:
-    """Build one engine; returns the facts for its sidecar (shapes, pinned layers, build time)."""
+    """Build one engine; returns the facts for its sidecar (typing, pinned layers, build time)."""
     import_tensorrt()
+    typing = network_typing(str(trt.__version__), precision,
+                            onnx_precision(onnx.load(str(onnx_path), load_external_data=False)))
+    print(f"network typing: {typing.why}", file=log)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    # explicit batch is the only mode since TensorRT 10; STRONGLY_TYPED is accepted (and implied) by 11
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if typing.strongly_typed else 0
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     # parse_from_file resolves external-data files relative to the ONNX file
     if not parser.parse_from_file(str(onnx_path)):
@@ -228,27 +353,18 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: dict[s
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    opt_profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        name = network.get_input(i).name
-        if name not in profile:
-            raise ConfigError(f"{onnx_path}: no profile shape for input {name!r}")
-        mn, op, mx = (trt.Dims(list(s)) for s in profile[name])
-        opt_profile.set_shape(name, mn, op, mx)
-    config.add_optimization_profile(opt_profile)
+    add_profile(builder, config, network, profile, onnx_path)
 
     pinned: list[str] = []
-    if precision == "fp16":
-        if not builder.platform_has_fast_fp16:
+    if not typing.strongly_typed:  # fp16 from an fp32 export, TensorRT 10 only (see network_typing)
+        if typing.check_fast_fp16 and not builder.platform_has_fast_fp16:
             raise ConfigError("this GPU has no fast FP16; build with --precision fp32")
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         pinned = keep_sensitive_layers_fp32(network, list(fp32_layer_patterns or []))
         print(f"fp16: {len(pinned)} numerically sensitive layers kept in FP32 (softmax, similarity/attention "
-              "products, reductions, normalisation, top-k, export-marked layers)", file=log)
-    elif precision != "fp32":
-        raise ConfigError(f"precision must be fp32 or fp16, got {precision!r}")
-    else:
+              "products, float reductions, normalisation, top-k, export-marked layers)", file=log)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         # TF32 would change fp32 results (10-bit mantissa in matmuls); fp32 means fp32
         config.clear_flag(trt.BuilderFlag.TF32)
 
@@ -267,18 +383,20 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: dict[s
     seconds = time.monotonic() - t0
     if serialized is None:
         raise MatchAnythingError(f"TensorRT failed to build an engine from {onnx_path} (see the log above; with "
-                                 "--precision fp16 a layer pinned to FP32 may have no FP32 implementation)")
+                                 "weak typing a layer pinned to FP32 may have no FP32 implementation)")
     engine_path = Path(engine_path)
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = engine_path.with_name(engine_path.name + ".part")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(serialized))  # type: ignore[arg-type]
-    tmp.replace(engine_path)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
+    write_atomic(engine_path, bytes(memoryview(serialized)))  # type: ignore[arg-type]
+    # other builds (another graph, another process) share this file: replace it whole, never truncate it
+    save_timing_cache(cache_file, bytes(config.get_timing_cache().serialize()))
     print(f"\nengine written: {engine_path} ({engine_path.stat().st_size / 1e6:.1f} MB, {seconds:.0f} s)", file=log)
-    return {"build_seconds": round(seconds, 1), "fp32_layers": len(pinned),
+    return {"build_seconds": round(seconds, 1), "fp32_layers": len(pinned), "network_typing": typing.name,
             "tensorrt_version": str(trt.__version__)}
+
+
+def save_timing_cache(path: str | Path, data: bytes) -> Path:
+    """Write a timing cache atomically (a crash or a concurrent build never leaves a truncated cache,
+    which `set_timing_cache(ignore_mismatch=False)` would reject at the next build)."""
+    return write_atomic(path, data)
 
 
 def read_export_manifest(onnx_dir: str | Path) -> dict[str, Any]:
@@ -295,9 +413,41 @@ def read_export_manifest(onnx_dir: str | Path) -> dict[str, Any]:
     return data
 
 
+@dataclass(frozen=True)
+class TensorRTSystem:
+    """What an engine is bound to: the GPU and the TensorRT version that build and run it."""
+
+    gpu_name: str
+    compute_capability: str  # "major.minor"
+    tensorrt_version: str
+
+
+def this_system(device_index: int = 0) -> TensorRTSystem:
+    """This machine's TensorRT version and GPU (BackendUnavailableError without TensorRT/pycuda/GPU)."""
+    import_tensorrt()
+    from .backends.cuda_context import gpu_identity
+
+    gpu_name, cc = gpu_identity(device_index)
+    return TensorRTSystem(gpu_name, cc, str(trt.__version__))
+
+
+def engine_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """plan_engine_set/build_engine_set keyword arguments from parameter values (defaults from
+    core/params.py): the one mapping the CLI, the library and the node share."""
+    from .params import PARAMS_BY_NAME
+
+    def p(name: str) -> Any:
+        return params.get(name, PARAMS_BY_NAME[name].default)
+
+    return {"precision": p("precision"), "engine_dir": p("engine_file_path") or None,
+            "sizes": (p("engine_min_size"), p("engine_opt_size"), p("engine_max_size")),
+            "max_matches": p("engine_max_matches"), "workspace_bytes": p("max_workspace_size"),
+            "timing_cache_path": p("timing_cache_path") or None}
+
+
 @dataclass
 class EnginePlan:
-    """Everything needed to build or find the engines of one export on this machine."""
+    """Everything needed to build or find the engines of one export on one system."""
 
     variant: str
     graphs: list[str]
@@ -306,31 +456,29 @@ class EnginePlan:
     cache_key: str
     profiles: dict[str, dict[str, list[list[int]]]]
     onnx_hashes: dict[str, str]
-    gpu_name: str
-    compute_capability: str
-    tensorrt_version: str
+    system: TensorRTSystem
     checkpoint_sha256: str
     build_params: dict[str, Any]
+    timing_cache_path: Path
 
     @property
     def engines(self) -> dict[str, Path]:
         return {g: self.engine_dir / f"{g}{ENGINE_SUFFIX}" for g in self.graphs}
 
     def expected(self, graph: str, precision: str) -> dict[str, Any]:
-        return expected_sidecar_fields(self.variant, graph, precision, self.onnx_hashes[graph], self.gpu_name,
-                                       self.compute_capability, self.tensorrt_version)
+        s = self.system
+        return expected_sidecar_fields(self.variant, graph, precision, self.onnx_hashes[graph], s.gpu_name,
+                                       s.compute_capability, s.tensorrt_version)
 
 
 def plan_engine_set(onnx_dir: str | Path, *, precision: str, engine_dir: str | Path | None = None,
                     sizes: tuple[int, int, int] = (416, 832, 1664), max_matches: int = 20000,
-                    workspace_bytes: int = 4 << 30, device_index: int = 0,
-                    gpu: Callable[[int], tuple[str, str]] | None = None) -> EnginePlan:
-    """Profiles, cache key and engine paths for an export on this GPU + TensorRT (builds nothing)."""
-    import_tensorrt()
-    if gpu is None:
-        from .backends.cuda_context import gpu_identity
-        gpu = gpu_identity
-    gpu_name, cc = gpu(device_index)
+                    workspace_bytes: int = 4 << 30, timing_cache_path: str | Path | None = None,
+                    system: TensorRTSystem | None = None, device_index: int = 0) -> EnginePlan:
+    """Profiles, cache key and engine paths for an export on a system (default: this machine's GPU
+    and TensorRT). Builds nothing."""
+    if system is None:
+        system = this_system(device_index)
     onnx_dir = model_dir(onnx_dir)
     manifest = read_export_manifest(onnx_dir)
     variant = str(manifest["variant"])
@@ -343,53 +491,66 @@ def plan_engine_set(onnx_dir: str | Path, *, precision: str, engine_dir: str | P
     combined_hash = hashlib.sha256("".join(onnx_hashes[g] for g in graphs).encode()).hexdigest()
     shape_summary = (f"s{sizes[0]}-{sizes[1]}-{sizes[2]}-m{max_matches}" if manifest.get("dynamic")
                      else "static-" + shapes_tag(profiles))
-    trt_version = str(trt.__version__)
-    key = engine_cache_key(variant, gpu_name, cc, trt_version, shape_summary, precision, combined_hash)
+    key = engine_cache_key(variant, system.gpu_name, system.compute_capability, system.tensorrt_version,
+                           shape_summary, precision, combined_hash)
     out_dir = Path(engine_dir).expanduser() if engine_dir else default_engine_dir(key)
+    timing = Path(timing_cache_path).expanduser() if timing_cache_path else (
+        cache_root() / "timing" / f"{slug(system.gpu_name)}-trt{slug(system.tensorrt_version)}.cache")
     build_params = {
         "variant": variant, "model_file_path": str(onnx_dir), "engine_file_path": str(out_dir),
         "precision": precision, "engine_min_size": sizes[0], "engine_opt_size": sizes[1],
         "engine_max_size": sizes[2], "engine_max_matches": max_matches, "max_workspace_size": workspace_bytes,
+        "timing_cache_path": str(timing_cache_path or ""),
     }
-    return EnginePlan(variant, graphs, onnx_dir, out_dir, key, profiles, onnx_hashes, gpu_name, cc, trt_version,
-                      str(manifest.get("checkpoint_sha256", "")), build_params)
+    return EnginePlan(variant, graphs, onnx_dir, out_dir, key, profiles, onnx_hashes, system,
+                      str(manifest.get("checkpoint_sha256", "")), build_params, timing)
+
+
+def existing_engine_problem(engine: Path, expected: dict[str, Any], profile: dict[str, list[list[int]]]
+                            ) -> str | None:
+    """Why an existing engine cannot be reused (None: it can): no/unreadable sidecar, built for another
+    system/model/precision, replaced after the build, or another optimisation profile."""
+    try:
+        record = check_sidecar(engine, expected)
+    except EngineMismatchError as exc:
+        lines = str(exc).splitlines()
+        # check_sidecar lists its problems one per line after a header; read_sidecar says it in one line
+        details = [ln.strip().lstrip("- ") for ln in lines[1:] if ln.strip().startswith("- ")]
+        return "; ".join(details) if details else lines[0]
+    if record.get("profile") != profile:
+        return f"built for another optimisation profile ({record.get('profile')} here: {profile})"
+    return None
 
 
 def build_engine_set(onnx_dir: str | Path, *, precision: str, engine_dir: str | Path | None = None,
                      sizes: tuple[int, int, int] = (416, 832, 1664), max_matches: int = 20000,
                      workspace_bytes: int = 4 << 30, timing_cache_path: str | Path | None = None,
                      force: bool = False, device_index: int = 0, log: TextIO = sys.stderr,
-                     gpu: Callable[[int], tuple[str, str]] | None = None) -> dict[str, Path]:
+                     system: TensorRTSystem | None = None) -> dict[str, Path]:
     """Build (or reuse) the engines of every graph of an export; returns {graph: engine path}.
 
     An existing engine set whose sidecars match this system and profile is reused unless `force`.
     """
     plan = plan_engine_set(onnx_dir, precision=precision, engine_dir=engine_dir, sizes=sizes,
-                           max_matches=max_matches, workspace_bytes=workspace_bytes, device_index=device_index,
-                           gpu=gpu)
-    if timing_cache_path is None or str(timing_cache_path) == "":
-        timing_cache_path = cache_root() / "timing" / f"{slug(plan.gpu_name)}-trt{slug(plan.tensorrt_version)}.cache"
+                           max_matches=max_matches, workspace_bytes=workspace_bytes,
+                           timing_cache_path=timing_cache_path, system=system, device_index=device_index)
     print(f"engine set {plan.cache_key} -> {plan.engine_dir}", file=log)
     engines = plan.engines
     for graph in plan.graphs:
         expected = plan.expected(graph, precision)
         onnx_path = plan.onnx_dir / f"{graph}{ONNX_SUFFIX}"
         if engines[graph].is_file() and not force:
-            try:
-                record = check_sidecar(engines[graph], expected)
-                if record.get("profile") == plan.profiles[graph]:
-                    print(f"{graph}: engine up to date: {engines[graph]}", file=log)
-                    continue
-                print(f"{graph}: existing engine has another optimisation profile, rebuilding", file=log)
-            except EngineMismatchError as exc:
-                print(f"{graph}: existing engine unusable, rebuilding ({exc.args[0].splitlines()[1].strip()})",
-                      file=log)
+            problem = existing_engine_problem(engines[graph], expected, plan.profiles[graph])
+            if problem is None:
+                print(f"{graph}: engine up to date: {engines[graph]}", file=log)
+                continue
+            print(f"{graph}: existing engine unusable, rebuilding ({problem})", file=log)
         print(f"\n=== {plan.variant}/{graph}: {onnx_path} -> {engines[graph]} ({precision})", file=log)
         for name, (mn, op, mx) in plan.profiles[graph].items():
             print(f"  profile {name}: min {mn} opt {op} max {mx}", file=log)
         meta = read_onnx_metadata(onnx_path)
         facts = build_engine(onnx_path, engines[graph], plan.profiles[graph], precision=precision,
-                             workspace_bytes=workspace_bytes, timing_cache_path=timing_cache_path,
+                             workspace_bytes=workspace_bytes, timing_cache_path=plan.timing_cache_path,
                              fp32_layer_patterns=json.loads(meta.get(META_FP32_PATTERNS, "[]")), log=log)
         record = dict(expected)
         record.update(facts)
@@ -401,17 +562,71 @@ def build_engine_set(onnx_dir: str | Path, *, precision: str, engine_dir: str | 
     return engines
 
 
-def default_engine_paths(params: dict[str, Any], pipeline: Any) -> dict[str, Path]:
-    """{graph: default engine path} for core/backends/factory.py: the cache-key directory of this
-    export on this GPU + TensorRT. Raises BackendUnavailableError without TensorRT/pycuda/GPU."""
-    from .export import default_model_dir
-    from .params import PARAMS_BY_NAME
+@dataclass
+class EngineLookup:
+    """Where the TensorRT backend's engines are and whether they run here; `problem` says why not."""
 
-    def p(name: str) -> Any:
-        return params.get(name, PARAMS_BY_NAME[name].default)
+    engines: dict[str, Path]  # {graph: engine path}, existing or expected
+    onnx_paths: dict[str, Path]  # {graph: the ONNX file the engine must come from}, where known
+    problem: str | None  # None: every engine exists and its sidecar matches this system
+    command: str  # the `matchanything build-engine` command that builds these engines
 
-    onnx_dir = p("model_file_path") or default_model_dir(params, pipeline.name)
-    plan = plan_engine_set(onnx_dir, precision=p("precision"),
-                           sizes=(p("engine_min_size"), p("engine_opt_size"), p("engine_max_size")),
-                           max_matches=p("engine_max_matches"), workspace_bytes=p("max_workspace_size"))
-    return plan.engines
+
+def find_engines(params: dict[str, Any], pipeline: Any, system: TensorRTSystem) -> EngineLookup:
+    """The engines `params` ask for on `system`, checked against their sidecars (builds nothing).
+
+    With `engine_file_path` empty, the cache-key directory of the export at `model_file_path`
+    (default: the checkpoint's export) with the engine profile of `params`; otherwise that path:
+    a directory of `<graph>.engine`, a path with `{graph}`, or the engine of a single-graph variant.
+    """
+    from .backends.factory import graph_paths
+    from .export import resolve_onnx_dir
+
+    settings = engine_settings(params)
+    precision = settings["precision"]
+    variant = pipeline.name
+    try:
+        onnx_dir: Path | None = model_dir(resolve_onnx_dir({**params, "variant": variant}))
+    except ConfigError:
+        onnx_dir = None
+    have_export = onnx_dir is not None and (onnx_dir / EXPORT_MANIFEST).is_file()
+    given = str(params.get("engine_file_path") or "")
+    plan = None
+    if have_export:
+        assert onnx_dir is not None
+        plan = plan_engine_set(onnx_dir, system=system, **settings)
+    if given:
+        base = Path(given).expanduser()
+        engines = ({g: base / f"{g}{ENGINE_SUFFIX}" for g in pipeline.graphs} if base.is_dir()
+                   else graph_paths(str(base), tuple(pipeline.graphs)))
+    elif plan is not None:
+        engines = plan.engines
+    else:
+        export_hint = f" at {onnx_dir}" if onnx_dir is not None else ""
+        return EngineLookup({}, {}, f"no ONNX export{export_hint} to build an engine from, and no "
+                            "engine_file_path: export first (`matchanything export`), then build "
+                            "(`matchanything build-engine`)", "matchanything build-engine")
+    build_params = dict(plan.build_params) if plan is not None else {
+        "variant": variant, "precision": precision, "model_file_path": str(onnx_dir or "")}
+    build_params["engine_file_path"] = str(next(iter(engines.values())).parent) if given else build_params.get(
+        "engine_file_path", "")
+    command = build_command(build_params, force=False)
+    onnx_paths = ({g: onnx_dir / f"{g}{ONNX_SUFFIX}" for g in pipeline.graphs} if have_export and onnx_dir
+                  else {})
+    missing = [str(path) for path in engines.values() if not path.is_file()]
+    if missing:
+        return EngineLookup(engines, onnx_paths, f"no TensorRT engine at {', '.join(missing)}; build it with:\n  "
+                            + command, command)
+    problems = []
+    for graph, path in engines.items():
+        onnx_sha = plan.onnx_hashes.get(graph) if plan is not None else None
+        expected = expected_sidecar_fields(variant, graph, precision, onnx_sha, system.gpu_name,
+                                           system.compute_capability, system.tensorrt_version)
+        try:
+            check_sidecar(path, expected)
+        except EngineMismatchError as exc:
+            problems.append(str(exc))
+    if problems:
+        return EngineLookup(engines, onnx_paths, "stale TensorRT engine: " + "\n".join(problems), command)
+    return EngineLookup(engines, onnx_paths, None, command)
+

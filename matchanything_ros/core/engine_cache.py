@@ -12,11 +12,13 @@ No TensorRT import here: this module is shared by the builder, the backend and t
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shlex
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +54,67 @@ def cache_root() -> Path:
     return base / "matchanything_ros"
 
 
+# files at least this large have their hash remembered on disk too (small ones hash in milliseconds)
+DISK_HASH_MIN_BYTES = 32 << 20
+_hash_memo: dict[tuple[str, int, int, int], str] = {}
+
+
+def _file_identity(path: str | Path) -> tuple[str, int, int, int]:
+    st = os.stat(path)
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes (checkpoints, ONNX models, engines)."""
+    """Hex SHA-256 of a file's bytes (checkpoints, ONNX models, engines).
+
+    Remembered by (path, size, mtime, inode), in this process and in `<cache dir>/file_hashes/`:
+    a RoMa export is 1.7 GB and the node rebuilds its matcher on parameter changes, so each load
+    re-reading every file costs seconds on a Jetson. Any rewrite of a file changes its mtime
+    (or its inode, for a replacement), so it is hashed again.
+    """
+    identity = _file_identity(path)
+    known = _hash_memo.get(identity)
+    if known is not None:
+        return known
+    record = cache_root() / "file_hashes" / hashlib.sha256(repr(identity).encode()).hexdigest()
+    try:
+        known = record.read_text().strip()
+    except OSError:
+        known = None
+    if known is not None and re.fullmatch(r"[0-9a-f]{64}", known):
+        _hash_memo[identity] = known
+        return known
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if _file_identity(path) == identity:  # not rewritten while we read it
+        _hash_memo[identity] = digest
+        if identity[1] >= DISK_HASH_MIN_BYTES:
+            try:
+                write_atomic(record, (digest + "\n").encode())
+            except OSError:  # a read-only cache dir only costs the re-hash next time
+                pass
+    return digest
+
+
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` through a unique temporary file and a rename: a reader (or a
+    concurrent build of another engine sharing the timing cache) sees the old or the new file,
+    never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def slug(text: str) -> str:
@@ -110,24 +166,29 @@ def write_sidecar(engine_path: str | Path, record: dict[str, Any]) -> Path:
     out = dict(record)
     out["schema"] = SIDECAR_SCHEMA
     out["engine_sha256"] = sha256_file(engine_path)
-    path = sidecar_path(engine_path)
-    path.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
-    return path
+    return write_atomic(sidecar_path(engine_path), (json.dumps(out, indent=1, sort_keys=True) + "\n").encode())
 
 
-def rebuild_command(build_params: dict[str, Any]) -> str:
-    """The `matchanything build-engine` command line that rebuilds an engine set with `build_params`
-    (parameter name -> value, as recorded in the sidecar), forcing the rebuild."""
+def build_command(build_params: dict[str, Any], *, force: bool = True) -> str:
+    """The `matchanything build-engine` command line for `build_params` (parameter name -> value, as
+    recorded in the sidecar); `force` adds --force-engine-update (rebuild over an existing engine)."""
     args = ["matchanything", "build-engine"]
     for name, value in sorted(build_params.items()):
+        if name == "force_engine_update":
+            continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + name.replace("_", "-"))
-        else:
+        elif value != "":  # an empty path means the default: the flag's default does the same
             args += [flag, str(value)]
-    if "--force-engine-update" not in args:
-        args = [a for a in args if a != "--no-force-engine-update"] + ["--force-engine-update"]
+    if force:
+        args.append("--force-engine-update")
     return shlex.join(args)
+
+
+def rebuild_command(build_params: dict[str, Any]) -> str:
+    """The command that rebuilds an engine set with `build_params`, forcing the rebuild."""
+    return build_command(build_params, force=True)
 
 
 def read_sidecar(engine_path: str | Path) -> dict[str, Any]:

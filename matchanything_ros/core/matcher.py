@@ -52,6 +52,11 @@ class MatcherConfig:
     engine_file_path: str = default("engine_file_path")
     force_engine_update: bool = default("force_engine_update")
     max_workspace_size: int = default("max_workspace_size")
+    engine_min_size: int = default("engine_min_size")
+    engine_opt_size: int = default("engine_opt_size")
+    engine_max_size: int = default("engine_max_size")
+    engine_max_matches: int = default("engine_max_matches")
+    timing_cache_path: str = default("timing_cache_path")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -114,7 +119,7 @@ def run_pipeline(pipeline: Any, backend: Any, image0: np.ndarray, image1: np.nda
 
 class Matcher:
     def __init__(self, config: MatcherConfig | None = None) -> None:
-        from .backends.factory import create_backend
+        from .backends.factory import choose_backend
 
         self.config = config or MatcherConfig()
         params = self.config.to_params()
@@ -132,7 +137,9 @@ class Matcher:
         if not Path(self.checkpoint).is_file():
             raise CheckpointError(f"checkpoint file not found: {self.checkpoint}")
         self._sha256: str | None = None
-        self.backend = create_backend(params, self.pipeline)
+        choice = choose_backend(params, self.pipeline)
+        self.backend = choice.backend
+        self.tensorrt_skipped = choice.tensorrt_skipped  # why backend=auto did not take TensorRT
 
     def match(self, image0: np.ndarray, image1: np.ndarray) -> MatchResult:
         return run_pipeline(self.pipeline, self.backend, image0, image1)
@@ -153,6 +160,7 @@ class Matcher:
             "preset": c.preset, "resize_max": c.resize_max, "force_resize_width": c.force_resize_width,
             "force_resize_height": c.force_resize_height, "coarse_res": c.coarse_res,
             "upsample_res": c.upsample_res, "threshold": c.threshold, "package_version": __version__,
+            "tensorrt_skipped": self.tensorrt_skipped,
         }
 
     def close(self) -> None:

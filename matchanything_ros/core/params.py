@@ -28,7 +28,8 @@ class ParamSpec:
     choices: tuple[Any, ...] | None = None
     min: float | None = None
     max: float | None = None
-    # "matcher" (library+CLI+node) | "node" (ROS only) | "engine" | "build" (export/build-engine only)
+    # "matcher" (library+CLI+node) | "node" (ROS only) | "engine" (which files run) | "build" (the engine
+    # profile and builder settings: they key the engine lookup too, so a Matcher takes them as well)
     group: str = "matcher"
 
     @property
@@ -149,7 +150,7 @@ def names(*groups: str) -> tuple[str, ...]:
 
 
 # What a Matcher is built from (the library, every CLI command that matches, the node's rebuild trigger).
-MATCHER_PARAM_NAMES = names("matcher", "engine")
+MATCHER_PARAM_NAMES = names("matcher", "engine", "build")
 
 
 def defaults(group: str | None = None) -> dict[str, Any]:

@@ -188,3 +188,73 @@ def format_table(report: dict[str, Any]) -> str:
     s = report["summary"]
     rows.append(f"{s['passed_pairs']}/{s['pairs']} pairs pass -> {'PASS' if s['passed'] else 'FAIL'}")
     return "\n".join(rows)
+
+
+# --- the TensorRT checklist a Jetson user runs first -----------------------------------------------------
+
+REPORT_BACK_BEGIN = "----- matchanything TensorRT check: copy from here into the issue -----"
+REPORT_BACK_END = "----- end of the TensorRT check -----"
+
+
+@dataclass
+class CheckStep:
+    name: str
+    passed: bool | None  # None: not run (an earlier step failed)
+    detail: str
+
+
+def platform_facts() -> dict[str, str]:
+    """What identifies the machine in a report: L4T/JetPack release, Python, package version."""
+    import platform
+
+    from .. import __version__
+
+    facts = {"machine": f"{platform.machine()} {platform.system()} {platform.release()}",
+             "python": platform.python_version(), "matchanything_ros": __version__}
+    try:  # Jetson Linux: "# R36 (release), REVISION: 4.3, ..." (JetPack 6.2 is L4T 36.4.3)
+        facts["l4t"] = Path("/etc/nv_tegra_release").read_text().splitlines()[0].lstrip("# ").strip()
+    except (OSError, IndexError):
+        facts["l4t"] = "not a Jetson (no /etc/nv_tegra_release)"
+    return facts
+
+
+def engine_facts(backend: Any) -> dict[str, str]:
+    """Per-graph sidecar facts of a TensorRT backend (typing, pinned layers, build time, profile)."""
+    out = {}
+    for graph in getattr(backend, "graphs", ()):
+        sc = backend.sidecar(graph)
+        out[f"engine {graph}"] = (f"{sc.get('precision')} {sc.get('network_typing', '?')}ly typed, "
+                                  f"{sc.get('fp32_layers', '?')} fp32-pinned layers, built in "
+                                  f"{sc.get('build_seconds', '?')} s with TensorRT {sc.get('tensorrt_version')}")
+    return out
+
+
+def format_checklist(steps: list[CheckStep], facts: dict[str, str]) -> str:
+    """The block a user pastes back: every step with PASS/FAIL/not run, then the facts."""
+    lines = [REPORT_BACK_BEGIN]
+    for step in steps:
+        mark = {True: "PASS", False: "FAIL", None: "----"}[step.passed]
+        lines.append(f"[{mark}] {step.name}: {step.detail}")
+    lines += [f"{k}: {v}" for k, v in facts.items()]
+    lines.append("result: " + ("ALL PASS" if steps and all(s.passed for s in steps) else "FAILED"))
+    lines.append(REPORT_BACK_END)
+    return "\n".join(lines)
+
+
+def benchmark_checklist(configs: list[dict[str, Any]], failures: Iterable[tuple[str, str]] = ()) -> str:
+    """The block `benchmark --backend tensorrt` ends with: one step per configuration (backend, device,
+    precision, size) that ran, with its figures, and one FAIL step per configuration that could not
+    start (label, why). `configs` are core/benchmark.benchmark_config results."""
+    steps = [CheckStep(f"benchmark {label}", False, why) for label, why in failures]
+    for c in configs:
+        st = c["stages_ms"]
+        device_mb = c.get("peak_device_mb")
+        steps.append(CheckStep(
+            f"benchmark {c['label']}", True,
+            f"canvas {c.get('canvas')}, total median {st['total']['median']:.1f} ms (p10 {st['total']['p10']:.1f}, "
+            f"p90 {st['total']['p90']:.1f}); preprocess {st['preprocess']['median']:.1f} / inference "
+            f"{st['inference']['median']:.1f} / postprocess {st['postprocess']['median']:.1f} ms; "
+            f"{c['pairs_per_s']:.2f} pairs/s; {c['matches_median']:.0f} matches; peak device "
+            + (f"{device_mb:.0f} MB" if device_mb is not None else "n/a")
+            + f"; peak host RSS {c['peak_host_rss_mb']:.0f} MB ({c['runs']} runs)"))
+    return format_checklist(steps, platform_facts())

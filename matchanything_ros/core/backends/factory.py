@@ -1,24 +1,28 @@
 """Choose and build the inference backend for a pipeline.
 
 `backend=auto` tries, in order: TensorRT (if `tensorrt` and `pycuda` import, the device is not `cpu`
-and engine files exist),
+and the engines exist with sidecars that match this GPU, TensorRT version, export and precision),
 ONNX Runtime (if the ONNX files exist), then PyTorch (CUDA when available, else CPU). The chosen
-backend is logged and returned; its `name`/`device`/`precision` say what really runs.
+backend is logged and returned; its `name`/`device`/`precision` say what really runs. When `auto`
+does not take TensorRT it says why, in the log (a warning) and in `BackendChoice.tensorrt_skipped`
+(Matcher.info): no runtime, no engine at the expected path (with the command that builds it), or a
+stale engine (with the command that rebuilds it). `force_engine_update` builds the engines first.
 
 Per-graph file paths come from `model_file_path` / `engine_file_path`: a path containing
 `{graph}` is formatted per graph; a single-graph variant uses the path as is; otherwise
-`<stem>.<graph><suffix>` beside it. With an empty path, the engines module's default location is
-asked (`export.default_model_paths` / `engine_build.default_engine_paths`, if present).
+`<stem>.<graph><suffix>` beside it. With an empty path, the default location is derived
+(`export.default_model_paths`; TensorRT: `engine_build.find_engines`, the cache-key directory).
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import BackendUnavailableError, ConfigError, MatchAnythingError
+from ..errors import BackendUnavailableError, ConfigError, EngineMismatchError, MatchAnythingError
 from .base import Backend
 
 log = logging.getLogger(__name__)
@@ -82,14 +86,64 @@ def _import_backend(module: str, cls: str) -> Any:
         raise BackendUnavailableError(f"backend module {module} has no {cls}") from exc
 
 
-def _tensorrt_importable() -> bool:
+def tensorrt_runtime_problem() -> str | None:
+    """Why TensorRT cannot run in this process (None: `tensorrt` >= 10 and `pycuda` import)."""
+    from .cuda_context import import_pycuda
+    from .tensorrt_backend import import_tensorrt
+
     try:
-        trt = importlib.import_module("tensorrt")
-        importlib.import_module("pycuda")
-    except ImportError:
-        return False
-    # type stubs (tensorrt-stubs) make `import tensorrt` succeed as an empty namespace package
-    return hasattr(trt, "Runtime")
+        import_tensorrt()
+        import_pycuda()
+    except BackendUnavailableError as exc:
+        return f"no TensorRT runtime: {exc}"
+    return None
+
+
+def _tensorrt_backend(params: dict[str, Any], pipeline: Any, device: str, precision: str
+                      ) -> tuple[Backend | None, str]:
+    """(the TensorRT backend, "") or (None, why not) for `params`."""
+    from ..engine_build import build_engine_set, engine_settings, find_engines, this_system
+    from ..export import resolve_onnx_dir
+
+    problem = tensorrt_runtime_problem()
+    if problem is not None:
+        return None, problem
+    device_index = int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
+    try:
+        system = this_system(device_index)
+    except BackendUnavailableError as exc:  # e.g. no GPU or no driver
+        return None, str(exc)
+    if params.get("force_engine_update"):  # asked for explicitly: a failed build is an error, not a fallback
+        onnx_dir = resolve_onnx_dir({**params, "variant": pipeline.name})
+        log.warning("force_engine_update: building the TensorRT engines of %s (minutes; not hung)", onnx_dir)
+        build_engine_set(onnx_dir, force=True, device_index=device_index, system=system, **engine_settings(params))
+    try:
+        found = find_engines(params, pipeline, system)
+    except MatchAnythingError as exc:  # an unreadable export, sizes the export cannot take, ...
+        return None, f"cannot look up the TensorRT engines: {exc}"
+    if found.problem is not None:
+        return None, found.problem
+    # TensorRT runs on CUDA only: device auto means cuda here (resolve_device needs torch, which a
+    # TensorRT-only install such as a Jetson may not have)
+    trt_device = "cuda" if device == "auto" else device
+    cls = _import_backend("tensorrt_backend", "TensorRTBackend")
+    try:
+        backend = cls(found.engines, trt_device, precision, variant=pipeline.name,
+                      onnx_paths=found.onnx_paths or None, device_index=device_index)
+    except EngineMismatchError as exc:  # the backend checks again, on the device it opened
+        return None, f"stale TensorRT engine: {exc}"
+    return backend, ""
+
+
+@dataclass
+class BackendChoice:
+    backend: Backend
+    tensorrt_skipped: str  # why backend=auto did not take TensorRT ("" when it did, or was not asked)
+
+
+def create_backend(params: dict[str, Any], pipeline: Any) -> Backend:
+    """Build the backend `params["backend"]` asks for (see module doc for `auto`)."""
+    return choose_backend(params, pipeline).backend
 
 
 def create_torch_backend(params: dict[str, Any], pipeline: Any, device: str) -> Backend:
@@ -108,41 +162,37 @@ def create_torch_backend(params: dict[str, Any], pipeline: Any, device: str) -> 
     return TorchBackend(graphs, device, precision, keep_on_device=getattr(pipeline, "device_outputs", ()))
 
 
-def create_backend(params: dict[str, Any], pipeline: Any) -> Backend:
-    """Build the backend `params["backend"]` asks for (see module doc for `auto`)."""
+def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:
+    """The backend `params["backend"]` asks for, and why `auto` did not take TensorRT."""
     choice = params.get("backend", "auto")
-    device = resolve_device(params.get("device", "auto"))
+    asked_device = params.get("device", "auto")
     precision = params.get("precision", "fp32")
     if choice not in ("auto", "tensorrt", "onnxruntime", "torch"):
         raise ConfigError(f"unknown backend {choice!r}")
-    backend: Backend
+    backend: Backend | None
+    skipped = ""
     if choice in ("auto", "tensorrt"):
-        trt_importable = _tensorrt_importable()
-        # auto tries TensorRT only where it can run: importable, and not on a device asked to be the CPU
-        # (looking up the default engines hashes the checkpoint: not for nothing)
-        tried = choice == "tensorrt" or (trt_importable and params.get("device", "auto") != "cpu")
-        engines = (_files(params, pipeline, "engine_file_path", "engine_build", "default_engine_paths")
-                   if tried else None)
-        if engines is not None and trt_importable:
-            # TensorRT runs on CUDA only: device auto means cuda here (resolve_device needs torch, which a
-            # TensorRT-only install such as a Jetson may not have)
-            trt_device = "cuda" if params.get("device", "auto") == "auto" else device
-            backend = _import_backend("tensorrt_backend", "TensorRTBackend")(engines, trt_device, precision)
-            log.info("backend: tensorrt (%s)", ", ".join(map(str, engines.values())))
-            return backend
-        if choice == "tensorrt":
-            why = "no engine file" if engines is None else "tensorrt/pycuda not importable"
-            raise BackendUnavailableError(
-                f"TensorRT backend unavailable: {why} (build an engine with `matchanything build-engine`)")
+        if choice == "auto" and asked_device == "cpu":
+            skipped = "device is cpu (TensorRT runs on CUDA GPUs only)"
+            log.info("backend auto: not TensorRT: %s", skipped)
+        else:
+            backend, skipped = _tensorrt_backend(params, pipeline, asked_device, precision)
+            if backend is not None:
+                log.info("backend: tensorrt (%s)", ", ".join(map(str, getattr(backend, "files", {}).values())))
+                return BackendChoice(backend, "")
+            if choice == "tensorrt":
+                raise BackendUnavailableError(f"TensorRT backend unavailable: {skipped}")
+            log.warning("backend auto: not using TensorRT: %s", skipped)
+    device = resolve_device(asked_device)
     if choice in ("auto", "onnxruntime"):
         models = _files(params, pipeline, "model_file_path", "export", "default_model_paths")
         if models is not None:
             backend = _import_backend("onnxruntime_backend", "OnnxRuntimeBackend")(models, device, precision)
             log.info("backend: onnxruntime on %s (%s)", backend.device, ", ".join(map(str, models.values())))
-            return backend
+            return BackendChoice(backend, skipped)
         if choice == "onnxruntime":
             raise BackendUnavailableError("ONNX Runtime backend unavailable: no ONNX files for "
                                           f"{pipeline.name} (export them with `matchanything export`)")
     backend = create_torch_backend(params, pipeline, device)
     log.info("backend: torch on %s, %s", backend.device, backend.precision)
-    return backend
+    return BackendChoice(backend, skipped)

@@ -1,4 +1,4 @@
-"""TensorRT 10 backend: serialized engines run on a dedicated CUDA stream. Imports tensorrt, pycuda, numpy only.
+"""TensorRT backend (10 and 11): serialized engines on a dedicated CUDA stream. Imports tensorrt, pycuda, numpy only.
 
 No torch on this path, so a Jetson needs no PyTorch. All CUDA work happens on one worker thread
 (`CudaWorker`: primary context retained and pushed per task, one non-blocking stream, pinned +
@@ -30,7 +30,7 @@ except (ImportError, OSError):  # not installed, or its CUDA libraries are missi
 
 
 def import_tensorrt() -> Any:
-    """The `tensorrt` module (10.x), or a BackendUnavailableError saying how to install it."""
+    """The `tensorrt` module (10.x or 11.x), or a BackendUnavailableError saying how to install it."""
     # a directory with only type stubs (tensorrt-stubs) imports as an empty namespace package
     if trt is None or not hasattr(trt, "Runtime"):
         raise BackendUnavailableError(

@@ -1,0 +1,5 @@
+from launch import Entity
+
+
+class Shutdown(Entity):
+    pass
