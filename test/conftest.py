@@ -56,6 +56,9 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     return None if seed is None else f"test order shuffled with --shuffle-seed={seed}"
 
 
+# OpenCV prepends to LD_LIBRARY_PATH when first imported: import it before any test takes a snapshot
+import cv2  # noqa: E402,F401
+
 # set by pytest itself, and by torch's inductor the first time it is used (it memoises its cache folder there)
 ENVIRON_OWNED_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
 
