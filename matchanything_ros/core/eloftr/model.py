@@ -317,6 +317,16 @@ def _up2(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+# fp16 precision islands: name -> the modules kept in fp32. "fpn": the fine FPN; "fpn_backbone12": also the
+# backbone's layers 0-2 (the 1/2 and 1/4 maps the FPN reads); "fpn_backbone": the whole backbone too.
+FP32_ISLANDS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "fpn": ("fine_preprocess",),
+    "fpn_backbone12": ("fine_preprocess", "backbone.layer0", "backbone.layer1", "backbone.layer2"),
+    "fpn_backbone": ("fine_preprocess", "backbone.layer0", "backbone.layer1", "backbone.layer2", "backbone.layer3"),
+}
+
+
 class EloftrNet(nn.Module):
     """Holds the parameters under the checkpoint's names. Use the graph modules to run it."""
 
@@ -328,29 +338,41 @@ class EloftrNet(nn.Module):
         self.fine_preprocess = FinePreprocess(cfg)
 
     channels_last = False  # speed form: convolution maps in channels-last memory layout
-    fine_fp32 = False  # CUDA: run the fine FPN in fp32 even under fp16 autocast (see store_half_weights)
+    # CUDA fp16: the parts kept in fp32 (weights and arithmetic) for the fine level's sake, see FP32_ISLANDS
+    fp32_island = "none"
 
-    def store_half_weights(self, fine_fp32: bool = True) -> "EloftrNet":
+    def store_half_weights(self, fp32_island: str = "fpn") -> "EloftrNet":
         """fp16 runs: convolution/linear weights stored in fp16 once, so autocast casts nothing per run.
 
-        Normalisation parameters stay fp32 (autocast runs layer norm in fp32). With `fine_fp32` the fine
-        FPN keeps fp32 weights and runs in fp32: the fine-level argmax needs those maps' precision.
+        Normalisation parameters stay fp32 (autocast runs layer norm in fp32). The modules of
+        `fp32_island` keep fp32 weights and run in fp32 under autocast: the fine-level argmax compares
+        near-equal similarities of the maps they produce.
         """
-        self.fine_fp32 = fine_fp32
+        if fp32_island not in FP32_ISLANDS:
+            raise ValueError(f"fp32_island must be one of {tuple(FP32_ISLANDS)}, got {fp32_island!r}")
+        self.fp32_island = fp32_island
+        keep = FP32_ISLANDS[fp32_island]
         for name, module in self.named_modules():
-            if fine_fp32 and name.startswith("fine_preprocess"):
+            if any(name == k or name.startswith(k + ".") for k in keep):
                 continue
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 module.half()
         return self
 
-    def to_speed_form(self) -> "EloftrNet":
-        """Fused RepVGG, SDPA attention, channels-last convolutions (in place; not bit-exact)."""
-        fuse_repvgg(self.backbone)
-        self.set_sdpa(True)
-        self.channels_last = True
-        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # supported, not in the stubs
-        return self
+    def _in_fp32(self, part: str, x: torch.Tensor) -> bool:
+        return x.is_cuda and part in FP32_ISLANDS[self.fp32_island]
+
+    def _backbone(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self._in_fp32("backbone.layer0", x):
+            return self.backbone(x)
+        b = self.backbone
+        with torch.autocast("cuda", enabled=False):
+            x1 = b.layer1(b.layer0(x.float()))
+            x2 = b.layer2(x1)
+        if self._in_fp32("backbone.layer3", x):
+            with torch.autocast("cuda", enabled=False):
+                return b.layer3(x2), x2, x1
+        return b.layer3(x2), x2, x1
 
     def set_sdpa(self, enabled: bool) -> None:
         for layer in self.loftr_coarse.layers:
@@ -369,15 +391,15 @@ class EloftrNet(nn.Module):
             image0 = image0.contiguous(memory_format=torch.channels_last)
             image1 = image1.contiguous(memory_format=torch.channels_last)
         if image0.shape == image1.shape:  # the original batches the pair when sizes agree
-            c, x2, x1 = self.backbone(torch.cat([image0, image1], 0))
+            c, x2, x1 = self._backbone(torch.cat([image0, image1], 0))
             c0, c1 = c[:1], c[1:]
             x2_0, x2_1, x1_0, x1_1 = x2[:1], x2[1:], x1[:1], x1[1:]
         else:
-            c0, x2_0, x1_0 = self.backbone(image0)
-            c1, x2_1, x1_1 = self.backbone(image1)
+            c0, x2_0, x1_0 = self._backbone(image0)
+            c1, x2_1, x1_1 = self._backbone(image1)
         t0, t1 = self.loftr_coarse(c0, c1, mask0, mask1, valid)
         norm = self.cfg.d_model**0.5  # the original's norm_fpnfeat (a Python constant: exports cleanly)
-        if self.fine_fp32 and t0.is_cuda:
+        if self._in_fp32("fine_preprocess", t0):
             # fp32 island: the fine-level argmax compares near-equal similarities of these maps
             with torch.autocast("cuda", enabled=False):
                 ff0, ff1 = self._fine_maps(t0.float(), t1.float(), x2_0.float(), x2_1.float(), x1_0.float(),

@@ -79,10 +79,14 @@ class EloftrPipeline:
         self.coarse_full = coarse_mode == "full" or (coarse_mode == "auto" and not self.topk_exact)
         self.last_coarse: CoarseMatches | None = None
         # the product graph's cap on matches per frame: the same bound the engines' fine graph has
-        self.max_matches = int(_param(config, "engine_max_matches"))
+        self.max_matches = self.max_matches_override or int(_param(config, "engine_max_matches"))
         self.product = False  # set by torch_graphs when it builds the product graph (torch on CUDA)
-        self.product_head = "lse_compiled"  # CUDA matching head of the product graph (see EloftrProduct)
-        self.fine_fp32 = True  # fp16: the fine FPN in fp32 (EloftrNet.store_half_weights)
+
+    # product-graph choices (class-wide; the device benchmark compares them)
+    use_product_graph = True  # torch on CUDA runs the one-graph path
+    product_head = "lse_compiled"  # CUDA matching head of the product graph (see EloftrProduct)
+    fp32_island = "fpn"  # fp16: what stays fp32 (model.FP32_ISLANDS, EloftrNet.store_half_weights)
+    max_matches_override: int | None = None  # benchmarks: a cap other than engine_max_matches
 
     # --- VariantPipeline -----------------------------------------------------------------------
     def preprocess(self, image0: np.ndarray, image1: np.ndarray) -> tuple[dict[str, np.ndarray], EloftrMeta]:
@@ -180,13 +184,15 @@ class EloftrPipeline:
         if speed_form if speed_form is not None else precision == "fp16":
             net.to_speed_form()
         if precision == "fp16":
-            net.store_half_weights(fine_fp32=self.fine_fp32)
+            net.store_half_weights(self.fp32_island)
         full = self.coarse_full if full_conf is None else full_conf
         graphs: dict[str, torch.nn.Module] = {"coarse": EloftrCoarse(net, exact_full_conf=full).eval(),
                                               "fine": EloftrFine(self.model_config).eval()}
         # the product graph: torch on CUDA with the top-K head (exact at this threshold); `product=True`
         # also builds it on the CPU (tests compare it with the host path there)
-        if (product if product is not None else str(device).startswith("cuda")) and not full:
+        if product is None:
+            product = self.use_product_graph and str(device).startswith("cuda")
+        if product and not full:
             head = self.product_head if str(device).startswith("cuda") else "dsmax"
             graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches, head).eval()
             self.product = True
