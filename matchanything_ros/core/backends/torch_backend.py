@@ -156,6 +156,8 @@ class TorchBackend:
                         for _ in range(2):  # warm-up: cuDNN autotuning and lazy initialisation stay out
                             module(*static)
                     self.stream.synchronize()
+                    # the warm-up's cached blocks are not reused by the capture's private pool: release them
+                    torch.cuda.empty_cache()
                     cuda_graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(cuda_graph, stream=self.stream), self._autocast():
                         outs = module(*static)

@@ -374,6 +374,14 @@ class EloftrNet(nn.Module):
                 return b.layer3(x2), x2, x1
         return b.layer3(x2), x2, x1
 
+    def to_speed_form(self) -> "EloftrNet":
+        """Fused RepVGG, SDPA attention, channels-last convolutions (in place; not bit-exact)."""
+        fuse_repvgg(self.backbone)
+        self.set_sdpa(True)
+        self.channels_last = True
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # supported, not in the stubs
+        return self
+
     def set_sdpa(self, enabled: bool) -> None:
         for layer in self.loftr_coarse.layers:
             assert isinstance(layer, AggregatedAttentionLayer)
@@ -721,7 +729,8 @@ class EloftrProduct(nn.Module):
     the 1/8 masks, backbone, transformer, matching head, threshold/border/valid selection compacted to
     `max_matches` rows in row-major order, fine refinement. Row 0 is a header: (count of passing
     coarse matches — more than max_matches means the frame was capped —, truncated rows, max_matches);
-    rows 1.. are PRODUCT_COLUMNS, the first min(count, max_matches) of them used. Indices and counts
+    rows 1.. are PRODUCT_COLUMNS, the first min(count, cap) of them used, cap = min(max_matches, image0
+    cells). Indices and counts
     are exact in float32 (below 2**24). The inputs are the stage-2 RGB images (after the truncating
     cast; for images that need no resize, the input images themselves), sides multiples of 32.
     """
@@ -793,7 +802,9 @@ class EloftrProduct(nn.Module):
         else:
             cand_j, cand_conf = self._lse(t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model, cfg.border_rm,
                                           cfg.candidates_per_cell)
-        cap = min(self.max_matches, cand_conf.shape[1] * cand_conf.shape[2])
+        # at most one row per image0 cell (and max_matches): the fine level costs per row, padded or not
+        # (H200, 832²: 11 ms for 20000 rows), and a frame with more matches than cells says so in its header
+        cap = min(self.max_matches, cand_conf.shape[1])
         i_ids, j_ids, mconf, count, truncated = select_on_device(cand_j, cand_conf, mask0, mask1, self.threshold,
                                                                  cfg.border_rm, cap)
         # the fine level in fixed chunks: its memory stays bounded whatever the cap

@@ -85,7 +85,10 @@ class EloftrPipeline:
     # product-graph choices (class-wide; the device benchmark compares them)
     use_product_graph = True  # torch on CUDA runs the one-graph path
     product_head = "lse_compiled"  # CUDA matching head of the product graph (see EloftrProduct)
-    fp32_island = "fpn"  # fp16: what stays fp32 (model.FP32_ISLANDS, EloftrNet.store_half_weights)
+    # fp16: what stays fp32 (model.FP32_ISLANDS). Measured on an H200 (bench/results/h200_2026-12-01): with
+    # "fpn_backbone12" fp16 reproduces 99.7-99.8 % of fp32's matches within 1 px on held-out real pairs,
+    # with "fpn" or "none" 99.0-99.5 %, at the same speed
+    fp32_island = "fpn_backbone12"
     max_matches_override: int | None = None  # benchmarks: a cap other than engine_max_matches
 
     # --- VariantPipeline -----------------------------------------------------------------------
