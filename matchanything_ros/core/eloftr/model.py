@@ -773,7 +773,9 @@ class EloftrProduct(nn.Module):
         h, w = rgb.shape[0], rgb.shape[1]
         s, rows, cols = self.canvas_geometry(h, w)
         c = rgb.to(torch.int32)
-        luma = (19595 * c[..., 0] + 38470 * c[..., 1] + 7471 * c[..., 2] + 0x8000) >> 16  # Pillow "L"
+        # Pillow "L" (a floor division, not >>: ONNX shifts only unsigned integers; equal for these values)
+        weighted = 19595 * c[..., 0] + 38470 * c[..., 1] + 7471 * c[..., 2] + 0x8000
+        luma = torch.div(weighted, 65536, rounding_mode="floor")
         image = F.pad(self.u8_to_unit[luma.long()], (0, s - w, 0, s - h))[None, None]
         n = s // self.cfg.coarse_stride
         grid = torch.arange(n, device=rgb.device)
