@@ -569,15 +569,16 @@ def gather_windows(feat: torch.Tensor, cell_ids: torch.Tensor, window: int, ring
     c, w = feat.shape[1], feat.shape[3]
     wc = w // stride
     size = window + 2 * ring
-    padded = F.pad(feat[0], (ring, ring, ring, ring)).flatten(1)  # [C, (h+2r)*(w+2r)]
+    # pixels as rows of C contiguous channels: each gathered pixel is one contiguous read (a gather along
+    # the channel-major layout reads every value from a different place); free for channels-last maps
+    pixels = F.pad(feat[0], (ring, ring, ring, ring)).permute(1, 2, 0).reshape(-1, c)  # [(h+2r)*(w+2r), C]
     top = torch.div(cell_ids, wc, rounding_mode="floor") * stride
     left = (cell_ids % wc) * stride
     offs = torch.arange(size, device=feat.device)
     rows = top[:, None, None] + offs[None, :, None]
     cols = left[:, None, None] + offs[None, None, :]
     flat = (rows * (w + 2 * ring) + cols).reshape(-1)  # [M*size*size]
-    out = padded.index_select(1, flat).reshape(c, -1, size * size)
-    return out.permute(1, 2, 0)
+    return pixels.index_select(0, flat).reshape(-1, size * size, c)
 
 
 class EloftrFine(nn.Module):
