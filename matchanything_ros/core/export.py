@@ -318,6 +318,70 @@ def export_eloftr(pipeline: Any, state_dict: dict[str, "torch.Tensor"], out_dir:
     return files
 
 
+PRODUCT_INPUTS = ("rgb0", "rgb1")  # uint8 [H,W,3] stage-2 RGB images (see model.EloftrProduct)
+PRODUCT_OUTPUTS = ("matches",)  # float32 [1 + cap, 7]: header row + model.PRODUCT_COLUMNS rows
+
+
+def export_eloftr_product(pipeline: Any, state_dict: dict[str, "torch.Tensor"], path: str | Path, *,
+                          image0: np.ndarray, image1: np.ndarray, checkpoint_sha256: str,
+                          opset: int = DEFAULT_OPSET, log: TextIO = sys.stderr) -> dict[str, Any]:
+    """The ELoFTR product graph (one model: uint8 images in, padded matches out) for the sizes of
+    `image0`/`image1`, fixed-shape, verified with ONNX Runtime against torch on those images.
+
+    Returns a report: ONNX checks, the operators TensorRT's parser would refuse (recorded, not raised:
+    the device selection sorts all L0*K candidates, a TopK beyond TensorRT's K limit), the verification.
+    """
+    import onnxruntime as ort
+    import torch
+
+    from .eloftr.model import EloftrProduct
+
+    if opset < MIN_OPSET:
+        raise ConfigError(f"opset {opset} is below the minimum {MIN_OPSET}")
+    module = EloftrProduct(pipeline.build_net(state_dict), pipeline.threshold, pipeline.max_matches, "dsmax").eval()
+    rgb0, rgb1 = torch.from_numpy(np.ascontiguousarray(image0)), torch.from_numpy(np.ascontiguousarray(image1))
+    with torch.inference_mode():
+        expected = module(rgb0, rgb1).numpy()
+    out = Path(path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on the Python-int sizes, which are fixed here by design
+        raw = Path(tmp) / "product.onnx"
+        torch.onnx.export(module, (rgb0, rgb1), str(raw), dynamo=False, opset_version=opset,
+                          input_names=list(PRODUCT_INPUTS), output_names=list(PRODUCT_OUTPUTS),
+                          do_constant_folding=True)
+        model = onnx.load(str(raw))
+    meta = eloftr_metadata(pipeline, "product", checkpoint_sha256, (max(image0.shape[:2]), max(image1.shape[:2])))
+    meta.update(dynamic_dims={}, image_shapes=[list(image0.shape), list(image1.shape)],
+                threshold=pipeline.threshold, max_matches=pipeline.max_matches)
+    set_metadata(model, meta)
+    save_model(model, out)
+    try:
+        onnx.checker.check_model(str(out), full_check=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx.shape_inference.infer_shapes_path(str(out), str(Path(tmp) / "inferred.onnx"), check_type=True,
+                                                   strict_mode=True)
+    except Exception as exc:  # checker / inference errors
+        raise ExportCheckError(f"{out}: ONNX checks failed: {exc}") from exc
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"rgb0": np.ascontiguousarray(image0), "rgb1": np.ascontiguousarray(image1)})[0]
+    n = int(expected[0, 0])
+    rows = min(n, int(expected[0, 2]))
+    same_header = bool(np.array_equal(got[0, :3], expected[0, :3]))
+    same_pairs = bool(np.array_equal(got[1:rows + 1, :2], expected[1:rows + 1, :2]))
+    err = float(np.abs(got[1:rows + 1, 2:] - expected[1:rows + 1, 2:]).max()) if rows else 0.0
+    print(f"product: exported {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.monotonic() - t0:.0f} s; "
+          f"ONNX Runtime: {rows} matches, same list {same_pairs}, max keypoint/conf difference {err:.2e}", file=log)
+    if not (same_header and same_pairs and err < 1e-2):
+        raise ExportCheckError(f"ONNX Runtime disagrees with torch on the product graph: same count {same_header}, "
+                               f"same (i, j) list {same_pairs}, max difference {err:.3g}")
+    return {"file": str(out), "matches": rows, "max_abs_diff": err,
+            "trt_unsupported_ops": trt_unsupported_ops(onnx.load(str(out), load_external_data=False))}
+
+
 # --- RoMa ---------------------------------------------------------------------------------------------
 
 ROMA_GP_SOLVER = "newton_schulz"  # fixed-count matrix products: no Inverse op, exports to ONNX and TensorRT

@@ -2,17 +2,47 @@
 
 fp16 = autocast: convolutions/matmuls in half, while the graphs themselves keep the dual softmax,
 similarities and fine-level matching in float32 (they cast explicitly).
+
+torch's numeric switches (cuDNN autotuning, TF32) are process-wide; a backend sets the ones its
+precision needs only around its own runs (`numeric_flags`) and restores them after, so one matcher
+never changes another's numerics or memory (an fp32 matcher after an fp16 one once autotuned its way
+to 34 GB).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from ..errors import BackendUnavailableError, ConfigError
+
+
+# cuDNN autotuning per precision (canvases are fixed per camera, so it pays once per capture)
+CUDNN_BENCHMARK = {"fp32": False, "fp16": True}
+
+
+@contextlib.contextmanager
+def numeric_flags(device_type: str, precision: str) -> Iterator[None]:
+    """Set torch's process-wide numeric switches for one run of this backend, restore them after.
+
+    CUDA fp32 means fp32 (no TF32); cuDNN autotuning as CUDNN_BENCHMARK says. The CPU sets nothing.
+    """
+    if device_type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        if precision == "fp32":
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = CUDNN_BENCHMARK[precision]
+        yield
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = saved
 
 
 def graph_input_names(module: torch.nn.Module) -> list[str]:
@@ -37,12 +67,6 @@ class TorchBackend:
             raise BackendUnavailableError("fp16 needs CUDA; use precision fp32 on the CPU")
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
-        if dev.type == "cuda" and precision == "fp32":
-            # fp32 means fp32: no TF32 in convolutions/matmuls (process-wide torch switches)
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-        if dev.type == "cuda" and precision == "fp16":
-            torch.backends.cudnn.benchmark = True  # canvases are fixed per camera: pick the fastest kernels
         self.torch_device = dev
         self.device = str(dev)
         self.precision = precision
@@ -54,6 +78,8 @@ class TorchBackend:
         # ~1000 kernel launches, which otherwise cost more CPU time than the GPU spends computing
         self.cuda_graphs = cuda_graphs and dev.type == "cuda"
         self._captured: dict[tuple[Any, ...], tuple[Any, list[torch.Tensor], Any]] = {}
+        self._pinned: dict[tuple[str, str], torch.Tensor] = {}  # (graph, output) -> pinned host buffer
+        self._done: Any = torch.cuda.Event(blocking=True) if self.stream is not None else None
         self._closed = False
 
     def _to_tensor(self, value: Any) -> torch.Tensor:
@@ -69,26 +95,42 @@ class TorchBackend:
         stream_ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         autocast = (torch.autocast("cuda", dtype=torch.float16) if self.precision == "fp16"
                     else contextlib.nullcontext())
-        if self.cuda_graphs and hasattr(module, "capture_key"):
-            outs = self._run_captured(graph, module, names, inputs)
-        else:
-            with torch.inference_mode(), stream_ctx, autocast:
-                args = [self._to_tensor(inputs[n]) for n in names]
-                outs = module(*args)
-        if self.stream is not None:
-            self.stream.synchronize()
+        with numeric_flags(self.torch_device.type, self.precision):
+            if self.cuda_graphs and hasattr(module, "capture_key"):
+                outs = self._run_captured(graph, module, names, inputs)
+            else:
+                with torch.inference_mode(), stream_ctx, autocast:
+                    args = [self._to_tensor(inputs[n]) for n in names]
+                    outs = module(*args)
         if isinstance(outs, dict):
             items = list(outs.items())
         else:
             outs = (outs,) if isinstance(outs, torch.Tensor) else outs
             items = list(zip(getattr(module, "output_names"), outs))
         result: dict[str, Any] = {}
-        for n, t in items:
-            if n in self.keep_on_device:
-                result[n] = t
-            else:
+        if self.stream is None:
+            for n, t in items:
+                result[n] = t if n in self.keep_on_device else t.numpy()
+            return result
+        # CUDA: every host-bound output goes down by an async copy into a reused pinned buffer, on the
+        # backend's stream after the graph; one synchronisation, then numpy copies of the small results
+        pending: list[tuple[str, torch.Tensor]] = []
+        with torch.inference_mode(), torch.cuda.stream(self.stream):
+            for n, t in items:
+                if n in self.keep_on_device:
+                    result[n] = t
+                    continue
                 t = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-                result[n] = t.cpu().numpy()
+                host = self._pinned.get((graph, n))
+                if host is None or host.shape != t.shape or host.dtype != t.dtype:
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    self._pinned[(graph, n)] = host
+                host.copy_(t, non_blocking=True)
+                pending.append((n, host))
+            self._done.record(self.stream)
+        self._done.synchronize()  # a blocking-sync event: the thread sleeps instead of spinning a core
+        for n, host in pending:
+            result[n] = host.numpy().copy()  # the pinned buffer is reused by the next run
         return result
 
     def _autocast(self) -> Any:
@@ -114,6 +156,8 @@ class TorchBackend:
                         for _ in range(2):  # warm-up: cuDNN autotuning and lazy initialisation stay out
                             module(*static)
                     self.stream.synchronize()
+                    # the warm-up's cached blocks are not reused by the capture's private pool: release them
+                    torch.cuda.empty_cache()
                     cuda_graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(cuda_graph, stream=self.stream), self._autocast():
                         outs = module(*static)
@@ -121,8 +165,11 @@ class TorchBackend:
                 self._captured[key] = entry
             cuda_graph, static, outs = entry
             with torch.cuda.stream(self.stream):
-                for buf, name in zip(static, names):
-                    buf.copy_(self._to_tensor(inputs[name]), non_blocking=True)
+                for buf, name in zip(static, names):  # host arrays go straight into the static buffers
+                    value = inputs[name]
+                    if not isinstance(value, torch.Tensor):
+                        value = torch.from_numpy(np.ascontiguousarray(value))
+                    buf.copy_(value, non_blocking=True)
                 cuda_graph.replay()
         return outs
 
@@ -132,6 +179,7 @@ class TorchBackend:
         self._closed = True
         self.graphs.clear()
         self._captured.clear()
+        self._pinned.clear()
         self.stream = None
         if self.torch_device.type == "cuda":
             torch.cuda.empty_cache()

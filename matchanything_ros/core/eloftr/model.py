@@ -250,12 +250,15 @@ class CoarseTransformer(nn.Module):
         return rows // multiple * multiple, cols // multiple * multiple
 
     def forward(
-        self, feat0: torch.Tensor, feat1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor
+        self, feat0: torch.Tensor, feat1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor,
+        valid: tuple[tuple[int, int], tuple[int, int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         H0, W0 = feat0.shape[-2:]
         H1, W1 = feat1.shape[-2:]
-        if self.fixed_valid is not None:
-            (h0, w0), (h1, w1) = self.fixed_valid
+        if valid is None:
+            valid = self.fixed_valid
+        if valid is not None:  # crop sizes known on the host (no device read of the masks)
+            (h0, w0), (h1, w1) = valid
         else:
             h0, w0 = self.valid_size(mask0, self.agg_size0)
             h1, w1 = self.valid_size(mask1, self.agg_size1)
@@ -314,6 +317,16 @@ def _up2(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+# fp16 precision islands: name -> the modules kept in fp32. "fpn": the fine FPN; "fpn_backbone12": also the
+# backbone's layers 0-2 (the 1/2 and 1/4 maps the FPN reads); "fpn_backbone": the whole backbone too.
+FP32_ISLANDS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "fpn": ("fine_preprocess",),
+    "fpn_backbone12": ("fine_preprocess", "backbone.layer0", "backbone.layer1", "backbone.layer2"),
+    "fpn_backbone": ("fine_preprocess", "backbone.layer0", "backbone.layer1", "backbone.layer2", "backbone.layer3"),
+}
+
+
 class EloftrNet(nn.Module):
     """Holds the parameters under the checkpoint's names. Use the graph modules to run it."""
 
@@ -325,6 +338,41 @@ class EloftrNet(nn.Module):
         self.fine_preprocess = FinePreprocess(cfg)
 
     channels_last = False  # speed form: convolution maps in channels-last memory layout
+    # CUDA fp16: the parts kept in fp32 (weights and arithmetic) for the fine level's sake, see FP32_ISLANDS
+    fp32_island = "none"
+
+    def store_half_weights(self, fp32_island: str = "fpn") -> "EloftrNet":
+        """fp16 runs: convolution/linear weights stored in fp16 once, so autocast casts nothing per run.
+
+        Normalisation parameters stay fp32 (autocast runs layer norm in fp32). The modules of
+        `fp32_island` keep fp32 weights and run in fp32 under autocast: the fine-level argmax compares
+        near-equal similarities of the maps they produce.
+        """
+        if fp32_island not in FP32_ISLANDS:
+            raise ValueError(f"fp32_island must be one of {tuple(FP32_ISLANDS)}, got {fp32_island!r}")
+        self.fp32_island = fp32_island
+        keep = FP32_ISLANDS[fp32_island]
+        for name, module in self.named_modules():
+            if any(name == k or name.startswith(k + ".") for k in keep):
+                continue
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.half()
+        return self
+
+    def _in_fp32(self, part: str, x: torch.Tensor) -> bool:
+        return x.is_cuda and part in FP32_ISLANDS[self.fp32_island]
+
+    def _backbone(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self._in_fp32("backbone.layer0", x):
+            return self.backbone(x)
+        b = self.backbone
+        with torch.autocast("cuda", enabled=False):
+            x1 = b.layer1(b.layer0(x.float()))
+            x2 = b.layer2(x1)
+        if self._in_fp32("backbone.layer3", x):
+            with torch.autocast("cuda", enabled=False):
+                return b.layer3(x2), x2, x1
+        return b.layer3(x2), x2, x1
 
     def to_speed_form(self) -> "EloftrNet":
         """Fused RepVGG, SDPA attention, channels-last convolutions (in place; not bit-exact)."""
@@ -340,21 +388,37 @@ class EloftrNet(nn.Module):
             layer.use_sdpa = enabled
 
     def features(
-        self, image0: torch.Tensor, image1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor
+        self, image0: torch.Tensor, image1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor,
+        valid: tuple[tuple[int, int], tuple[int, int]] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Backbone + transformer + fine FPN; every intermediate the parity tests look at."""
+        """Backbone + transformer + fine FPN; every intermediate the parity tests look at.
+
+        `valid`: the transformer's crop sizes when the caller knows them on the host (see CoarseTransformer).
+        """
         if self.channels_last:
             image0 = image0.contiguous(memory_format=torch.channels_last)
             image1 = image1.contiguous(memory_format=torch.channels_last)
         if image0.shape == image1.shape:  # the original batches the pair when sizes agree
-            c, x2, x1 = self.backbone(torch.cat([image0, image1], 0))
+            c, x2, x1 = self._backbone(torch.cat([image0, image1], 0))
             c0, c1 = c[:1], c[1:]
             x2_0, x2_1, x1_0, x1_1 = x2[:1], x2[1:], x1[:1], x1[1:]
         else:
-            c0, x2_0, x1_0 = self.backbone(image0)
-            c1, x2_1, x1_1 = self.backbone(image1)
-        t0, t1 = self.loftr_coarse(c0, c1, mask0, mask1)
+            c0, x2_0, x1_0 = self._backbone(image0)
+            c1, x2_1, x1_1 = self._backbone(image1)
+        t0, t1 = self.loftr_coarse(c0, c1, mask0, mask1, valid)
         norm = self.cfg.d_model**0.5  # the original's norm_fpnfeat (a Python constant: exports cleanly)
+        if self._in_fp32("fine_preprocess", t0):
+            # fp32 island: the fine-level argmax compares near-equal similarities of these maps
+            with torch.autocast("cuda", enabled=False):
+                ff0, ff1 = self._fine_maps(t0.float(), t1.float(), x2_0.float(), x2_1.float(), x1_0.float(),
+                                           x1_1.float(), norm)
+        else:
+            ff0, ff1 = self._fine_maps(t0, t1, x2_0, x2_1, x1_0, x1_1, norm)
+        return {"feats_c0": c0, "feats_c1": c1, "feats_x2_0": x2_0, "feats_x2_1": x2_1, "feats_x1_0": x1_0,
+                "feats_x1_1": x1_1, "transformer0": t0, "transformer1": t1, "feat_f0": ff0, "feat_f1": ff1}
+
+    def _fine_maps(self, t0: torch.Tensor, t1: torch.Tensor, x2_0: torch.Tensor, x2_1: torch.Tensor,
+                   x1_0: torch.Tensor, x1_1: torch.Tensor, norm: float) -> tuple[torch.Tensor, torch.Tensor]:
         if t0.shape == t1.shape:
             f = self.fine_preprocess(_fpn_input(t0, t1, scale=norm), torch.cat([x2_0, x2_1], 0),
                                      torch.cat([x1_0, x1_1], 0))
@@ -362,8 +426,7 @@ class EloftrNet(nn.Module):
         else:
             ff0 = self.fine_preprocess(_fpn_input(t0, scale=norm), x2_0, x1_0)
             ff1 = self.fine_preprocess(_fpn_input(t1, scale=norm), x2_1, x1_1)
-        return {"feats_c0": c0, "feats_c1": c1, "feats_x2_0": x2_0, "feats_x2_1": x2_1, "feats_x1_0": x1_0,
-                "feats_x1_1": x1_1, "transformer0": t0, "transformer1": t1, "feat_f0": ff0, "feat_f1": ff1}
+        return ff0, ff1
 
 
 def _flat_cells(x: torch.Tensor) -> torch.Tensor:
@@ -506,15 +569,16 @@ def gather_windows(feat: torch.Tensor, cell_ids: torch.Tensor, window: int, ring
     c, w = feat.shape[1], feat.shape[3]
     wc = w // stride
     size = window + 2 * ring
-    padded = F.pad(feat[0], (ring, ring, ring, ring)).flatten(1)  # [C, (h+2r)*(w+2r)]
+    # pixels as rows of C contiguous channels: each gathered pixel is one contiguous read (a gather along
+    # the channel-major layout reads every value from a different place); free for channels-last maps
+    pixels = F.pad(feat[0], (ring, ring, ring, ring)).permute(1, 2, 0).reshape(-1, c)  # [(h+2r)*(w+2r), C]
     top = torch.div(cell_ids, wc, rounding_mode="floor") * stride
     left = (cell_ids % wc) * stride
     offs = torch.arange(size, device=feat.device)
     rows = top[:, None, None] + offs[None, :, None]
     cols = left[:, None, None] + offs[None, None, :]
     flat = (rows * (w + 2 * ring) + cols).reshape(-1)  # [M*size*size]
-    out = padded.index_select(1, flat).reshape(c, -1, size * size)
-    return out.permute(1, 2, 0)
+    return pixels.index_select(0, flat).reshape(-1, size * size, c)
 
 
 class EloftrFine(nn.Module):
@@ -588,3 +652,171 @@ def fine_keypoints(
     oy = (heat.sum(2) * grid[None]).sum(-1)
     mkpts1 = mkpts1 + torch.stack([ox, oy], -1)
     return mkpts0, mkpts1
+
+
+# ----------------------------------------------------------------------------------------------
+# The product graph: uint8 images in, padded matches out, one fixed-shape module per canvas
+# ----------------------------------------------------------------------------------------------
+
+
+def lse_topk_candidates(
+    t0: torch.Tensor, t1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor, temperature: float,
+    d_model: int, border: int, k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dual-softmax top-K in log-sum-exp form: no [L0, L1] confidence matrix is materialised.
+
+    conf[i, j] = exp(sim - lse_row_i) * exp(sim - lse_col_j), so a row's top-K of conf is its top-K of
+    2*sim - lse_col (lse_row is constant along the row), and conf = exp(top - lse_row). Equal to
+    `dual_softmax_confidence` + `topk_candidates` up to float rounding; under torch.compile the row and
+    column reductions fuse into a few passes over the similarity.
+    """
+    with torch.autocast(t0.device.type, enabled=False):
+        scale = d_model**0.5
+        f0 = _flat_cells(t0).float() / scale
+        f1 = _flat_cells(t1).float() / scale
+        sim = torch.einsum("nlc,nsc->nls", f0, f1) / temperature
+        valid = mask0.flatten(1)[:, :, None] & mask1.flatten(1)[:, None, :]
+        sim = sim.masked_fill(~valid, -1e9)
+        lse_row = torch.logsumexp(sim, 2, keepdim=True)
+        lse_col = torch.logsumexp(sim, 1, keepdim=True)
+        keep1 = border_valid_cells(mask1, border)[:, None, :]
+        score = (2.0 * sim - lse_col).masked_fill(~keep1, float("-inf"))
+        top, cand_j = torch.topk(score, min(k, score.shape[2]), dim=2)
+        return cand_j, torch.exp(top - lse_row)
+
+
+def select_on_device(
+    cand_j: torch.Tensor, cand_conf: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor, threshold: float,
+    border: int, max_matches: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`postprocess.select_coarse_matches` on the device with fixed shapes.
+
+    -> (i_ids, j_ids, mconf) [max_matches] in the original's row-major order, padded with (0, 0, 0),
+    plus `count` (all passing candidates, may exceed max_matches) and `truncated_rows` (rows whose K
+    candidates all passed). Passing (i, j) pairs are unique, so sorting the key i*L1 + j orders them.
+    """
+    l0, k = cand_conf.shape[1], cand_conf.shape[2]
+    l1 = mask1.shape[1] * mask1.shape[2]
+    keep0 = border_valid_cells(mask0, border)[0]
+    keep1 = border_valid_cells(mask1, border)[0]
+    cj, cc = cand_j[0], cand_conf[0]
+    passed = (cc > threshold) & keep0[:, None] & keep1[cj]
+    if threshold <= 0:  # as the host selection: exact zeros never pass
+        passed = passed & (cc != 0)
+    truncated_rows = (passed.all(1) & (k < l1)).sum()
+    count = passed.sum()
+    rows = torch.arange(l0, device=cc.device)[:, None]
+    sentinel = l0 * l1
+    key = torch.where(passed, rows * l1 + cj, torch.full_like(cj, sentinel)).flatten()
+    key, order = torch.sort(key)
+    key, order = key[:max_matches], order[:max_matches]
+    used = key < sentinel
+    key = torch.where(used, key, torch.zeros_like(key))
+    i_ids = torch.div(key, l1, rounding_mode="floor")
+    j_ids = key % l1
+    mconf = torch.where(used, cc.flatten()[order], torch.zeros((), dtype=cc.dtype, device=cc.device))
+    return i_ids, j_ids, mconf, count, truncated_rows
+
+
+FINE_CHUNK = 4096  # fine-level rows per step of the product graph (bounds its memory)
+PRODUCT_COLUMNS = ("i", "j", "x0", "y0", "x1", "y1", "conf")  # columns of EloftrProduct's `matches` rows
+
+
+class EloftrProduct(nn.Module):
+    """Graph "product": rgb0, rgb1 uint8 [H,W,3] -> `matches` float32 [1 + max_matches, 7].
+
+    The whole per-frame work in one fixed-shape module (one CUDA-graph replay per camera size):
+    Pillow's integer luma, /255 by table (bit-exact with numpy), zero padding to the square canvas and
+    the 1/8 masks, backbone, transformer, matching head, threshold/border/valid selection compacted to
+    `max_matches` rows in row-major order, fine refinement. Row 0 is a header: (count of passing
+    coarse matches — more than max_matches means the frame was capped —, truncated rows, max_matches);
+    rows 1.. are PRODUCT_COLUMNS, the first min(count, cap) of them used, cap = min(max_matches, image0
+    cells). Indices and counts
+    are exact in float32 (below 2**24). The inputs are the stage-2 RGB images (after the truncating
+    cast; for images that need no resize, the input images themselves), sides multiples of 32.
+    """
+
+    input_names = ("rgb0", "rgb1")
+    output_names = ("matches",)
+    u8_to_unit: torch.Tensor
+
+    def __init__(self, net: EloftrNet, threshold: float, max_matches: int, head: str = "dsmax") -> None:
+        super().__init__()
+        if head not in ("dsmax", "lse", "lse_compiled"):
+            raise ValueError(f"head must be dsmax, lse or lse_compiled, got {head!r}")
+        self.net = net
+        self.cfg = net.cfg
+        self.threshold = float(threshold)
+        self.max_matches = int(max_matches)
+        self.head_kind = head
+        self.fine = EloftrFine(net.cfg)
+        # u8 / 255 as numpy computes it (a table: a device division by a scalar may round differently)
+        self.register_buffer("u8_to_unit", torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(255.0)),
+                             persistent=False)
+        self._lse: Any = lse_topk_candidates
+        if head == "lse_compiled":
+            self._lse = torch.compile(lse_topk_candidates, dynamic=False)
+
+    def canvas_geometry(self, h: int, w: int) -> tuple[int, int, int]:
+        """-> (canvas side, valid coarse rows, valid coarse cols) of an h x w stage-2 image."""
+        stride = self.cfg.coarse_stride
+        return max(h, w), -(-h // stride), -(-w // stride)
+
+    def crop_sizes(self, shape0: tuple[int, ...], shape1: tuple[int, ...]) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The transformer's crops (CoarseTransformer.valid_size's rule) from the image shapes, on the host."""
+        a0, a1 = self.cfg.agg_size0, self.cfg.agg_size1
+        _, r0, c0 = self.canvas_geometry(shape0[0], shape0[1])
+        _, r1, c1 = self.canvas_geometry(shape1[0], shape1[1])
+        return (r0 // a0 * a0, c0 // a0 * a0), (r1 // a1 * a1, c1 // a1 * a1)
+
+    def model_input(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [H,W,3] -> (image [1,1,S,S] float32 in [0,1], mask [1,S/8,S/8] bool), as preprocess.py."""
+        h, w = rgb.shape[0], rgb.shape[1]
+        s, rows, cols = self.canvas_geometry(h, w)
+        c = rgb.to(torch.int32)
+        # Pillow "L" (a floor division, not >>: ONNX shifts only unsigned integers; equal for these values)
+        weighted = 19595 * c[..., 0] + 38470 * c[..., 1] + 7471 * c[..., 2] + 0x8000
+        luma = torch.div(weighted, 65536, rounding_mode="floor")
+        image = F.pad(self.u8_to_unit[luma.long()], (0, s - w, 0, s - h))[None, None]
+        n = s // self.cfg.coarse_stride
+        grid = torch.arange(n, device=rgb.device)
+        mask = (grid[:, None] < rows) & (grid[None, :] < cols)
+        return image, mask[None]
+
+    # CUDA-graph support: the shapes fix everything (the valid region is the image itself)
+    def capture_key(self, inputs: dict[str, Any]) -> tuple[Any, ...]:
+        return (tuple(np.shape(inputs["rgb0"])), tuple(np.shape(inputs["rgb1"])))
+
+    @contextlib.contextmanager
+    def static_crop(self, inputs: dict[str, Any]) -> Iterator[None]:
+        yield  # forward() already takes its crop sizes from the shapes
+
+    def forward(self, rgb0: torch.Tensor, rgb1: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        image0, mask0 = self.model_input(rgb0)
+        image1, mask1 = self.model_input(rgb1)
+        feats = self.net.features(image0, image1, mask0, mask1,
+                                  valid=self.crop_sizes(tuple(rgb0.shape), tuple(rgb1.shape)))
+        t0, t1 = feats["transformer0"], feats["transformer1"]
+        if self.head_kind == "dsmax":  # the original's head (bit-exact on the CPU)
+            conf = dual_softmax_confidence(t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model)
+            cand_j, cand_conf = topk_candidates(conf, mask1, cfg.border_rm, cfg.candidates_per_cell)
+            del conf
+        else:
+            cand_j, cand_conf = self._lse(t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model, cfg.border_rm,
+                                          cfg.candidates_per_cell)
+        # at most one row per image0 cell (and max_matches): the fine level costs per row, padded or not
+        # (H200, 832²: 11 ms for 20000 rows), and a frame with more matches than cells says so in its header
+        cap = min(self.max_matches, cand_conf.shape[1])
+        i_ids, j_ids, mconf, count, truncated = select_on_device(cand_j, cand_conf, mask0, mask1, self.threshold,
+                                                                 cfg.border_rm, cap)
+        # the fine level in fixed chunks: its memory stays bounded whatever the cap
+        parts = [self.fine(feats["feat_f0"], feats["feat_f1"], i_ids[a:a + FINE_CHUNK], j_ids[a:a + FINE_CHUNK])
+                 for a in range(0, cap, FINE_CHUNK)]
+        mk0 = torch.cat([p[0] for p in parts], 0)
+        mk1 = torch.cat([p[1] for p in parts], 0)
+        body = torch.cat([i_ids[:, None].float(), j_ids[:, None].float(), mk0.float(), mk1.float(),
+                          mconf[:, None].float()], 1)
+        header = torch.stack([count.float(), truncated.float(), torch.full_like(count, cap, dtype=torch.float32)])
+        header = F.pad(header, (0, len(PRODUCT_COLUMNS) - 3))[None]
+        return torch.cat([header, body], 0)

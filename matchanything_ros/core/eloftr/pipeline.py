@@ -1,4 +1,10 @@
-"""ELoFTR variant pipeline: preprocessing -> "coarse" graph -> host selection -> "fine" graph -> pixels."""
+"""ELoFTR variant pipeline: preprocessing -> "coarse" graph -> host selection -> "fine" graph -> pixels.
+
+On the torch backend on CUDA the whole frame is one graph instead ("product", model.EloftrProduct):
+the host only checks the images (and resizes those that need it), one replay does the rest, and one
+small array comes back. The host path stays the reference the tests compare against, and the path of
+the CPU and of the engine backends.
+"""
 from __future__ import annotations
 
 import logging
@@ -12,7 +18,7 @@ from ..params import HF_SPACE_FORCE_RESIZE_WH, PARAMS_BY_NAME
 from ..result import MatchResult
 from .config import EloftrConfig
 from .postprocess import CoarseMatches, select_coarse_matches, to_original_pixels
-from .preprocess import ImageMeta, PreprocessSettings, preprocess_image, to_model_input
+from .preprocess import ImageMeta, PreprocessSettings, preprocess_image, stage2_rgb, to_model_input
 
 if TYPE_CHECKING:
     import torch
@@ -28,10 +34,10 @@ COARSE_MODES = ("auto", "topk", "full")
 class EloftrMeta:
     image0: ImageMeta
     image1: ImageMeta
-    mask0: np.ndarray  # [Hc,Wc] bool coarse masks (host copies for selection)
-    mask1: np.ndarray
-    canvas0_u8: np.ndarray  # the model input canvases (parity checks, debugging)
-    canvas1_u8: np.ndarray
+    mask0: np.ndarray | None  # [Hc,Wc] bool coarse masks (host copies for selection; None: product graph)
+    mask1: np.ndarray | None
+    canvas0_u8: np.ndarray | None  # the model input canvases (parity checks, debugging; None: product graph)
+    canvas1_u8: np.ndarray | None
 
 
 def _param(config: dict[str, Any], name: str) -> Any:
@@ -72,9 +78,25 @@ class EloftrPipeline:
         self.topk_exact = self.threshold >= 1.0 / (k + 1)
         self.coarse_full = coarse_mode == "full" or (coarse_mode == "auto" and not self.topk_exact)
         self.last_coarse: CoarseMatches | None = None
+        # the product graph's cap on matches per frame: the same bound the engines' fine graph has
+        self.max_matches = self.max_matches_override or int(_param(config, "engine_max_matches"))
+        self.product = False  # set by torch_graphs when it builds the product graph (torch on CUDA)
+
+    # product-graph choices (class-wide; the device benchmark compares them)
+    use_product_graph = True  # torch on CUDA runs the one-graph path
+    product_head = "lse_compiled"  # CUDA matching head of the product graph (see EloftrProduct)
+    # fp16: what stays fp32 (model.FP32_ISLANDS). Measured on an H200 (bench/results/h200_2026-12-01): with
+    # "fpn_backbone12" fp16 reproduces 99.7-99.8 % of fp32's matches within 1 px on held-out real pairs,
+    # with "fpn" or "none" 99.0-99.5 %, at the same speed
+    fp32_island = "fpn_backbone12"
+    max_matches_override: int | None = None  # benchmarks: a cap other than engine_max_matches
 
     # --- VariantPipeline -----------------------------------------------------------------------
     def preprocess(self, image0: np.ndarray, image1: np.ndarray) -> tuple[dict[str, np.ndarray], EloftrMeta]:
+        if self.product:
+            rgb0, meta0 = stage2_rgb(image0, self.settings)
+            rgb1, meta1 = stage2_rgb(image1, self.settings)
+            return {"rgb0": rgb0, "rgb1": rgb1}, EloftrMeta(meta0, meta1, None, None, None, None)
         c0, m0, meta0 = preprocess_image(image0, self.settings)
         c1, m1, meta1 = preprocess_image(image1, self.settings)
         inputs = {"image0": to_model_input(c0), "image1": to_model_input(c1), "mask0": m0[None], "mask1": m1[None]}
@@ -83,7 +105,10 @@ class EloftrPipeline:
     # Outputs the torch backend hands back as device tensors: the fine maps stay on the GPU between the graphs.
     device_outputs = frozenset({"feat_f0", "feat_f1"})
 
-    def infer(self, backend: "Backend", inputs: dict[str, np.ndarray], meta: EloftrMeta) -> dict[str, np.ndarray]:
+    def infer(self, backend: "Backend", inputs: dict[str, np.ndarray], meta: EloftrMeta) -> dict[str, Any]:
+        if "rgb0" in inputs:
+            return self._infer_product(backend, inputs)
+        assert meta.mask0 is not None and meta.mask1 is not None
         coarse = backend.run("coarse", inputs)
         if "conf" not in coarse and not self.topk_exact:
             log.warning("ELoFTR threshold %.4g < 1/(K+1) with the top-%d coarse graph of backend %s: "
@@ -99,7 +124,32 @@ class EloftrPipeline:
         return {"mkpts0_c": np.asarray(fine["mkpts0_c"], np.float32),
                 "mkpts1_c": np.asarray(fine["mkpts1_c"], np.float32), "mconf": cm.mconf}
 
-    def postprocess(self, outputs: dict[str, np.ndarray], meta: EloftrMeta) -> MatchResult:
+    def _infer_product(self, backend: "Backend", inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        from .model import PRODUCT_COLUMNS
+
+        out = backend.run("product", inputs)["matches"]
+        count, truncated, cap = int(out[0, 0]), int(out[0, 1]), int(out[0, 2])
+        rows = out[1:1 + min(count, cap)]
+        col = {name: k for k, name in enumerate(PRODUCT_COLUMNS)}
+        cm = CoarseMatches(rows[:, col["i"]].astype(np.int64), rows[:, col["j"]].astype(np.int64),
+                           rows[:, col["conf"]].copy(), truncated)
+        self.last_coarse = cm
+        if truncated:
+            log.warning("ELoFTR: %d coarse rows have all %d candidates above threshold %.4g; matches may be "
+                        "truncated", truncated, self.model_config.candidates_per_cell, self.threshold)
+        if count > cap:
+            log.warning("ELoFTR: %d coarse matches pass threshold %.4g, more than the cap of %d: the first %d "
+                        "(row-major) are returned (raise engine_max_matches or the threshold)",
+                        count, self.threshold, cap, cap)
+        return {"mkpts0_c": np.ascontiguousarray(rows[:, col["x0"]:col["y0"] + 1]),
+                "mkpts1_c": np.ascontiguousarray(rows[:, col["x1"]:col["y1"] + 1]), "mconf": cm.mconf,
+                "coarse_matches_total": count, "matches_capped": count > cap}
+
+    def postprocess(self, outputs: dict[str, Any], meta: EloftrMeta) -> MatchResult:
+        extras: dict[str, Any] = {}
+        if "coarse_matches_total" in outputs:
+            extras = {"coarse_matches_total": outputs["coarse_matches_total"],
+                      "matches_capped": outputs["matches_capped"], "graph": "product"}
         return MatchResult(
             keypoints0=to_original_pixels(outputs["mkpts0_c"], meta.image0),
             keypoints1=to_original_pixels(outputs["mkpts1_c"], meta.image1),
@@ -108,7 +158,7 @@ class EloftrPipeline:
             image1_size=meta.image1.orig_wh,
             extras={"canvas0": meta.image0.canvas, "canvas1": meta.image1.canvas,
                     "model_size0": meta.image0.stage1_wh, "model_size1": meta.image1.stage1_wh,
-                    "coarse_mode": "full" if self.coarse_full else "topk"},
+                    "coarse_mode": "full" if self.coarse_full else "topk", **extras},
         )
 
     # --- torch graphs (torch backend, ONNX export) ----------------------------------------------
@@ -124,20 +174,32 @@ class EloftrPipeline:
 
     def torch_graphs(self, state_dict: dict[str, "torch.Tensor"], device: str = "cpu",
                      full_conf: bool | None = None, precision: str = "fp32",
-                     speed_form: bool | None = None) -> dict[str, "torch.nn.Module"]:
+                     speed_form: bool | None = None, product: bool | None = None) -> dict[str, "torch.nn.Module"]:
         """{"coarse": EloftrCoarse, "fine": EloftrFine} on `device`, weights loaded strictly.
 
         `full_conf` None = this pipeline's choice (full matrix when top-K is not exact for the threshold);
         the ONNX exporter passes False (fixed-size top-K outputs). `speed_form` (default: on for fp16,
         which is not exact anyway) fuses RepVGG and uses SDPA + channels-last; fp32 stays the exact form.
         """
-        from .model import EloftrCoarse, EloftrFine
+        from .model import EloftrCoarse, EloftrFine, EloftrProduct
 
         net = self.build_net(state_dict).to(device)
         if speed_form if speed_form is not None else precision == "fp16":
             net.to_speed_form()
+        if precision == "fp16":
+            net.store_half_weights(self.fp32_island)
         full = self.coarse_full if full_conf is None else full_conf
-        return {"coarse": EloftrCoarse(net, exact_full_conf=full).eval(), "fine": EloftrFine(self.model_config).eval()}
+        graphs: dict[str, torch.nn.Module] = {"coarse": EloftrCoarse(net, exact_full_conf=full).eval(),
+                                              "fine": EloftrFine(self.model_config).eval()}
+        # the product graph: torch on CUDA with the top-K head (exact at this threshold); `product=True`
+        # also builds it on the CPU (tests compare it with the host path there)
+        if product is None:
+            product = self.use_product_graph and str(device).startswith("cuda")
+        if product and not full:
+            head = self.product_head if str(device).startswith("cuda") else "dsmax"
+            graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches, head).eval()
+            self.product = True
+        return graphs
 
     def example_inputs(self, graph: str, canvas: int | tuple[int, int] = 640,
                        valid_hw: tuple[int, int] | None = None) -> dict[str, "torch.Tensor"]:

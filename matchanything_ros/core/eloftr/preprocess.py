@@ -84,6 +84,35 @@ def pil_gray(rgb_u8: np.ndarray) -> np.ndarray:
     return luma.astype(np.uint8)
 
 
+def needs_resize(width: int, height: int, settings: PreprocessSettings) -> bool:
+    """Whether stage 1 resamples a width x height image (else both stages only cast, and the truncating
+    cast of u8/255*255 gives every uint8 value back: the stage-2 RGB is the input image itself)."""
+    if settings.resize_max and max(width, height) > settings.resize_max:
+        return True
+    if settings.force_resize_wh is not None and settings.force_resize_wh != (width, height):
+        return True
+    return width % DFACTOR != 0 or height % DFACTOR != 0
+
+
+def stage2_rgb(image_rgb: np.ndarray, settings: PreprocessSettings) -> tuple[np.ndarray, ImageMeta]:
+    """RGB uint8 -> (stage-2 RGB uint8 [H,W,3], meta): what the product graph takes.
+
+    Stage 1 runs on the host only where it resamples; then stage 2's /32 floor is a no-op (stage 1
+    already floors), so the device does the rest (luma, padding, masks).
+    """
+    h, w = image_rgb.shape[:2]
+    if needs_resize(w, h, settings):
+        chw = stage1(image_rgb, settings)
+        rgb = (chw * np.float32(255.0)).transpose(1, 2, 0).astype(np.uint8)  # truncation, as stage2
+    else:
+        if min(h, w) < DFACTOR:
+            raise InputImageError(f"image is too small: {w}x{h}; each side must be >= {DFACTOR} px")
+        rgb = np.ascontiguousarray(image_rgb)
+    h2, w2 = rgb.shape[:2]
+    meta = ImageMeta(orig_wh=(w, h), stage1_wh=(w2, h2), gray_wh=(w2, h2), canvas=max(h2, w2), hw_new=(1.0, 1.0))
+    return rgb, meta
+
+
 def stage2(chw: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     """Stage-1 float CHW -> (gray uint8 HxW floored to /32, hw_new (x, y) factors)."""
     rgb_u8 = (chw * np.float32(255.0)).transpose(1, 2, 0).astype(np.uint8)  # truncation, as the original

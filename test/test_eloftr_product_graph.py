@@ -1,0 +1,166 @@
+"""The ELoFTR product graph (one module: uint8 images in, padded matches out) against the host path.
+
+The host path (numpy preprocessing -> coarse graph -> numpy selection -> fine graph) is the reference
+that the parity tests hold to the original code; on the CPU in fp32 the product graph must give the
+same match lists in the same order, bit for bit. Real images: the bundled demo pair and scikit-image's
+photos, with the bundled demo model.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from matchanything_ros.core.backends.torch_backend import TorchBackend
+from matchanything_ros.core.checkpoint import load_state_dict
+from matchanything_ros.core.eloftr.model import (EloftrProduct, dual_softmax_confidence, lse_topk_candidates,
+                                                 select_on_device, topk_candidates)
+from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
+from matchanything_ros.core.eloftr.postprocess import select_coarse_matches
+from matchanything_ros.core.eloftr.preprocess import pil_gray, preprocess_image, stage2_rgb, to_model_input
+from matchanything_ros.core.matcher import DATA_DIR, resolve_eloftr_checkpoint, run_pipeline
+
+
+@pytest.fixture(scope="module")
+def demo_model() -> tuple[Any, dict[str, torch.Tensor]]:
+    path, cfg, _ = resolve_eloftr_checkpoint("")
+    return cfg, load_state_dict(str(path), "eloftr")
+
+
+@pytest.fixture(scope="module")
+def demo_pair() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(DATA_DIR / "demo_homography.npz") as z:
+        return z["image0"], z["image1"]  # 600x400 real photos
+
+
+@pytest.fixture
+def cap_override() -> Iterator[None]:
+    yield
+    EloftrPipeline.max_matches_override = None
+
+
+def _pipelines(demo_model: Any, params: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    cfg, state = demo_model
+    host = EloftrPipeline(params, cfg)
+    host_backend = TorchBackend(host.torch_graphs(state, "cpu"), "cpu")
+    product = EloftrPipeline(params, cfg)
+    product_backend = TorchBackend(product.torch_graphs(state, "cpu", product=True), "cpu")
+    assert product.product and not host.product
+    return host, host_backend, product, product_backend
+
+
+@pytest.mark.parametrize("case", ["resized_on_host", "no_resize"])
+def test_product_graph_gives_the_host_paths_matches_bit_for_bit(demo_model: Any, demo_pair: Any, case: str) -> None:
+    a, b = demo_pair
+    if case == "resized_on_host":  # 600x400 -> resize_max 416: stage 1 resamples on the host
+        params: dict[str, Any] = {"threshold": 0.1, "resize_max": 416}
+    else:  # multiples of 32 within resize_max: the images go to the graph as they are
+        params = {"threshold": 0.1, "resize_max": 832}
+        a, b = np.ascontiguousarray(a[:384, :576]), np.ascontiguousarray(b[:352, :512])  # different canvases
+    host, hb, prod, pb = _pipelines(demo_model, params)
+    ref = run_pipeline(host, hb, a, b)
+    out = run_pipeline(prod, pb, a, b)
+    assert len(ref) > 300, "the demo model finds hundreds of matches on the demo pair"
+    assert out.extras["graph"] == "product" and out.extras["matches_capped"] is False
+    assert out.extras["coarse_matches_total"] == len(ref)
+    np.testing.assert_array_equal(prod.last_coarse.i_ids, host.last_coarse.i_ids)
+    np.testing.assert_array_equal(prod.last_coarse.j_ids, host.last_coarse.j_ids)
+    np.testing.assert_array_equal(out.confidence, ref.confidence)
+    np.testing.assert_array_equal(out.keypoints0, ref.keypoints0)
+    np.testing.assert_array_equal(out.keypoints1, ref.keypoints1)
+    assert out.image0_size == ref.image0_size and out.extras["canvas1"] == ref.extras["canvas1"]
+
+
+@pytest.mark.parametrize("size_hw", [(480, 640), (640, 480), (512, 512), (96, 320)])
+def test_device_preprocessing_equals_the_host_reference(demo_model: Any, size_hw: tuple[int, int]) -> None:
+    from skimage import data
+
+    cfg, state = demo_model
+    h, w = size_hw
+    photo = np.ascontiguousarray(np.tile(data.coffee(), (2, 2, 1))[:h, :w])  # real photo, both orientations
+    pipe = EloftrPipeline({"resize_max": 832}, cfg)
+    canvas, mask, _ = preprocess_image(photo, pipe.settings)
+    rgb, meta = stage2_rgb(photo, pipe.settings)
+    assert rgb is photo or np.array_equal(rgb, photo)  # no resize: the image itself
+    module = EloftrProduct(pipe.build_net(state), 0.1, 100)
+    image, dmask = module.model_input(torch.from_numpy(rgb))
+    np.testing.assert_array_equal(image.numpy(), to_model_input(canvas))  # luma, /255 and padding exact
+    np.testing.assert_array_equal(dmask[0].numpy(), mask)
+    assert meta.canvas == canvas.shape[0] and meta.hw_new == (1.0, 1.0)
+
+
+def test_stage2_rgb_resizes_on_the_host_exactly_as_stage_1_2(demo_model: Any, demo_pair: Any) -> None:
+    cfg, _ = demo_model
+    pipe = EloftrPipeline({"resize_max": 416}, cfg)
+    a = demo_pair[0]
+    rgb, meta = stage2_rgb(a, pipe.settings)
+    canvas, _, ref_meta = preprocess_image(a, pipe.settings)
+    np.testing.assert_array_equal(pil_gray(rgb), canvas[: rgb.shape[0], : rgb.shape[1]])
+    assert (meta.orig_wh, meta.stage1_wh, meta.canvas) == (ref_meta.orig_wh, ref_meta.stage1_wh, ref_meta.canvas)
+
+
+def test_log_sum_exp_head_keeps_the_dual_softmax_candidates(demo_model: Any, demo_pair: Any) -> None:
+    cfg, state = demo_model
+    pipe = EloftrPipeline({"resize_max": 416}, cfg)
+    net = pipe.build_net(state)
+    (c0, m0, _), (c1, m1, _) = (preprocess_image(x, pipe.settings) for x in demo_pair)
+    with torch.inference_mode():
+        f = net.features(torch.from_numpy(to_model_input(c0)), torch.from_numpy(to_model_input(c1)),
+                         torch.from_numpy(m0[None]), torch.from_numpy(m1[None]))
+        mask0, mask1 = torch.from_numpy(m0[None]), torch.from_numpy(m1[None])
+        conf = dual_softmax_confidence(f["transformer0"], f["transformer1"], mask0, mask1, cfg.dsmax_temperature,
+                                       cfg.d_model)
+        ref_j, ref_c = topk_candidates(conf, mask1, cfg.border_rm, cfg.candidates_per_cell)
+        lse_j, lse_c = lse_topk_candidates(f["transformer0"], f["transformer1"], mask0, mask1,
+                                           cfg.dsmax_temperature, cfg.d_model, cfg.border_rm, cfg.candidates_per_cell)
+    for thr in (0.01, 0.1, 0.5):
+        ref = select_coarse_matches({"cand_j": ref_j.numpy(), "cand_conf": ref_c.numpy()}, m0, m1, thr, cfg.border_rm)
+        lse = select_coarse_matches({"cand_j": lse_j.numpy(), "cand_conf": lse_c.numpy()}, m0, m1, thr, cfg.border_rm)
+        assert ref.i_ids.size > 0
+        np.testing.assert_array_equal(lse.i_ids, ref.i_ids)
+        np.testing.assert_array_equal(lse.j_ids, ref.j_ids)
+        np.testing.assert_allclose(lse.mconf, ref.mconf, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 0.2])
+def test_device_selection_equals_host_selection(threshold: float) -> None:
+    rng = np.random.default_rng(int(threshold * 100))
+    hc, wc, k = 12, 10, 4
+    mask0 = np.zeros((hc, wc), bool)
+    mask0[:9, :10] = True  # padded rows
+    mask1 = np.zeros((hc, wc), bool)
+    mask1[:12, :7] = True  # padded cols
+    l0 = l1 = hc * wc
+    cand_j = np.stack([rng.choice(l1, k, replace=False) for _ in range(l0)])[None]
+    cand_conf = rng.uniform(0, 0.4, (1, l0, k)).astype(np.float32)
+    cand_conf[0, ::7] = 0.0  # exact zeros: dropped at threshold 0
+    cand_conf[0, 5] = 0.3  # a row whose every candidate passes (truncation is reported)
+    ref = select_coarse_matches({"cand_j": cand_j, "cand_conf": cand_conf}, mask0, mask1, threshold, 2)
+    i_ids, j_ids, mconf, count, truncated = select_on_device(
+        torch.from_numpy(cand_j), torch.from_numpy(cand_conf), torch.from_numpy(mask0[None]),
+        torch.from_numpy(mask1[None]), threshold, 2, l0 * k)
+    n = int(count)
+    assert n == ref.i_ids.size > 0
+    np.testing.assert_array_equal(i_ids[:n].numpy(), ref.i_ids)
+    np.testing.assert_array_equal(j_ids[:n].numpy(), ref.j_ids)
+    np.testing.assert_array_equal(mconf[:n].numpy(), ref.mconf)
+    assert int(truncated) == ref.truncated_rows
+    assert (mconf[n:] == 0).all() and (i_ids[n:] == 0).all()  # padding rows
+
+
+def test_a_frame_over_the_cap_says_so(demo_model: Any, demo_pair: Any, cap_override: None,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    params = {"threshold": 0.1, "resize_max": 416}
+    host, hb, _, _ = _pipelines(demo_model, params)
+    EloftrPipeline.max_matches_override = 100
+    _, _, prod, pb = _pipelines(demo_model, params)
+    ref = run_pipeline(host, hb, *demo_pair)
+    with caplog.at_level(logging.WARNING):
+        out = run_pipeline(prod, pb, *demo_pair)
+    assert out.extras["matches_capped"] is True and out.extras["coarse_matches_total"] == len(ref) > 100
+    assert len(out) == 100
+    np.testing.assert_array_equal(out.keypoints1, ref.keypoints1[:100])  # the first 100, row-major
+    assert any("more than the cap of 100" in r.getMessage() for r in caplog.records)
