@@ -17,7 +17,10 @@ def test_benchmark_reports_end_to_end_host_cpu_and_matches() -> None:
     assert expected > 0 and cfg["matches_median"] == expected
     assert len(cfg["samples_ms"]["host_cpu"]) == 3 and st["host_cpu"]["median"] > 0
     # end to end covers the three stages; the CPU backend computes on the host: its CPU time is real work
-    assert st["total"]["median"] >= st["inference"]["median"] + st["preprocess"]["median"] * 0.99
+    # (run by run: medians of separate stages need not add up)
+    samples = cfg["samples_ms"]
+    for total, pre, infer in zip(samples["total"], samples["preprocess"], samples["inference"]):
+        assert total >= (pre + infer) * 0.999
     assert st["total"]["p90"] >= st["total"]["median"]
     table = format_table([cfg])
     assert "CPU ms" in table and "matches" in table and f"{expected:7d}" in table
