@@ -1,7 +1,7 @@
 """ELoFTR model configuration: every size the network uses, with the released model as default.
 
 The defaults are the configuration the official HF-space code builds for `matchanything_eloftr`
-(see the reference SPEC §3). A reduced model (e.g. the bundled demo) is the same code with other
+(docs/eloftr.md, "Model configuration in effect"). A reduced model (e.g. the bundled demo) is the same code with other
 values; nothing in `model.py` hardcodes a size.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Module and parameter names follow the released checkpoint (`backbone.*`, `loftr_coarse.layers.*`,
 `fine_preprocess.*`), so `EloftrNet.load_state_dict(..., strict=True)` accepts it after the
-`matcher.` prefix is stripped. The numerics follow the official code path (reference SPEC §4):
+`matcher.` prefix is stripped. The numerics follow the official code path (docs/eloftr.md, "What the original does"):
 
 * `EloftrCoarse` ("coarse" graph): backbone -> coarse transformer -> dual-softmax confidence ->
   per image0 cell the top-K cells of image1 (or the full confidence matrix when `exact_full_conf`),

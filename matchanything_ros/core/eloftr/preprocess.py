@@ -1,4 +1,4 @@
-"""ELoFTR preprocessing, bit-exact with the official HF-space code (reference SPEC §2).
+"""ELoFTR preprocessing, bit-exact with the official HF-space code (docs/eloftr.md, "Stage 1" / "Stage 2").
 
 Stage 1 (`match_dense.preprocess`): float32 image, optional shrink so the longest side is at most
 `resize_max`, optional force-resize to W x H (OpenCV INTER_AREA, INTER_LINEAR when either side
