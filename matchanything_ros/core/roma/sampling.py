@@ -45,18 +45,19 @@ def kde_density(x: torch.Tensor, std: float = KDE_STD, rows_per_chunk: int = 204
 def balanced_sample(warp: torch.Tensor, certainty: torch.Tensor, num: int,
                     generator: torch.Generator | None = None) -> SparseMatches:
     """The original threshold-balanced sampler on torch tensors (any device; CPU reproduces the fixtures)."""
-    c = certainty.reshape(-1).clone()
-    c[c > SAMPLE_THRESH] = 1
+    # the original's masked assignments and `if c.sum() == 0`, written as selects: the same values, and
+    # no host synchronisation on CUDA (a boolean-mask write and a Python `if` on a device value each wait)
+    c = certainty.reshape(-1)
+    c = torch.where(c > SAMPLE_THRESH, torch.ones_like(c), c)
+    c = torch.cat((torch.where(c.sum() == 0, torch.ones_like(c[:1]), c[:1]), c[1:]))
     m = warp.reshape(-1, 4)
-    if c.sum() == 0:
-        c[0] = 1
     try:
         idx1 = torch.multinomial(c, min(BALANCED_EXPANSION * num, c.numel()), replacement=False,
                                  generator=generator)
         m1, c1 = m[idx1], c[idx1]
         density = kde_density(m1)
         p = 1 / (density + 1)
-        p[density < 10] = 1e-7
+        p = torch.where(density < 10, torch.full_like(p, 1e-7), p)
         idx2 = torch.multinomial(p, min(num, c1.numel()), replacement=False, generator=generator)
     except RuntimeError:
         # too few non-zero weights for a draw without replacement: the original keeps the first cell
