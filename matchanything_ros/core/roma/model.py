@@ -161,6 +161,7 @@ class ConvRefiner(nn.Module):
     def __init__(self, in_dim: int, emb_dim: int, radius: int, hidden_blocks: int = 8) -> None:
         super().__init__()
         self.radius = radius
+        self.channels_last = False  # GPU speed form: cuDNN's NHWC depth-wise kernels
         self.block1 = _refiner_block(in_dim)
         self.hidden_blocks = nn.Sequential(*[_refiner_block(in_dim) for _ in range(hidden_blocks)])
         self.out_conv = nn.Conv2d(in_dim, 3, 1, 1, 0)
@@ -176,7 +177,10 @@ class ConvRefiner(nn.Module):
         parts = [f1, x_hat, emb]
         if self.radius:
             parts.append(local_correlation(f1, f2, flow, self.radius).to(f1.dtype))
-        d = self.hidden_blocks(self.block1(torch.cat(parts, dim=1)))
+        x = torch.cat(parts, dim=1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        d = self.hidden_blocks(self.block1(x))
         with fp32_region(d):  # the original runs out_conv outside autocast, in fp32
             d = self.out_conv(d.float())
         return d[:, :-1], d[:, -1:]
@@ -190,6 +194,33 @@ class Decoder(nn.Module):
         self.proj = nn.ModuleDict({s: nn.Sequential(nn.Conv2d(i, o, 1, 1), nn.BatchNorm2d(o))
                                    for s, (i, o) in PROJ_DIMS.items()})
         self.conv_refiner = nn.ModuleDict({s: ConvRefiner(i, e, r) for s, (i, e, r) in REFINER_DIMS.items()})
+
+
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an eval-mode BatchNorm that follows `conv` into the conv's weight and bias (in place)."""
+    assert bn.weight is not None and bn.bias is not None
+    assert bn.running_mean is not None and bn.running_var is not None
+    with torch.no_grad():
+        scale = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
+        bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(scale)
+        conv.weight.copy_((conv.weight.float() * scale.reshape(-1, 1, 1, 1)).to(conv.weight.dtype))
+        new_bias = (bias - bn.running_mean.float()) * scale + bn.bias.float()
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+        else:
+            conv.bias.copy_(new_bias.to(conv.bias.dtype))
+
+
+def _fold_pairs(seq: nn.Sequential | nn.ModuleList) -> int:
+    """Fold every Conv2d -> BatchNorm2d pair of `seq` (BN replaced by Identity); returns the number folded."""
+    n = 0
+    for i in range(len(seq) - 1):
+        conv, bn = seq[i], seq[i + 1]
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            fold_batchnorm(conv, bn)
+            seq[i + 1] = nn.Identity()
+            n += 1
+    return n
 
 
 def _swap_halves(x: torch.Tensor) -> torch.Tensor:
@@ -206,6 +237,7 @@ class RomaNet(nn.Module):
         self.encoder = Encoder()
         self.decoder = Decoder(gp_solver)
         self.dinov2 = DinoV2ViTL14()
+        self.channels_last = False
 
     def set_gp_solver(self, solver: GpSolver) -> None:
         gp = self.decoder.gps["16"]
@@ -220,6 +252,32 @@ class RomaNet(nn.Module):
         for refiner in self.decoder.conv_refiner.values():
             assert isinstance(refiner, ConvRefiner)
             refiner.out_conv.float()
+        return self
+
+    def fold_batchnorms(self) -> int:
+        """Speed form: every BatchNorm folded into the conv before it (VGG, projections, refiner blocks).
+        Not the exact form (one rounding more per weight); the state dict no longer matches the checkpoint."""
+        n = _fold_pairs(self.encoder.cnn.layers)
+        for proj in self.decoder.proj.values():
+            assert isinstance(proj, nn.Sequential)
+            n += _fold_pairs(proj)
+        for refiner in self.decoder.conv_refiner.values():
+            assert isinstance(refiner, ConvRefiner)
+            n += _fold_pairs(refiner.block1)
+            for block in refiner.hidden_blocks:
+                assert isinstance(block, nn.Sequential)
+                n += _fold_pairs(block)
+        return n
+
+    def use_channels_last(self) -> "RomaNet":
+        """GPU speed form: NHWC convolutions (4-D weights and the conv inputs in channels_last)."""
+        self.channels_last = True
+        for p in self.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+        for refiner in self.decoder.conv_refiner.values():
+            assert isinstance(refiner, ConvRefiner)
+            refiner.channels_last = True
         return self
 
     def checkpoint_modules(self) -> nn.Module:
@@ -271,13 +329,14 @@ class RomaNet(nn.Module):
         u_h, u_w = fine.shape[-2:]
         # pass 1: coarse size, DINOv2 + VGG
         cnn_dtype = next(self.encoder.parameters()).dtype
-        feats = self.encoder.cnn(coarse.to(cnn_dtype))
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        feats = self.encoder.cnn(coarse.to(cnn_dtype, memory_format=layout))
         feats[16] = self.dinov2(coarse.to(self.dinov2.pos_embed.dtype))
         p1 = self._decode(feats, PASS1_SCALES, None, None, 1.0, record, "pass1")
         del feats
         # pass 2: upsample size, VGG only, initialised from pass 1's finest flow/certainty
         scale_factor = math.sqrt(u_h * u_w / (c_h * c_w))
-        feats = self.encoder.cnn(fine.to(cnn_dtype))
+        feats = self.encoder.cnn(fine.to(cnn_dtype, memory_format=layout))
         size8 = feats[8].shape[-2:]
         flow0 = F.interpolate(p1[1][0], size=size8, mode="bilinear", align_corners=False)
         cert0 = F.interpolate(p1[1][1], size=size8, mode="bilinear", align_corners=False)
