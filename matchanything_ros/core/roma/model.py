@@ -150,6 +150,44 @@ def local_correlation(f1: torch.Tensor, f2: torch.Tensor, flow: torch.Tensor, ra
     return torch.cat(out, dim=1).permute(0, 3, 1, 2)
 
 
+def local_correlation_gathered(f1: torch.Tensor, f2: torch.Tensor, flow: torch.Tensor, radius: int,
+                               max_chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """`local_correlation` computed the GPU-friendly way (speed form; same maths, other rounding).
+
+    The window's offsets are whole feature pixels, so every sample of a pixel's window shares the
+    bilinear fractions of its flow: correlate f1 with the (2r+2)^2 integer-position f2 vectors around
+    floor(flow) (gathered channels-last: contiguous, coalesced reads, zero outside the map as
+    grid_sample's zero padding), then blend neighbouring products with the bilinear weights. It never
+    materialises the C x h x w x (2r+1)^2 sampled window that grid_sample produces and re-reads."""
+    b, c, h, w = f1.shape
+    n = 2 * radius + 2
+    flow = flow.float()
+    ix = ((flow[:, 0] + 1) * w - 1) / 2  # align_corners=False pixel coordinates in f2 (same size as f1)
+    iy = ((flow[:, 1] + 1) * h - 1) / 2
+    x0, y0 = ix.floor(), iy.floor()
+    ax, ay = (ix - x0).reshape(b, h * w, 1, 1), (iy - y0).reshape(b, h * w, 1, 1)
+    offs = torch.arange(-radius, radius + 2, device=f1.device, dtype=torch.float32)
+    px = x0.reshape(b, h * w, 1, 1) + offs.reshape(1, 1, 1, n)
+    py = y0.reshape(b, h * w, 1, 1) + offs.reshape(1, 1, n, 1)
+    inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+    index = torch.where(inside, py * w + px, torch.full_like(px, h * w)).long().reshape(b, h * w * n * n)
+    index = index + (h * w + 1) * torch.arange(b, device=f1.device)[:, None]  # rows of the flattened batch
+    f2t = torch.cat((f2.permute(0, 2, 3, 1).reshape(b, h * w, c), f2.new_zeros(b, 1, c)), dim=1)  # + a zero row
+    f2t = f2t.reshape(b * (h * w + 1), c)
+    f1t = (f1 / (c**0.5)).permute(0, 2, 3, 1).reshape(b, h * w, c, 1)
+    pixels = max(1, min(h * w, max_chunk_elems // max(1, b * n * n * c)))
+    products = []
+    for p0 in range(0, h * w, pixels):
+        p1 = min(h * w, p0 + pixels)
+        rows = index[:, p0 * n * n:p1 * n * n].reshape(-1)
+        window = f2t.index_select(0, rows).reshape(b, p1 - p0, n * n, c)
+        products.append((window @ f1t[:, p0:p1]).reshape(b, p1 - p0, n, n).float())
+    g = torch.cat(products, dim=1)  # [b, h*w, n, n]: <f1(p), f2(floor(flow(p)) + (my, mx))> / sqrt(C)
+    corr = ((1 - ay) * ((1 - ax) * g[:, :, :-1, :-1] + ax * g[:, :, :-1, 1:])
+            + ay * ((1 - ax) * g[:, :, 1:, :-1] + ax * g[:, :, 1:, 1:]))  # [b, h*w, 2r+1, 2r+1], y-major
+    return corr.reshape(b, h, w, (n - 1) ** 2).permute(0, 3, 1, 2)
+
+
 def _refiner_block(dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(dim, dim, 5, 1, 2, groups=dim), nn.BatchNorm2d(dim, momentum=0.01),
                          nn.ReLU(inplace=True), nn.Conv2d(dim, dim, 1, 1, 0))
@@ -161,7 +199,8 @@ class ConvRefiner(nn.Module):
     def __init__(self, in_dim: int, emb_dim: int, radius: int, hidden_blocks: int = 8) -> None:
         super().__init__()
         self.radius = radius
-        self.channels_last = False  # GPU speed form: cuDNN's NHWC depth-wise kernels
+        self.channels_last = False  # speed-form option: NHWC convolutions
+        self.gathered_correlation = False  # speed form: local_correlation_gathered
         self.block1 = _refiner_block(in_dim)
         self.hidden_blocks = nn.Sequential(*[_refiner_block(in_dim) for _ in range(hidden_blocks)])
         self.out_conv = nn.Conv2d(in_dim, 3, 1, 1, 0)
@@ -176,7 +215,8 @@ class ConvRefiner(nn.Module):
         emb = self.disp_emb((DISP_EMB_SCALE * scale_factor * (flow - grid_a)).to(f1.dtype))
         parts = [f1, x_hat, emb]
         if self.radius:
-            parts.append(local_correlation(f1, f2, flow, self.radius).to(f1.dtype))
+            corr = local_correlation_gathered if self.gathered_correlation else local_correlation
+            parts.append(corr(f1, f2, flow, self.radius).to(f1.dtype))
         x = torch.cat(parts, dim=1)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -268,6 +308,13 @@ class RomaNet(nn.Module):
                 assert isinstance(block, nn.Sequential)
                 n += _fold_pairs(block)
         return n
+
+    def use_gathered_correlation(self) -> "RomaNet":
+        """Speed form: the refiners' local correlation by `local_correlation_gathered`."""
+        for refiner in self.decoder.conv_refiner.values():
+            assert isinstance(refiner, ConvRefiner)
+            refiner.gathered_correlation = True
+        return self
 
     def use_channels_last(self) -> "RomaNet":
         """GPU speed form: NHWC convolutions (4-D weights and the conv inputs in channels_last)."""
