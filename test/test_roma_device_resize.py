@@ -5,7 +5,8 @@
   difference, bounded by RESIZE_TOL (measured here ~1e-7; the issue expects ~1e-7).
 * The stage-1 host part hands over exactly what the numpy path resizes.
 * It exports to ONNX as MatMuls and ONNX Runtime reproduces it.
-* The whole speed-form graph (image-fed, Cholesky GP, folded BatchNorms, channels_last) through the
+* The gathered local correlation equals the grid_sample one (flows reaching past the borders too).
+* The whole speed-form graph (image-fed, Cholesky GP, folded BatchNorms, gathered correlation) through the
   pipeline and the torch backend reproduces the official dense output of a fixture pair within the
   parity tolerances.
 """
@@ -20,7 +21,8 @@ import torch
 import roma_util as ru
 from matchanything_ros.core.roma.config import WEBUI_SIZE_WH
 from matchanything_ros.core.roma.device_graph import RomaImageGraph, StretchResize
-from matchanything_ros.core.roma.model import ConvRefiner, fold_batchnorm
+from matchanything_ros.core.roma.model import (ConvRefiner, fold_batchnorm, local_correlation,
+                                               local_correlation_gathered)
 from matchanything_ros.core.roma.preprocess import prepare_image, prepare_stage1, resize_matrix, webui_stage
 
 RESIZE_TOL = 5e-7  # float32 summation order (the numpy path's FMA chain vs a GEMM); outputs are in [~-0.1, ~1.1]
@@ -104,6 +106,19 @@ def test_stretch_exports_to_onnx_as_matmuls() -> None:
         assert np.abs(g - e).max() <= 1e-6
 
 
+@pytest.mark.parametrize("radius", [7, 3, 2])  # the refiners' radii at scales 16, 8, 4
+def test_gathered_correlation_equals_grid_sample_correlation(radius: int) -> None:
+    gen = torch.Generator().manual_seed(radius)
+    f1, f2 = (torch.randn(2, 48, 19, 23, generator=gen) for _ in range(2))
+    flow = torch.rand(2, 2, 19, 23, generator=gen) * 2.6 - 1.3  # some windows partly or wholly outside
+    with torch.inference_mode():
+        expected = local_correlation(f1, f2, flow, radius)
+        got = local_correlation_gathered(f1, f2, flow, radius, max_chunk_elems=40_000)  # several chunks
+    assert got.shape == expected.shape == (2, (2 * radius + 1) ** 2, 19, 23)
+    assert (expected == 0).any()  # windows wholly outside the map are zero in both
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 def test_fold_batchnorm_keeps_a_refiner_block() -> None:
     refiner = ConvRefiner(24, 6, 0).eval()
     gen = torch.Generator().manual_seed(0)
@@ -124,7 +139,7 @@ def test_fold_batchnorm_keeps_a_refiner_block() -> None:
 
 @pytest.mark.parametrize("name", ["pair1_rocket_crossmodal"])
 def test_speed_form_graph_reproduces_official_dense_output(name: str) -> None:
-    """Image-fed graph + Cholesky GP + folded BatchNorms + channels_last, through RomaPipeline.preprocess and
+    """Image-fed graph + Cholesky GP + folded BatchNorms + gathered correlation, through RomaPipeline.preprocess and
     the torch backend: the official final warp and certainty within the parity tolerances."""
     from matchanything_ros.core.backends.torch_backend import TorchBackend
     from matchanything_ros.core.roma.pipeline import RomaPipeline
@@ -136,7 +151,7 @@ def test_speed_form_graph_reproduces_official_dense_output(name: str) -> None:
     net = pipe.build_net(pipe.load_weights({"checkpoint_path": str(ckpt), "dinov2_path": str(dino)}),
                          gp_solver="cholesky")
     assert net.fold_batchnorms() == 12 + 5 + 5 * 9  # VGG features[:40], projections, 5 refiners x 9 blocks
-    net.use_channels_last()
+    net.use_gathered_correlation()
     net.dinov2.freeze_pos_embed(pipe.config.coarse_res // 14, pipe.config.coarse_res // 14)
     pipe.resize_on_device = True
     backend = TorchBackend({"dense": RomaImageGraph(net, pipe.config.coarse_res, pipe.config.upsample_res)},

@@ -153,8 +153,9 @@ class RomaPipeline:
                      resize_on_device: bool | None = None) -> dict[str, "torch.nn.Module"]:
         """{"dense": graph}. On the CPU (and for export): `RomaDenseGraph`, the exact form fed with the numpy
         preprocessing. On CUDA (`resize_on_device` None = on CUDA): `RomaImageGraph`, fed with the stage-1
-        images, in the speed form — channels_last convolutions, the GP by Cholesky (GPU_GP_SOLVER), and for
-        precision fp16 half weights stored once with the BatchNorms folded into the convolutions.
+        images, in the speed form — the refiners' local correlation gathered (`local_correlation_gathered`),
+        the GP by Cholesky (GPU_GP_SOLVER), and for precision fp16 half weights stored once with the
+        BatchNorms folded into the convolutions. (channels_last convolutions measured slower: not used.)
         gp_solver: None = the default of the device, "newton_schulz" for ONNX export."""
         import torch
 
@@ -169,7 +170,7 @@ class RomaPipeline:
             net.fold_batchnorms()
             net.half_weights()
         if on_gpu:
-            net.use_channels_last()
+            net.use_gathered_correlation()
         net.to(device)
         grid = self.config.coarse_res // 14
         net.dinov2.freeze_pos_embed(grid, grid)  # a constant for this input size (and in exported graphs)

@@ -62,6 +62,11 @@ def balanced_sample(warp: torch.Tensor, certainty: torch.Tensor, num: int,
     except RuntimeError:
         # too few non-zero weights for a draw without replacement: the original keeps the first cell
         return SparseMatches(m[:1].cpu().numpy(), c[:1].cpu().numpy())
+    if m.device.type == "cuda":
+        # wait for the draws without spinning a CPU core (a plain copy back would busy-wait for them)
+        done = torch.cuda.Event(blocking=True)
+        done.record()
+        done.synchronize()
     return SparseMatches(m1[idx2].cpu().numpy(), c1[idx2].cpu().numpy(), None, idx1.cpu().numpy(),
                          idx2.cpu().numpy(), density.cpu().numpy())
 
