@@ -54,6 +54,8 @@ class StretchResize(nn.Module):
         key = (str(device), int(h), int(w), int(size))
         found = self._weights.get(key)
         if found is None:
+            if len(self._weights) >= 16:  # images of ever new sizes (no web-UI stage): bound the memory
+                self._weights.clear()
             wh = torch.from_numpy(resize_matrix(int(h), int(size))).to(device)
             wwt = torch.from_numpy(np.ascontiguousarray(resize_matrix(int(w), int(size)).T)).to(device)
             found = self._weights[key] = (wh, wwt)
