@@ -150,6 +150,44 @@ def local_correlation(f1: torch.Tensor, f2: torch.Tensor, flow: torch.Tensor, ra
     return torch.cat(out, dim=1).permute(0, 3, 1, 2)
 
 
+def local_correlation_gathered(f1: torch.Tensor, f2: torch.Tensor, flow: torch.Tensor, radius: int,
+                               max_chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """`local_correlation` computed the GPU-friendly way (speed form; same maths, other rounding).
+
+    The window's offsets are whole feature pixels, so every sample of a pixel's window shares the
+    bilinear fractions of its flow: correlate f1 with the (2r+2)^2 integer-position f2 vectors around
+    floor(flow) (gathered channels-last: contiguous, coalesced reads, zero outside the map as
+    grid_sample's zero padding), then blend neighbouring products with the bilinear weights. It never
+    materialises the C x h x w x (2r+1)^2 sampled window that grid_sample produces and re-reads."""
+    b, c, h, w = f1.shape
+    n = 2 * radius + 2
+    flow = flow.float()
+    ix = ((flow[:, 0] + 1) * w - 1) / 2  # align_corners=False pixel coordinates in f2 (same size as f1)
+    iy = ((flow[:, 1] + 1) * h - 1) / 2
+    x0, y0 = ix.floor(), iy.floor()
+    ax, ay = (ix - x0).reshape(b, h * w, 1, 1), (iy - y0).reshape(b, h * w, 1, 1)
+    offs = torch.arange(-radius, radius + 2, device=f1.device, dtype=torch.float32)
+    px = x0.reshape(b, h * w, 1, 1) + offs.reshape(1, 1, 1, n)
+    py = y0.reshape(b, h * w, 1, 1) + offs.reshape(1, 1, n, 1)
+    inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+    index = torch.where(inside, py * w + px, torch.full_like(px, h * w)).long().reshape(b, h * w * n * n)
+    index = index + (h * w + 1) * torch.arange(b, device=f1.device)[:, None]  # rows of the flattened batch
+    f2t = torch.cat((f2.permute(0, 2, 3, 1).reshape(b, h * w, c), f2.new_zeros(b, 1, c)), dim=1)  # + a zero row
+    f2t = f2t.reshape(b * (h * w + 1), c)
+    f1t = (f1 / (c**0.5)).permute(0, 2, 3, 1).reshape(b, h * w, c, 1)
+    pixels = max(1, min(h * w, max_chunk_elems // max(1, b * n * n * c)))
+    products = []
+    for p0 in range(0, h * w, pixels):
+        p1 = min(h * w, p0 + pixels)
+        rows = index[:, p0 * n * n:p1 * n * n].reshape(-1)
+        window = f2t.index_select(0, rows).reshape(b, p1 - p0, n * n, c)
+        products.append((window @ f1t[:, p0:p1]).reshape(b, p1 - p0, n, n).float())
+    g = torch.cat(products, dim=1)  # [b, h*w, n, n]: <f1(p), f2(floor(flow(p)) + (my, mx))> / sqrt(C)
+    corr = ((1 - ay) * ((1 - ax) * g[:, :, :-1, :-1] + ax * g[:, :, :-1, 1:])
+            + ay * ((1 - ax) * g[:, :, 1:, :-1] + ax * g[:, :, 1:, 1:]))  # [b, h*w, 2r+1, 2r+1], y-major
+    return corr.reshape(b, h, w, (n - 1) ** 2).permute(0, 3, 1, 2)
+
+
 def _refiner_block(dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(dim, dim, 5, 1, 2, groups=dim), nn.BatchNorm2d(dim, momentum=0.01),
                          nn.ReLU(inplace=True), nn.Conv2d(dim, dim, 1, 1, 0))
@@ -161,6 +199,8 @@ class ConvRefiner(nn.Module):
     def __init__(self, in_dim: int, emb_dim: int, radius: int, hidden_blocks: int = 8) -> None:
         super().__init__()
         self.radius = radius
+        self.channels_last = False  # speed-form option: NHWC convolutions
+        self.gathered_correlation = False  # speed form: local_correlation_gathered
         self.block1 = _refiner_block(in_dim)
         self.hidden_blocks = nn.Sequential(*[_refiner_block(in_dim) for _ in range(hidden_blocks)])
         self.out_conv = nn.Conv2d(in_dim, 3, 1, 1, 0)
@@ -175,8 +215,12 @@ class ConvRefiner(nn.Module):
         emb = self.disp_emb((DISP_EMB_SCALE * scale_factor * (flow - grid_a)).to(f1.dtype))
         parts = [f1, x_hat, emb]
         if self.radius:
-            parts.append(local_correlation(f1, f2, flow, self.radius).to(f1.dtype))
-        d = self.hidden_blocks(self.block1(torch.cat(parts, dim=1)))
+            corr = local_correlation_gathered if self.gathered_correlation else local_correlation
+            parts.append(corr(f1, f2, flow, self.radius).to(f1.dtype))
+        x = torch.cat(parts, dim=1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        d = self.hidden_blocks(self.block1(x))
         with fp32_region(d):  # the original runs out_conv outside autocast, in fp32
             d = self.out_conv(d.float())
         return d[:, :-1], d[:, -1:]
@@ -190,6 +234,33 @@ class Decoder(nn.Module):
         self.proj = nn.ModuleDict({s: nn.Sequential(nn.Conv2d(i, o, 1, 1), nn.BatchNorm2d(o))
                                    for s, (i, o) in PROJ_DIMS.items()})
         self.conv_refiner = nn.ModuleDict({s: ConvRefiner(i, e, r) for s, (i, e, r) in REFINER_DIMS.items()})
+
+
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an eval-mode BatchNorm that follows `conv` into the conv's weight and bias (in place)."""
+    assert bn.weight is not None and bn.bias is not None
+    assert bn.running_mean is not None and bn.running_var is not None
+    with torch.no_grad():
+        scale = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
+        bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(scale)
+        conv.weight.copy_((conv.weight.float() * scale.reshape(-1, 1, 1, 1)).to(conv.weight.dtype))
+        new_bias = (bias - bn.running_mean.float()) * scale + bn.bias.float()
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+        else:
+            conv.bias.copy_(new_bias.to(conv.bias.dtype))
+
+
+def _fold_pairs(seq: nn.Sequential | nn.ModuleList) -> int:
+    """Fold every Conv2d -> BatchNorm2d pair of `seq` (BN replaced by Identity); returns the number folded."""
+    n = 0
+    for i in range(len(seq) - 1):
+        conv, bn = seq[i], seq[i + 1]
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            fold_batchnorm(conv, bn)
+            seq[i + 1] = nn.Identity()
+            n += 1
+    return n
 
 
 def _swap_halves(x: torch.Tensor) -> torch.Tensor:
@@ -206,6 +277,7 @@ class RomaNet(nn.Module):
         self.encoder = Encoder()
         self.decoder = Decoder(gp_solver)
         self.dinov2 = DinoV2ViTL14()
+        self.channels_last = False
 
     def set_gp_solver(self, solver: GpSolver) -> None:
         gp = self.decoder.gps["16"]
@@ -220,6 +292,39 @@ class RomaNet(nn.Module):
         for refiner in self.decoder.conv_refiner.values():
             assert isinstance(refiner, ConvRefiner)
             refiner.out_conv.float()
+        return self
+
+    def fold_batchnorms(self) -> int:
+        """Speed form: every BatchNorm folded into the conv before it (VGG, projections, refiner blocks).
+        Not the exact form (one rounding more per weight); the state dict no longer matches the checkpoint."""
+        n = _fold_pairs(self.encoder.cnn.layers)
+        for proj in self.decoder.proj.values():
+            assert isinstance(proj, nn.Sequential)
+            n += _fold_pairs(proj)
+        for refiner in self.decoder.conv_refiner.values():
+            assert isinstance(refiner, ConvRefiner)
+            n += _fold_pairs(refiner.block1)
+            for block in refiner.hidden_blocks:
+                assert isinstance(block, nn.Sequential)
+                n += _fold_pairs(block)
+        return n
+
+    def use_gathered_correlation(self) -> "RomaNet":
+        """Speed form: the refiners' local correlation by `local_correlation_gathered`."""
+        for refiner in self.decoder.conv_refiner.values():
+            assert isinstance(refiner, ConvRefiner)
+            refiner.gathered_correlation = True
+        return self
+
+    def use_channels_last(self) -> "RomaNet":
+        """GPU speed form: NHWC convolutions (4-D weights and the conv inputs in channels_last)."""
+        self.channels_last = True
+        for p in self.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+        for refiner in self.decoder.conv_refiner.values():
+            assert isinstance(refiner, ConvRefiner)
+            refiner.channels_last = True
         return self
 
     def checkpoint_modules(self) -> nn.Module:
@@ -271,13 +376,14 @@ class RomaNet(nn.Module):
         u_h, u_w = fine.shape[-2:]
         # pass 1: coarse size, DINOv2 + VGG
         cnn_dtype = next(self.encoder.parameters()).dtype
-        feats = self.encoder.cnn(coarse.to(cnn_dtype))
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        feats = self.encoder.cnn(coarse.to(cnn_dtype, memory_format=layout))
         feats[16] = self.dinov2(coarse.to(self.dinov2.pos_embed.dtype))
         p1 = self._decode(feats, PASS1_SCALES, None, None, 1.0, record, "pass1")
         del feats
         # pass 2: upsample size, VGG only, initialised from pass 1's finest flow/certainty
         scale_factor = math.sqrt(u_h * u_w / (c_h * c_w))
-        feats = self.encoder.cnn(fine.to(cnn_dtype))
+        feats = self.encoder.cnn(fine.to(cnn_dtype, memory_format=layout))
         size8 = feats[8].shape[-2:]
         flow0 = F.interpolate(p1[1][0], size=size8, mode="bilinear", align_corners=False)
         cert0 = F.interpolate(p1[1][1], size=size8, mode="bilinear", align_corners=False)

@@ -16,7 +16,7 @@ from ..errors import CheckpointError, ConfigError
 from ..params import PARAMS_BY_NAME
 from ..result import MatchResult
 from .config import RomaConfig
-from .preprocess import PreparedImage, model_to_original, prepare_image
+from .preprocess import PreparedImage, model_to_original, prepare_image, prepare_stage1
 from .sampling import SparseMatches, balanced_sample, seeded_generator, to_pixels, topk_sample, valid_mask
 
 if TYPE_CHECKING:
@@ -34,6 +34,8 @@ def _to_numpy(a: Any) -> np.ndarray:
 
 
 DINOV2_KEY_PREFIX = "dinov2."  # DINOv2 keys inside the combined state dict of `load_weights`
+# GP solver of the CUDA speed form: fp32 Cholesky + triangular solves, no host sync (CUDA-graph capturable)
+GPU_GP_SOLVER: "GpSolver" = "cholesky"
 
 
 @dataclass
@@ -47,17 +49,26 @@ class RomaPipeline:
     graphs = ("dense",)
 
     def __init__(self, config: dict[str, Any] | None = None, roma_config: RomaConfig | None = None,
-                 gp_solver: "GpSolver" = "inverse") -> None:
+                 gp_solver: "GpSolver | None" = None) -> None:
         config = dict(config or {})
         self.config = roma_config or RomaConfig.from_params(config)
         self.dinov2_path = str(PARAMS_BY_NAME["dinov2_path"].validate(config.get("dinov2_path", "")))
-        self.gp_solver: GpSolver = gp_solver
+        # None: "inverse" (the original's solve) on the CPU, GPU_GP_SOLVER on CUDA
+        self.gp_solver: GpSolver | None = gp_solver
+        # set by torch_graphs when it builds the image-fed graph (RomaImageGraph): preprocess then hands
+        # over the stage-1 images and the stretch-resize runs on the device
+        self.resize_on_device = False
 
     # --- VariantPipeline -----------------------------------------------------------------------
     def preprocess(self, image0: np.ndarray, image1: np.ndarray) -> tuple[dict[str, np.ndarray], RomaMeta]:
         c = self.config
+        if self.resize_on_device:
+            s0, q0 = prepare_stage1(image0, c.webui_resize, "image0")
+            s1, q1 = prepare_stage1(image1, c.webui_resize, "image1")
+            return {"image0": s0[None], "image1": s1[None]}, RomaMeta(q0, q1)
         p0 = prepare_image(image0, c.coarse_res, c.upsample_res, c.webui_resize, "image0")
         p1 = prepare_image(image1, c.coarse_res, c.upsample_res, c.webui_resize, "image1")
+        assert p0.coarse is not None and p0.fine is not None and p1.coarse is not None and p1.fine is not None
         inputs = {"image0_coarse": p0.coarse[None], "image1_coarse": p1.coarse[None],
                   "image0_fine": p0.fine[None], "image1_fine": p1.fine[None]}
         return inputs, RomaMeta(p0, p1)
@@ -132,19 +143,44 @@ class RomaPipeline:
             dinov2_state = {k[n:]: v for k, v in state_dict.items() if k.startswith(DINOV2_KEY_PREFIX)} or None
         if dinov2_state is None:
             dinov2_state = load_dinov2_state_dict(self.dinov2_path)
-        net = RomaNet(gp_solver or self.gp_solver)
+        net = RomaNet(gp_solver or self.gp_solver or "inverse")
         load_state_dicts_into(net, roma, dinov2_state, "RoMa checkpoint", self.dinov2_path or "DINOv2 weights")
         return net.eval()
 
     def torch_graphs(self, state_dict: dict[str, "torch.Tensor"], device: str = "cpu",
                      dinov2_state: dict[str, "torch.Tensor"] | None = None,
-                     gp_solver: "GpSolver | None" = None) -> dict[str, "torch.nn.Module"]:
-        """{"dense": RomaDenseGraph}. gp_solver: "inverse" (reference, torch) or "newton_schulz" (ONNX export)."""
+                     gp_solver: "GpSolver | None" = None, precision: str = "fp32",
+                     resize_on_device: bool | None = None) -> dict[str, "torch.nn.Module"]:
+        """{"dense": graph}. On the CPU (and for export): `RomaDenseGraph`, the exact form fed with the numpy
+        preprocessing. On CUDA (`resize_on_device` None = on CUDA): `RomaImageGraph`, fed with the stage-1
+        images, in the speed form — the refiners' local correlation gathered (`local_correlation_gathered`),
+        the GP by Cholesky (GPU_GP_SOLVER), and for precision fp16 half weights stored once with the
+        BatchNorms folded into the convolutions. (channels_last convolutions measured slower: not used.)
+        gp_solver: None = the default of the device, "newton_schulz" for ONNX export."""
+        import torch
+
+        from .device_graph import RomaImageGraph
         from .model import RomaDenseGraph
 
-        net = self.build_net(state_dict, dinov2_state, gp_solver).to(device)
+        on_gpu = torch.device(device).type == "cuda"
+        resize_on_device = on_gpu if resize_on_device is None else resize_on_device
+        solver = gp_solver or self.gp_solver or (GPU_GP_SOLVER if on_gpu else "inverse")
+        net = self.build_net(state_dict, dinov2_state, solver)
+        if precision == "fp16":
+            net.fold_batchnorms()
+            net.half_weights()
+        if on_gpu:
+            net.use_gathered_correlation()
+        net.to(device)
         grid = self.config.coarse_res // 14
         net.dinov2.freeze_pos_embed(grid, grid)  # a constant for this input size (and in exported graphs)
+        if resize_on_device:
+            self.resize_on_device = True
+            # cuDNN autotuning: fp16 measured the same speed without it (82.4 vs 82.6 ms, H200) and less
+            # memory; fp32 without it measured 736 ms inference (cuDNN's heuristic picks), with it 315 ms
+            # (issue 13's run of the previous code): on for fp32 only
+            return {"dense": RomaImageGraph(net, self.config.coarse_res, self.config.upsample_res,
+                                            cudnn_benchmark=precision == "fp32").eval()}
         return {"dense": RomaDenseGraph(net).eval()}
 
     def example_inputs(self, graph: str = "dense") -> dict[str, "torch.Tensor"]:

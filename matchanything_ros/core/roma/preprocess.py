@@ -75,6 +75,21 @@ def _aa_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return first, weights
 
 
+def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """The antialiased bicubic resize along one axis as a dense float32 matrix W [n_out, n_in]
+    (out = W x), from the same taps as the numpy path; the identity where the axis keeps its size
+    (the numpy path skips that axis). Two of them per size make the resize two MatMuls on the device."""
+    if n_in == n_out:
+        return np.eye(n_out, dtype=_F32)
+    first, weights = _aa_taps(n_in, n_out)
+    w = np.zeros((n_out, n_in), _F32)
+    for t in range(weights.shape[1]):
+        cols = first + t
+        ok = cols < n_in  # taps past the border carry zero weight
+        w[np.arange(n_out)[ok], cols[ok]] += weights[ok, t]
+    return w
+
+
 def _resize_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
     """Antialiased bicubic along one axis of a float32 array, accumulating taps in order."""
     n_in = x.shape[axis]
@@ -123,8 +138,8 @@ def webui_stage(image_rgb: np.ndarray) -> np.ndarray:
 class PreparedImage:
     """One image as the model sees it, and how to map model pixels back to the original."""
 
-    coarse: np.ndarray  # float32 [3, c, c]
-    fine: np.ndarray  # float32 [3, u, u]
+    coarse: np.ndarray | None  # float32 [3, c, c]; None when the resize runs on the device
+    fine: np.ndarray | None  # float32 [3, u, u]; None when the resize runs on the device
     model_size_wh: tuple[int, int]  # size of the image handed to the model (640x480 after the web UI stage)
     original_size_wh: tuple[int, int]
     webui_resize: bool
@@ -143,6 +158,20 @@ def prepare_image(image_rgb: np.ndarray, coarse_res: int, upsample_res: int, web
         original_size_wh=(int(w), int(h)),
         webui_resize=webui_resize,
     )
+
+
+def prepare_stage1(image_rgb: np.ndarray, webui_resize: bool, name: str = "image") -> tuple[np.ndarray, PreparedImage]:
+    """The host part when the stretch-resize runs on the device (`RomaImageGraph`): the stage-1 image
+    HxWx3 in 0..255 — the uint8 image itself where stage 1 is the identity (no web-UI stage, or an
+    image already 640x480), else the web-UI stage's float32 output."""
+    check_rgb_image(image_rgb, name)
+    h, w = image_rgb.shape[:2]
+    stage1: np.ndarray = image_rgb
+    if webui_resize and (w, h) != WEBUI_SIZE_WH:  # at 640x480 both web-UI steps are the identity
+        stage1 = webui_stage(image_rgb)
+    prepared = PreparedImage(coarse=None, fine=None, model_size_wh=(int(stage1.shape[1]), int(stage1.shape[0])),
+                             original_size_wh=(int(w), int(h)), webui_resize=webui_resize)
+    return stage1, prepared
 
 
 def model_to_original(kpts: np.ndarray, prepared: PreparedImage) -> np.ndarray:

@@ -42,25 +42,38 @@ def kde_density(x: torch.Tensor, std: float = KDE_STD, rows_per_chunk: int = 204
     return torch.cat(out)
 
 
+def wait_without_spinning(device: torch.device) -> None:
+    """On CUDA, wait for the queued work on a blocking event (the CPU sleeps; a synchronising copy or
+    `.item()` would spin a core for the whole GPU time). Nothing to do on the CPU."""
+    if device.type == "cuda":
+        done = torch.cuda.Event(blocking=True)
+        done.record()
+        done.synchronize()
+
+
 def balanced_sample(warp: torch.Tensor, certainty: torch.Tensor, num: int,
                     generator: torch.Generator | None = None) -> SparseMatches:
     """The original threshold-balanced sampler on torch tensors (any device; CPU reproduces the fixtures)."""
-    c = certainty.reshape(-1).clone()
-    c[c > SAMPLE_THRESH] = 1
+    # the original's masked assignments and `if c.sum() == 0`, written as selects: the same values, and no
+    # wait for the GPU on CUDA (a boolean-mask write and a Python `if` on a device value each wait for it)
+    c = certainty.reshape(-1)
+    c = torch.where(c > SAMPLE_THRESH, torch.ones_like(c), c)
+    c = torch.cat((torch.where(c.sum() == 0, torch.ones_like(c[:1]), c[:1]), c[1:]))
     m = warp.reshape(-1, 4)
-    if c.sum() == 0:
-        c[0] = 1
     try:
         idx1 = torch.multinomial(c, min(BALANCED_EXPANSION * num, c.numel()), replacement=False,
                                  generator=generator)
         m1, c1 = m[idx1], c[idx1]
         density = kde_density(m1)
         p = 1 / (density + 1)
-        p[density < 10] = 1e-7
+        p = torch.where(density < 10, torch.full_like(p, 1e-7), p)
+        # torch.multinomial checks its weights on the host (.item()): let the KDE finish while the CPU sleeps
+        wait_without_spinning(p.device)
         idx2 = torch.multinomial(p, min(num, c1.numel()), replacement=False, generator=generator)
     except RuntimeError:
         # too few non-zero weights for a draw without replacement: the original keeps the first cell
         return SparseMatches(m[:1].cpu().numpy(), c[:1].cpu().numpy())
+    wait_without_spinning(m.device)  # a plain copy back would busy-wait a core for the draws
     return SparseMatches(m1[idx2].cpu().numpy(), c1[idx2].cpu().numpy(), None, idx1.cpu().numpy(),
                          idx2.cpu().numpy(), density.cpu().numpy())
 

@@ -1,0 +1,101 @@
+"""The "dense" graph fed with stage-1 images: the stretch-resize runs on the device, as MatMuls.
+
+torchvision's antialiased bicubic resize is linear and separable, so each image's coarse and fine
+inputs are `Wh @ X @ Ww^T` per channel with fixed matrices (`preprocess.resize_matrix`, built from
+the same taps as the bit-exact numpy path, once per input size). That is two MatMuls per image and
+size (ONNX/TensorRT run them natively), and the host only hands over the uint8 image (0.9 MB at
+640x480) instead of resizing 4 images in numpy (~270 ms). The result deviates from the numpy path
+by float32 summation order only (bounded in test/test_roma_device_resize.py); the numpy path stays
+the exact one (CPU parity, ONNX export).
+
+The graph has fixed shapes per input size (`capture_key`), so the torch backend captures it whole
+in a CUDA graph. cuDNN/TF32 settings it needs are set for its own forward only and restored after.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .model import RomaNet
+from .preprocess import resize_matrix
+
+
+@contextlib.contextmanager
+def fp32_math(cudnn_benchmark: bool) -> Iterator[None]:
+    """True fp32 (no TF32) in matmuls and convolutions, and cuDNN autotuning as asked, for one forward.
+
+    The previous process-wide values are restored on exit: a RoMa matcher leaves no switch behind,
+    and one made earlier (e.g. an fp16 one with autotuning) cannot change this one's numbers or memory."""
+    saved_matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=cudnn_benchmark, deterministic=False,
+                                        allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved_matmul
+
+
+class StretchResize(nn.Module):
+    """Stage-1 image [1, H, W, 3] (uint8 or float32, 0..255) -> [1, 3, S, S] float32 in [0, 1] per size S."""
+
+    def __init__(self, sizes: tuple[int, ...]) -> None:
+        super().__init__()
+        self.sizes = sizes
+        # (device, H, W, S) -> (Wh [S, H], Ww^T [W, S]); plain tensors, made on first use of a size (the
+        # torch backend's eager warm-up) so a CUDA-graph capture never copies from the host
+        self._weights: dict[tuple[str, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def weights(self, h: int, w: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (str(device), int(h), int(w), int(size))
+        found = self._weights.get(key)
+        if found is None:
+            if len(self._weights) >= 16:  # images of ever new sizes (no web-UI stage): bound the memory
+                self._weights.clear()
+            wh = torch.from_numpy(resize_matrix(int(h), int(size))).to(device)
+            wwt = torch.from_numpy(np.ascontiguousarray(resize_matrix(int(w), int(size)).T)).to(device)
+            found = self._weights[key] = (wh, wwt)
+        return found
+
+    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+        _, h, w, _ = image.shape
+        x = image.squeeze(0).permute(2, 0, 1).float() / 255.0  # [3, H, W], as the numpy path's / 255.0 in float32
+        out = []
+        for size in self.sizes:
+            wh, wwt = self.weights(h, w, size, image.device)
+            out.append((wh @ (x @ wwt))[None])  # width pass, then height pass, as the numpy path
+        return out
+
+
+class RomaImageGraph(nn.Module):
+    """The "dense" graph with the stretch inside: image0, image1 [1, H, W, 3] (uint8 or float32 0..255,
+    the stage-1 images) -> warp [1, u, 2u, 4], certainty [1, u, 2u]. Runs in the weights' own dtype
+    (pure fp16 for half weights: autocast is switched off inside, the GP and output convs cast to fp32
+    themselves)."""
+
+    input_names = ("image0", "image1")
+    output_names = ("warp", "certainty")
+
+    def __init__(self, net: RomaNet, coarse_res: int, upsample_res: int, cudnn_benchmark: bool = False) -> None:
+        super().__init__()
+        self.net = net
+        self.stretch = StretchResize((coarse_res, upsample_res))
+        self.cudnn_benchmark = cudnn_benchmark
+
+    def forward(self, image0: torch.Tensor, image1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(image0.device.type, enabled=False), fp32_math(self.cudnn_benchmark):
+            coarse0, fine0 = self.stretch(image0)
+            coarse1, fine1 = self.stretch(image1)
+            return self.net(coarse0, coarse1, fine0, fine1)
+
+    # --- torch backend: CUDA-graph capture ----------------------------------------------------------
+    def capture_key(self, inputs: dict[str, Any]) -> tuple[Any, ...]:
+        """Shapes and dtypes fix every kernel of this graph: one capture per camera size."""
+        return tuple((n, tuple(inputs[n].shape), str(inputs[n].dtype)) for n in self.input_names)
+
+    def static_crop(self, inputs: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # nothing data-dependent to fix for the capture
