@@ -52,6 +52,11 @@ def ros_environment(domain_id: int, base: dict[str, str] | None = None) -> dict[
     env["ROS_DOMAIN_ID"] = str(domain_id)
     env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     env.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    # The shipped Fast DDS profile, as env.sh and the launch file set it (camera-sized best-effort images),
+    # unless the environment names one (an empty value measures the built-in transports).
+    if "FASTDDS_DEFAULT_PROFILES_FILE" not in env:
+        env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(Path(__file__).resolve().parents[1] / "config"
+                                                   / "fastdds_large_images.xml")
     env["PYTHONUNBUFFERED"] = "1"  # so a node's log file is complete when a test reads it
     env["RCUTILS_LOGGING_BUFFERED_STREAM"] = "0"
     return env
