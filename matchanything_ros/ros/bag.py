@@ -231,7 +231,7 @@ def process_bag(
                             from ..core.viz import draw_matches
 
                             canvas = draw_matches(to_rgb(img0), to_rgb(img1), result.keypoints0, result.keypoints1,
-                                                  result.confidence)
+                                                  result.confidence, demo_model=bool(info.get("is_demo_model")))
                             image = typestore.types[IMAGE_TYPE](header=pair.msg0.header, **_rosbags_image(canvas))
                             writer.write(debug_conn, timestamp, typestore.serialize_cdr(image, IMAGE_TYPE))
                             summary.debug_images += 1

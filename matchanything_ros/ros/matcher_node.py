@@ -262,6 +262,9 @@ class MatcherNode(Node):
             stamp_text = format_stamp(stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec))
             self._warn(f"bad:{exc}", f"image stamped {stamp_text} skipped: {exc}")
             return
+        if not msg.header.frame_id:
+            self._warn(f"frame{index}", f"image{index} has an empty frame_id: matched, but the keypoints cannot be "
+                                        "placed in a TF frame (set the camera driver's frame_id)")
         if index == 0:
             self._image0_frame_id = msg.header.frame_id
         stamp = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
@@ -299,8 +302,9 @@ class MatcherNode(Node):
         if max_age > 0 and age_s > max_age:
             self.counters.add("pairs_stale")
             self.last_error = f"stale input: {age_s:.3f} s old (max_input_age {max_age} s)"
-            self._warn("stale", f"dropping a pair stamped {format_stamp(pair.stamp0)}: {age_s:.3f} s old against the "
-                                f"node clock (max_input_age {max_age} s); {self._stale_hint(age_s)}")
+            hint = self._stale_hint(age_s)
+            self._warn(f"stale:{hint[:20]}", f"dropping a pair stamped {format_stamp(pair.stamp0)}: {age_s:.3f} s old "
+                                             f"against the node clock (max_input_age {max_age} s); {hint}")
             return True
         return False
 
@@ -410,13 +414,14 @@ class MatcherNode(Node):
 
     # ------------------------------------------------------------------ diagnostics (executor, steady timer)
     def _publish_diagnostics(self) -> None:
-        values, timings = self.counters.snapshot(DIAG_WINDOW_S)
+        values, timings = self.counters.snapshot(2 * DIAG_WINDOW_S)
         now = time.monotonic()
         history = self._diag_history
         history.append((now, values))
         while len(history) > 2 and now - history[1][0] >= DIAG_WINDOW_S:
             history.popleft()  # keep the newest snapshot at least DIAG_WINDOW_S old as the window's start
         then, before = history[0]
+        timings = [t for t in timings if t[0] > then]  # the same window as the counters' differences
         window = max(now - then, 1e-6)
         delta = {name: values[name] - before[name] for name in values}
         status = DiagnosticStatus(name=self.get_fully_qualified_name(), hardware_id=self._hardware_id())
