@@ -14,6 +14,7 @@ callback, so bad input is reported as such before it is synchronized or aged.
 from __future__ import annotations
 
 import sys
+from io import BytesIO
 from typing import Any
 
 import cv2
@@ -124,21 +125,24 @@ def compressed_msg_to_array(msg: Any, name: str = "image") -> np.ndarray:
     """Decode a sensor_msgs/CompressedImage (jpeg/png, as image_transport's `compressed` plugin sends)."""
     check_compressed_msg(msg, name)
     data = _as_bytes_array(msg.data)
-    # Read the header first: a small file can claim a huge image (a decompression bomb).
-    ok = False
-    try:
-        import PIL.Image
-        from io import BytesIO
+    # Read the header first: a few bytes can claim a huge image (a decompression bomb).
+    import PIL.Image
 
+    try:
         with PIL.Image.open(BytesIO(data.tobytes())) as header:
             width, height = header.size
-            ok = True
-    except Exception:  # not a file PIL knows: let OpenCV say so below
-        pass
-    if ok and width * height > MAX_PIXELS:
+    except PIL.Image.DecompressionBombError as exc:
+        raise InputImageError(f"{name}: compressed image is too large to decode safely ({exc})") from None
+    except Exception:  # not a file PIL reads: OpenCV says so below
+        width = height = 0
+    if width * height > MAX_PIXELS:
         raise InputImageError(f"{name}: compressed image claims {width}x{height} = {width * height} pixels, more "
                               f"than the {MAX_PIXELS} this node accepts")
-    decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    try:
+        decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise InputImageError(f"{name}: {len(data)} bytes of format {msg.format!r} cannot be decoded: "
+                              f"{str(exc).strip().splitlines()[-1]}") from None
     if decoded is None:
         raise InputImageError(f"{name}: {len(data)} bytes of format {msg.format!r} do not decode as jpeg or png")
     if decoded.ndim == 3 and decoded.shape[2] == 4:
