@@ -94,7 +94,7 @@ class Counters:
     # (+ at most one waiting and one in inference).
     NAMES = ("image0_received", "image1_received", "pairs_synchronized", "pairs_matched", "pairs_dropped",
              "pairs_stale", "pairs_rejected", "sync_failures", "bad_inputs", "match_errors",
-             "pairs_without_matcher", "debug_images_built")
+             "pairs_without_matcher", "debug_images_built", "matcher_builds", "clock_jumps_back")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -249,6 +249,7 @@ class MatcherNode(Node):
                 "resetting the synchronizer")
             self.sync.reset()
             self._jumped_back_at = time.monotonic()
+            self.counters.add("clock_jumps_back")
 
     def _on_image(self, index: int, msg: Any) -> None:
         """Validate, then synchronise, then age: bad input is reported as bad input, never as stale."""
@@ -339,6 +340,7 @@ class MatcherNode(Node):
             return
         info = dict(matcher.info)
         self.matcher_info, self.matcher_state, self.matcher_error = info, "ready", ""
+        self.counters.add("matcher_builds")
         self.get_logger().info(
             f"matcher ready: variant={info.get('variant')} backend={info.get('backend')} device={info.get('device')} "
             f"precision={info.get('precision')}" + (" -- demo model (not MatchAnything's weights)"
@@ -434,6 +436,8 @@ class MatcherNode(Node):
             ("pair_rate_hz", f"{delta['pairs_synchronized'] / window:.2f}"),
             ("output_rate_hz", f"{delta['pairs_matched'] / window:.2f}"),
             *[(k, v) for k, v in values.items()],
+            # who publishes the inputs now (a camera driver that died or restarted shows here)
+            *[(f"image{i}_publishers", sub.get_publisher_count()) for i, sub in enumerate(self.subscriptions_)],
         ]
         if timings:  # means over the window; nothing matched in it: the keys are left out, saying why
             latencies, inferences = np.array([t[1] for t in timings]), np.array([t[2] for t in timings])
