@@ -52,9 +52,11 @@ def mosaic(rgb: np.ndarray, pattern: str) -> np.ndarray:
 
 
 def yuv422(rgb: np.ndarray, order: str) -> np.ndarray:
-    """Packed 4:2:2 (H, W, 2) uint8 in byte order "uyvy" or "yuyv"."""
-    yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV)
-    y, u, v = yuv[:, :, 0], yuv[:, 0::2, 1], yuv[:, 0::2, 2]
+    """Packed 4:2:2 (H, W, 2) uint8 in byte order "uyvy" or "yuyv": BT.601 video range, as cameras send it."""
+    r, g, b = (rgb[:, :, k].astype(np.float64) / 255.0 for k in range(3))
+    y = np.rint(16 + 65.481 * r + 128.553 * g + 24.966 * b).astype(np.uint8)
+    u = np.rint(128 - 37.797 * r - 74.203 * g + 112.0 * b)[:, 0::2].astype(np.uint8)
+    v = np.rint(128 + 112.0 * r - 93.786 * g - 18.214 * b)[:, 0::2].astype(np.uint8)
     out = np.empty((rgb.shape[0], rgb.shape[1], 2), np.uint8)
     ci, yi = (0, 1) if order == "uyvy" else (1, 0)
     out[:, :, yi] = y
