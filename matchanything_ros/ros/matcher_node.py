@@ -303,22 +303,22 @@ class MatcherNode(Node):
         if max_age > 0 and age_s > max_age:
             self.counters.add("pairs_stale")
             self.last_error = f"stale input: {age_s:.3f} s old (max_input_age {max_age} s)"
-            hint = self._stale_hint(age_s)
-            self._warn(f"stale:{hint[:20]}", f"dropping a pair stamped {format_stamp(pair.stamp0)}: {age_s:.3f} s old "
+            kind, hint = self._stale_hint(age_s)
+            self._warn(f"stale:{kind}", f"dropping a pair stamped {format_stamp(pair.stamp0)}: {age_s:.3f} s old "
                                              f"against the node clock (max_input_age {max_age} s); {hint}")
             return True
         return False
 
-    def _stale_hint(self, age_s: float) -> str:
-        """Why a pair may be old: a bag hint only when the evidence points there."""
+    def _stale_hint(self, age_s: float) -> tuple[str, str]:
+        """(kind, text): why a pair may be old; a bag hint only when the evidence points there."""
         sim_time = bool(self.get_parameter("use_sim_time").value)
         if not sim_time and age_s > BAG_HINT_AGE_S:
-            return (f"stamps {age_s:.0f} s behind the wall clock look recorded: replaying a bag? set "
-                    "use_sim_time:=true and publish /clock")
+            return "bag", (f"stamps {age_s:.0f} s behind the wall clock look recorded: replaying a bag? set "
+                           "use_sim_time:=true and publish /clock")
         if sim_time:
-            return "under use_sim_time the node clock is /clock: is the bag player publishing it (--clock)?"
-        return ("the camera's clock may be behind this computer's (synchronise them, e.g. chrony/PTP), or "
-                "transport/inference lags; raise max_input_age if this delay is acceptable")
+            return "sim", "under use_sim_time the node clock is /clock: is the bag player publishing it (--clock)?"
+        return "live", ("the camera's clock may be behind this computer's (synchronise them, e.g. chrony/PTP), or "
+                        "transport/inference lags; raise max_input_age if this delay is acceptable")
 
     # ------------------------------------------------------------------ worker thread
     def _build_matcher(self, params: dict[str, Any]) -> Any:
@@ -468,8 +468,7 @@ class MatcherNode(Node):
 
     def _hardware_id(self) -> str:
         """The device inference runs on (what the matcher reports once built, else the parameter)."""
-        device = str(self.matcher_info.get("device", self.params["device"]))
-        return f"{device} ({self.matcher_info.get('backend', self.params['backend'])})"
+        return str(self.matcher_info.get("device", self.params["device"]))
 
     def _diagnostic_level(self, values: dict[str, int], delta: dict[str, int], window: float) -> tuple[bytes, str]:
         """ERROR: the backend cannot run. WARN: trouble within the window (or still loading). OK otherwise."""
