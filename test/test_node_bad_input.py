@@ -43,4 +43,5 @@ def test_missing_checkpoint_keeps_the_node_alive_and_a_fixed_path_recovers(modul
     client.set_ok(checkpoint_path=str(seeded_checkpoint))
     proc.wait_for_output(r"matcher ready", timeout=60)
     io.pairs_until_matched()
-    assert client.wait_diagnostics(lambda v: v["matcher_state"] == "ready")["_level"] == 0
+    # WARN while the unmatched pairs are in the diagnostics window, then OK
+    client.wait_diagnostics(lambda v: v["matcher_state"] == "ready" and v["_level"] == 0, timeout=30)
