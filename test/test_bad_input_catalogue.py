@@ -201,6 +201,14 @@ def raw(module_ros_env, seeded_checkpoint):
 
 
 def counter(client: Any, name: str) -> int:
+    """The counter as last reported (counters only grow, so an earlier report is a valid baseline)."""
+    from matcher_node_util import diag_values
+
+    client.probe.spin_once(0.0)
+    for msg in reversed(client.diagnostics):
+        values = diag_values(msg, client.fqn)
+        if values is not None:
+            return int(values[name])
     return int(client.latest_diagnostics(node_name=client.fqn)[name])
 
 
