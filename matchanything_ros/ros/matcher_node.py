@@ -244,9 +244,8 @@ class MatcherNode(Node):
 
     def _on_time_jump(self, jump: TimeJump) -> None:
         if jump.delta.nanoseconds < 0:
-            self.get_logger().warning(
-                f"the clock jumped back by {-jump.delta.nanoseconds / NS_PER_S:.3f} s (bag looped?): "
-                "resetting the synchronizer")
+            self._warn("jump", f"the clock jumped back by {-jump.delta.nanoseconds / NS_PER_S:.3f} s (bag looped?): "
+                               "resetting the synchronizer (counted in clock_jumps_back)")
             self.sync.reset()
             self._jumped_back_at = time.monotonic()
             self.counters.add("clock_jumps_back")
