@@ -56,3 +56,9 @@ clean:
 
 distclean: clean
 	rm -rf $(ROOT)/.venv $(ROOT)/*.egg-info
+
+# The node's soak test for 10 minutes (CI runs it for 2): 30 Hz stereo, CPU matcher, faults injected;
+# prints RSS/threads/fds and latency p50/p99 (docs/node.md, "Soak").
+.PHONY: soak
+soak: setup
+	@$(IN_ENV) MATCHANYTHING_SOAK_S=600 python -m pytest test/test_node_soak.py -s $(PYTEST_ARGS)

@@ -5,8 +5,9 @@
 # Sets PATH (venv), LD_LIBRARY_PATH (our message libraries + the ROS wheels' libraries; it must
 # be set before Python starts), PYTHONPATH (the source tree first, then the install tree that
 # holds the generated matchanything_ros.msg), AMENT_PREFIX_PATH / CMAKE_PREFIX_PATH (install +
-# venv, so get_package_share_directory finds us and sensor_msgs), RMW_IMPLEMENTATION and a
-# loopback-only ROS_AUTOMATIC_DISCOVERY_RANGE. ROS_DOMAIN_ID is left as it is (default 0).
+# venv, so get_package_share_directory finds us and sensor_msgs), RMW_IMPLEMENTATION, a
+# loopback-only ROS_AUTOMATIC_DISCOVERY_RANGE and FASTDDS_DEFAULT_PROFILES_FILE (the shipped
+# config/fastdds_large_images.xml, unless one is set). ROS_DOMAIN_ID is left as it is (default 0).
 # Sourcing it twice adds nothing twice. Safe under `set -u`.
 # On a real ROS 2 install use colcon and `. install/setup.bash` instead (README).
 
@@ -82,6 +83,11 @@ _ma_prepend CMAKE_PREFIX_PATH "$_ma_venv"
 _ma_prepend CMAKE_PREFIX_PATH "$_ma_root/install"
 
 export RMW_IMPLEMENTATION=rmw_fastrtps_cpp
+# Camera-sized images over best-effort DDS: a 32 MiB shared-memory segment (docs/node.md, "Transport").
+# Every process started from this shell (camera driver, node, tools) uses it; a profile already set wins.
+if [ -z "${FASTDDS_DEFAULT_PROFILES_FILE:-}" ] && [ -f "$_ma_root/config/fastdds_large_images.xml" ]; then
+  export FASTDDS_DEFAULT_PROFILES_FILE="$_ma_root/config/fastdds_large_images.xml"
+fi
 # Loopback only: otherwise Fast DDS sends discovery multicast on every interface of the machine.
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 

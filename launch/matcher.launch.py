@@ -11,7 +11,8 @@ into a component container, so this starts a plain Node process.
 
 The `launch`/`launch_ros` imports live inside `generate_launch_description`, so the tables and
 `node_settings`/`ros_arguments` import without them (tests start the node with the same
-arguments as a subprocess: `matcher_node <ros_arguments(...)>`).
+arguments and environment as a subprocess: `matcher_node <ros_arguments(...)>`). The node's
+environment gets the shipped Fast DDS profile for camera-sized images (`dds_environment`).
 """
 from __future__ import annotations
 
@@ -81,12 +82,24 @@ def node_settings(values: dict[str, str]) -> dict[str, Any]:
             parameters[param] = PARAMS_BY_NAME[param].validate(value)
     remappings = [(topic, values[arg]) for arg, topic in REMAP_ARGUMENTS.items() if values.get(arg, topic) != topic]
     return {
+        "environment": dds_environment(),
         "namespace": values.get("namespace", ""),
         "params_file": values.get("params_file") or default_params_file(),
         "parameters": parameters,
         "remappings": remappings,
         "log_level": values.get("log_level", "info"),
     }
+
+
+def dds_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The shipped Fast DDS profile for camera-sized images, unless the environment names one already
+    (docs/node.md, "Transport"): the node's participant reads it at start-up."""
+    from matchanything_ros.ros.dds_profile import LEGACY_PROFILE_ENV, PROFILE_ENV, shipped_profile_path
+
+    env = os.environ if environ is None else environ
+    if env.get(PROFILE_ENV) or env.get(LEGACY_PROFILE_ENV):
+        return {}
+    return {PROFILE_ENV: str(shipped_profile_path())}
 
 
 def ros_arguments(settings: dict[str, Any]) -> list[str]:
@@ -122,6 +135,7 @@ def generate_launch_description():  # type: ignore[no-untyped-def]
             parameters=[settings["params_file"], settings["parameters"]],
             remappings=settings["remappings"],
             arguments=["--ros-args", "--log-level", settings["log_level"]],
+            additional_env=settings["environment"],
             output="screen",
             emulate_tty=True,
         )]

@@ -134,8 +134,10 @@ def keypoints(msg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def diag_values(array_msg: Any, node_name: str = "matcher_node") -> dict[str, str] | None:
+    """The values of the node's status: its name is the node's fully qualified name; `node_name` is that
+    name or its last part."""
     for status in array_msg.status:
-        if status.name.startswith(node_name):
+        if status.name == node_name or status.name.rsplit("/", 1)[-1] == node_name:
             values = {kv.key: kv.value for kv in status.values}
             values["_level"] = int.from_bytes(status.level, "little") if isinstance(status.level, bytes) \
                 else int(status.level)

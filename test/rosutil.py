@@ -52,9 +52,18 @@ def ros_environment(domain_id: int, base: dict[str, str] | None = None) -> dict[
     env["ROS_DOMAIN_ID"] = str(domain_id)
     env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     env.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    use_shipped_dds_profile(env)
     env["PYTHONUNBUFFERED"] = "1"  # so a node's log file is complete when a test reads it
     env["RCUTILS_LOGGING_BUFFERED_STREAM"] = "0"
     return env
+
+
+def use_shipped_dds_profile(env: dict[str, str] | os._Environ[str]) -> None:
+    """The shipped Fast DDS profile, as env.sh and the launch file set it (camera-sized best-effort images),
+    unless the environment names one (an empty value measures the built-in transports)."""
+    if "FASTDDS_DEFAULT_PROFILES_FILE" not in env:
+        env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(Path(__file__).resolve().parents[1] / "config"
+                                                   / "fastdds_large_images.xml")
 
 
 class NodeProcess:
@@ -133,6 +142,9 @@ class Probe:
         from rclpy.context import Context
         from rclpy.executors import SingleThreadedExecutor
 
+        # this process's participants too: with the built-in 512 KiB shared-memory segment, two images of
+        # a few hundred KB published back to back spill into fragmented UDP and best-effort readers lose them
+        use_shipped_dds_profile(os.environ)
         self.context = Context()
         rclpy.init(context=self.context, domain_id=domain_id)
         self.node = rclpy.create_node(name, context=self.context)

@@ -63,7 +63,7 @@ def stereo_frames() -> list[tuple[str, int, np.ndarray, str]]:
         t = (100 + k) * S
         frames += [("/cam_left/image", t, img0, "rgb8"), ("/cam_right/image", t, img1, "bgr8")]
     frames.append(("/cam_left/image", 103 * S, img0, "rgb8"))  # no partner
-    frames += [("/cam_left/image", 104 * S, img0, "yuv422"), ("/cam_right/image", 104 * S, img1, "rgb8")]
+    frames += [("/cam_left/image", 104 * S, img0, "rgb10_packed"), ("/cam_right/image", 104 * S, img1, "rgb8")]
     return sorted(frames, key=lambda f: f[1])
 
 
@@ -99,7 +99,7 @@ def test_bag_command_on_sqlite3_with_debug_images(tmp_path, params, expected, se
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **NODE_ENV})
     assert run.returncode == 0, run.stderr
     assert "pairs: 4 synchronized, 3 matched, 1 skipped (bad input); 1 images without a partner" in run.stdout
-    assert "image0: unsupported encoding 'yuv422'" in run.stderr
+    assert "image0: unsupported encoding 'rgb10_packed'" in run.stderr
     assert "100.0%" in run.stderr  # progress reached the end
     check_output(read_matches(out), expected)
     from rosbags.highlevel import AnyReader
@@ -123,6 +123,34 @@ def test_bag_on_mcap_is_deterministic(tmp_path, params, expected):
         runs.append(read_matches(tmp_path / name))
     check_output(runs[0], expected)
     assert [m["raw"] for m in runs[0]] == [m["raw"] for m in runs[1]]  # byte-identical messages
+
+
+def test_bag_of_compressed_images_matches_like_raw(tmp_path, params, expected):
+    """image_transport's compressed topics (PNG: lossless, so the matches equal the raw images')."""
+    import cv2
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    store = make_typestore()
+    types = store.types
+    src = tmp_path / "in"
+    with Writer(src, version=9, storage_plugin=StoragePlugin.SQLITE3) as writer:
+        conns = {t: writer.add_connection(t, "sensor_msgs/msg/CompressedImage", typestore=store)
+                 for t in ("/cam_left/image/compressed", "/cam_right/image/compressed")}
+        for k in range(3):
+            t = (100 + k) * S
+            for (topic, conn), img in zip(conns.items(), IMAGES):
+                header = types["std_msgs/msg/Header"](
+                    stamp=types["builtin_interfaces/msg/Time"](sec=t // S, nanosec=0),
+                    frame_id=topic.strip("/").split("/")[0])
+                png = np.frombuffer(cv2.imencode(".png", img[:, :, ::-1])[1].tobytes(), np.uint8)
+                msg = types["sensor_msgs/msg/CompressedImage"](header=header, format="rgb8; png compressed bgr8",
+                                                               data=png)
+                writer.write(conn, t, store.serialize_cdr(msg, "sensor_msgs/msg/CompressedImage"))
+    summary = process_bag(src, tmp_path / "out", params, log=lambda text: None)
+    assert (summary.image0_topic, summary.image1_topic) == ("/cam_left/image/compressed",
+                                                            "/cam_right/image/compressed")
+    assert (summary.pairs_matched, summary.pairs_skipped) == (3, 0)
+    check_output(read_matches(tmp_path / "out"), expected)
 
 
 def test_bag_sync_settings_are_the_nodes(tmp_path, params):

@@ -19,6 +19,7 @@ pytest.register_assert_rewrite("matcher_node_util")
 from matcher_node_util import NODE_CMD, NODE_ENV, NodeClient, StereoIO, make_test_images  # noqa: E402
 
 from matchanything_ros.core.params import PARAMS, PARAMS_BY_NAME  # noqa: E402
+from matchanything_ros.ros.dds_profile import shipped_profile_path  # noqa: E402
 from matchanything_ros.ros.node_params import params_yaml  # noqa: E402
 
 pytest_plugins = ("matcher_node_util",)  # fixtures: module_ros_env, seeded_checkpoint
@@ -76,8 +77,16 @@ def test_node_started_as_the_launch_file_would(module_ros_env, seeded_checkpoint
         "namespace": "stereo", "image0": "/left/image_rect", "image1": "/right/image_rect",
         "params_file": str(YAML_FILE), "backend": "torch", "device": "cpu", "use_sim_time": "false",
         "checkpoint_path": str(seeded_checkpoint)})
-    node = module_ros_env.start_node(NODE_CMD + launch.ros_arguments(settings), env=NODE_ENV)
+    # the launch file's environment: the shipped Fast DDS profile unless one is set already
+    shipped = shipped_profile_path()  # share/ of the install, else config/ of the checkout
+    assert shipped.read_text() == (REPO / "config" / "fastdds_large_images.xml").read_text()
+    assert launch.dds_environment({}) == {"FASTDDS_DEFAULT_PROFILES_FILE": str(shipped)}
+    assert launch.dds_environment({"FASTDDS_DEFAULT_PROFILES_FILE": "/mine.xml"}) == {}
+    assert settings["environment"] == launch.dds_environment()
+    node = module_ros_env.start_node(NODE_CMD + launch.ros_arguments(settings), env={
+        **NODE_ENV, **launch.dds_environment({})})
     node.wait_for_output(r"matcher ready", timeout=90)
+    assert f"transport: Fast DDS profile {shipped} (from FASTDDS_DEFAULT_PROFILES_FILE)" in node.log()
     probe = module_ros_env.probe("launch_probe")
     client = NodeClient(probe, "/stereo/matcher_node")
 
@@ -97,7 +106,7 @@ def test_node_started_as_the_launch_file_would(module_ros_env, seeded_checkpoint
     assert {"/left/image_rect", "/right/image_rect"} <= subs
     assert {"/stereo/matches", "/stereo/matcher_info", "/stereo/debug_image", "/diagnostics"} <= pubs
 
-    io = StereoIO(probe, make_test_images(), wall_clock=True)  # max_input_age 1 s from the YAML
+    io = StereoIO(probe, make_test_images(), wall_clock=True)  # max_input_age 5 s from the YAML
     from sensor_msgs.msg import Image
 
     io.image0 = probe.publisher(Image, "/left/image_rect")

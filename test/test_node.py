@@ -128,14 +128,15 @@ def test_threshold_reconfiguration_republishes_matcher_info(module_ros_env, prob
 
 def test_diagnostics_report_rates_counters_and_backend(client, probe, io):
     io.pairs_until_matched()
-    values = client.wait_diagnostics(lambda v: int(v["pairs_matched"]) >= 1)
+    # means are over the diagnostics window: present while pairs are matched in it (levels: test_node_lifecycle)
+    values = client.wait_diagnostics(lambda v: int(v["pairs_matched"]) >= 1 and "latency_ms_mean" in v)
     for key in ("image0_rate_hz", "image1_rate_hz", "pair_rate_hz", "output_rate_hz", "pairs_dropped",
                 "pairs_stale", "sync_failures", "latency_ms_mean", "latency_ms_max", "inference_ms_mean"):
         float(values[key])  # present and numeric
     assert values["backend"] == "torch" and "cpu" in values["device"]
     assert values["matcher_state"] == "ready"
-    assert values["_level"] == 0  # OK
-    assert values["_hardware_id"]
+    assert values["_level"] != 2  # not ERROR (WARN when a pair was dropped in the window)
+    assert values["_hardware_id"].startswith("cpu")
 
 
 def test_debug_image_is_built_only_while_subscribed(probe, io, client):
@@ -177,7 +178,7 @@ def test_exact_sync_rejects_skew_and_hints_at_approximate_sync(probe, io, client
         io.publish_pair(stamp, stamp + 20_000_000)  # image1 20 ms later
         probe.spin_for(0.1)
         for msg in client.diagnostics:
-            status = [s for s in msg.status if s.name.startswith("matcher_node")]
+            status = [s for s in msg.status if s.name == "/matcher_node"]  # the node's fully qualified name
             if status and "try approximate_sync" in status[0].message:
                 found = status[0]
     assert found.level == b"\x01" or found.level == 1  # WARN

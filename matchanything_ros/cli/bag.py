@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("input", metavar="IN", help="input bag (directory or .mcap/.db3 file)")
     parser.add_argument("output", metavar="OUT", help="output bag directory (must not exist)")
     parser.add_argument("--image0", default=None, help="first image topic (default: the first of the bag's two "
-                                                       "Image topics by name)")
+                                                       "Image topics by name, or CompressedImage topics when the "
+                                                       "bag has no Image topics)")
     parser.add_argument("--image1", default=None, help="second image topic (default: the second by name)")
     parser.add_argument("--output-topic", default="/matches", help="KeypointMatches topic in OUT")
     parser.add_argument("--debug-images", nargs="?", const="/debug_image", default="", metavar="TOPIC",

@@ -73,6 +73,8 @@ def load_image(path: str | Path) -> np.ndarray:
                 arr = np.asarray(im)
             else:
                 arr = np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as exc:  # a small file claiming a huge image: refused before decoding
+        raise InputImageError(f"image file {p} is too large to decode safely ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputImageError(f"not a readable image file: {p} ({exc})") from exc
     return to_rgb_u8(arr)

@@ -18,6 +18,7 @@ PRECISIONS = ("fp32", "fp16")
 PRESETS = ("robot", "hf_space")
 SAMPLE_MODES = ("balanced", "topk")
 SYNC_MODES = ("stereo", "sequential")
+IMAGE_TRANSPORTS = ("raw", "compressed")
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,13 @@ PARAMS: tuple[ParamSpec, ...] = (
     _P("approximate_sync_tolerance_seconds", 0.0, "Largest stamp difference approximate sync accepts "
        "(0 = no limit beyond the queue)", min=0.0, max=10.0, group="node"),
     _P("queue_size", 5, "Messages per input kept while waiting for a partner", min=1, max=1000, group="node"),
-    _P("max_input_age", 1.0, "Drop pairs older than this many seconds (node clock, so sim time works; "
-       "0 = never)", min=0.0, max=3600.0, group="node"),
+    _P("max_input_age", 5.0, "Drop pairs whose newest stamp is older than this many seconds when they are "
+       "complete (node clock, so sim time works; 0 = never). 5 s covers transport, a CPU inference backlog and "
+       "camera clocks that are not synchronised to the millisecond; a bag replayed without sim time is far older",
+       min=0.0, max=3600.0, group="node"),
+    _P("image_transport", "raw", "raw: subscribe sensor_msgs/Image on image0/image1; compressed: "
+       "sensor_msgs/CompressedImage (jpeg/png) on image0/compressed and image1/compressed, as image_transport "
+       "names them", choices=IMAGE_TRANSPORTS, group="node"),
 )
 
 PARAMS_BY_NAME: dict[str, ParamSpec] = {p.name: p for p in PARAMS}

@@ -17,11 +17,12 @@ from typing import Any, Callable, TextIO
 import numpy as np
 
 from ..core.errors import ConfigError, InputImageError
-from .image_conv import array_to_image_fields, image_msg_to_array, to_rgb
+from .image_conv import array_to_image_fields, compressed_msg_to_array, image_msg_to_array, to_rgb
 from .message_fields import keypoint_matches_fields, matcher_info_fields
 from .sync import StampOrderError, make_synchronizer, stamp_to_ns
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
+COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"  # jpeg/png, as image_transport's compressed topics
 MATCHES_TYPE = "matchanything_ros/msg/KeypointMatches"
 INFO_TYPE = "matchanything_ros/msg/MatcherInfo"
 
@@ -115,7 +116,7 @@ def select_topics(image_topics: list[str], image0: str | None, image1: str | Non
     """The image topics to pair: the given ones, or the bag's only one/two Image topics (sorted by name)."""
     for topic in (image0, image1):
         if topic and topic not in image_topics:
-            raise ConfigError(f"topic {topic} is not a sensor_msgs/Image topic of the bag "
+            raise ConfigError(f"topic {topic} is not an Image or CompressedImage topic of the bag "
                               f"(image topics: {', '.join(image_topics) or 'none'})")
     if mode == "sequential":
         if image0:
@@ -130,6 +131,11 @@ def select_topics(image_topics: list[str], image0: str | None, image1: str | Non
         return first, second
     raise ConfigError("give --image0 and --image1 (the bag has image topics: "
                       f"{', '.join(image_topics) or 'none'})")
+
+
+def decode_image(msg: Any, name: str) -> np.ndarray:
+    """An Image or CompressedImage message (rosbags) as the array the matcher takes."""
+    return compressed_msg_to_array(msg, name) if hasattr(msg, "format") else image_msg_to_array(msg, name)
 
 
 def header_stamp_ns(msg: Any) -> int:
@@ -171,7 +177,11 @@ def process_bag(
     typestore = make_typestore()
 
     with AnyReader([in_path], default_typestore=typestore) as reader:
-        image_topics = sorted({c.topic for c in reader.connections if c.msgtype == IMAGE_TYPE})
+        raw_topics = sorted({c.topic for c in reader.connections if c.msgtype == IMAGE_TYPE})
+        compressed_topics = sorted({c.topic for c in reader.connections if c.msgtype == COMPRESSED_TYPE})
+        # named topics may be either type; otherwise the raw ones, or the compressed ones of a bag without raw
+        image_topics = (raw_topics + compressed_topics if image0_topic or image1_topic
+                        else raw_topics or compressed_topics)
         topic0, topic1 = select_topics(image_topics, image0_topic, image1_topic, params["mode"])
         summary.image0_topic, summary.image1_topic = topic0, topic1
         connections = [c for c in reader.connections if c.topic in (topic0, topic1)]
@@ -216,8 +226,8 @@ def process_bag(
                     for pair in pairs:
                         summary.pairs_synchronized += 1
                         try:
-                            img0 = image_msg_to_array(pair.msg0, "image0")
-                            img1 = image_msg_to_array(pair.msg1, "image1")
+                            img0 = decode_image(pair.msg0, "image0")
+                            img1 = decode_image(pair.msg1, "image1")
                             result = matcher.match(img0, img1)
                         except InputImageError as exc:
                             summary.pairs_skipped += 1
@@ -231,7 +241,7 @@ def process_bag(
                             from ..core.viz import draw_matches
 
                             canvas = draw_matches(to_rgb(img0), to_rgb(img1), result.keypoints0, result.keypoints1,
-                                                  result.confidence)
+                                                  result.confidence, demo_model=bool(info.get("is_demo_model")))
                             image = typestore.types[IMAGE_TYPE](header=pair.msg0.header, **_rosbags_image(canvas))
                             writer.write(debug_conn, timestamp, typestore.serialize_cdr(image, IMAGE_TYPE))
                             summary.debug_images += 1

@@ -8,9 +8,12 @@ converts the images, matches and publishes. The executor is never blocked by inf
 from __future__ import annotations
 
 import array
+import os
+import signal
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +29,14 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.qos_overriding_options import QoSOverridingOptions
-from sensor_msgs.msg import Image
+from rclpy.signals import SignalHandlerOptions
+from sensor_msgs.msg import CompressedImage, Image
 
 from ..core.errors import ConfigError, InputImageError, MatchAnythingError
 from ..core.params import MATCHER_PARAM_NAMES, PARAMS, PARAMS_BY_NAME, ParamSpec
-from .image_conv import array_to_image_msg, image_msg_to_array, to_rgb
+from .dds_profile import profile_in_effect
+from .image_conv import (array_to_image_msg, check_compressed_msg, check_image_msg, compressed_msg_to_array,
+                         image_msg_to_array, to_rgb)
 from .message_fields import MATCH_ARRAY_FIELDS, keypoint_matches_fields, matcher_info_fields
 from .sync import (NS_PER_S, SYNC_PARAMS, StampOrderError, SyncedPair, format_stamp, make_synchronizer,
                    stamp_to_ns)
@@ -38,10 +44,21 @@ from .worker import MatcherWorker
 
 NODE_NAME = "matcher_node"
 # Parameters that need a restart: the subscriptions depend on them.
-READ_ONLY_PARAMS = frozenset({"mode"})
+READ_ONLY_PARAMS = frozenset({"mode", "image_transport"})
 MATCHER_PARAMS = frozenset(MATCHER_PARAM_NAMES)  # a change rebuilds the matcher
 LOG_REPEAT_S = 5.0  # the same warning text is logged at most once per this period
 JUMP_GRACE_S = 1.0  # after the clock jumped back, older stamps restart the synchronizer for this long
+DIAG_WINDOW_S = 5.0  # diagnostics' rates, means and WARN conditions cover this many seconds
+# A pair this much older than the wall clock while use_sim_time is off looks like a replayed bag
+# (live cameras are at most seconds behind, even with unsynchronised clocks).
+BAG_HINT_AGE_S = 60.0
+SIGNAL_POLL_S = 0.1  # the spin loop's period: how soon SIGINT/SIGTERM is acted on
+SHUTDOWN_JOIN_S = 1.5  # how long shutdown waits for an inference in progress before exiting without it
+# Counters whose increase within the diagnostics window makes the status WARN, and how to say it.
+WARN_COUNTERS = (("bad_inputs", "bad input images"), ("pairs_rejected", "pairs that failed to decode"),
+                 ("pairs_stale", "stale pairs"), ("pairs_dropped", "pairs dropped (the matcher is slower than "
+                                                                     "the input)"),
+                 ("match_errors", "matching errors"), ("pairs_without_matcher", "pairs without a matcher"))
 
 
 def parameter_descriptor(spec: ParamSpec) -> ParameterDescriptor:
@@ -65,24 +82,25 @@ def matcher_config(params: dict[str, Any]) -> Any:
 
 @dataclass
 class WorkItem:
-    pair: SyncedPair[Image]
+    pair: SyncedPair[Any]  # sensor_msgs Image or CompressedImage (image_transport)
     received_ns: int  # node clock when the pair was complete
 
 
 class Counters:
     """Thread-safe counters and latency samples behind the diagnostics."""
 
+    # Images: received = paired + sync_failures + bad_inputs (+ waiting for a partner).
+    # Pairs: pairs_synchronized = matched + dropped + stale + rejected + match_errors + without_matcher
+    # (+ at most one waiting and one in inference).
     NAMES = ("image0_received", "image1_received", "pairs_synchronized", "pairs_matched", "pairs_dropped",
-             "pairs_stale", "sync_failures", "bad_inputs", "match_errors", "pairs_without_matcher",
-             "debug_images_built")
+             "pairs_stale", "pairs_rejected", "sync_failures", "bad_inputs", "match_errors",
+             "pairs_without_matcher", "debug_images_built", "matcher_builds", "clock_jumps_back")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.values = dict.fromkeys(self.NAMES, 0)
-        self.latencies_ms: list[float] = []
-        self.inference_ms: list[float] = []
-        self.last_latency_ms = float("nan")
-        self.last_inference_ms = float("nan")
+        self.timings: deque[tuple[float, float, float]] = deque()  # (monotonic s, latency ms, inference ms)
+        self.last_timing: tuple[float, float] | None = None
 
     def add(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -90,15 +108,16 @@ class Counters:
 
     def add_timing(self, latency_ms: float, inference_ms: float) -> None:
         with self.lock:
-            self.latencies_ms.append(latency_ms)
-            self.inference_ms.append(inference_ms)
-            self.last_latency_ms, self.last_inference_ms = latency_ms, inference_ms
+            self.timings.append((time.monotonic(), latency_ms, inference_ms))
+            self.last_timing = (latency_ms, inference_ms)
 
-    def snapshot(self) -> tuple[dict[str, int], list[float], list[float]]:
+    def snapshot(self, window_s: float) -> tuple[dict[str, int], list[tuple[float, float, float]]]:
+        """The counters, and the timings of the last `window_s` seconds (older ones are forgotten)."""
         with self.lock:
-            lat, inf = self.latencies_ms, self.inference_ms
-            self.latencies_ms, self.inference_ms = [], []
-            return dict(self.values), lat, inf
+            cutoff = time.monotonic() - window_s
+            while self.timings and self.timings[0][0] < cutoff:
+                self.timings.popleft()
+            return dict(self.values), list(self.timings)
 
 
 class MatcherNode(Node):
@@ -133,13 +152,13 @@ class MatcherNode(Node):
         self.debug_pub = self.create_publisher(Image, "debug_image", QoSProfile(depth=1))
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
 
+        self.compressed = self.params["image_transport"] == "compressed"
+        self.input_topics = [self._input_topic(i) for i in range(2 if self.params["mode"] == "stereo" else 1)]
+        input_type = CompressedImage if self.compressed else Image
         self.subscriptions_ = [
-            self.create_subscription(Image, "image0", lambda m: self._on_image(0, m), qos_profile_sensor_data,
-                                     qos_overriding_options=qos_override)]
-        if self.params["mode"] == "stereo":
-            self.subscriptions_.append(
-                self.create_subscription(Image, "image1", lambda m: self._on_image(1, m), qos_profile_sensor_data,
-                                         qos_overriding_options=qos_override))
+            self.create_subscription(input_type, topic, lambda m, i=i: self._on_image(i, m), qos_profile_sensor_data,
+                                     qos_overriding_options=qos_override)
+            for i, topic in enumerate(self.input_topics)]
         self.add_post_set_parameters_callback(self._apply_parameters)
 
         self.worker: MatcherWorker[WorkItem] = MatcherWorker(
@@ -148,14 +167,22 @@ class MatcherNode(Node):
         self.worker.start(dict(self.params))
 
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
-        self._diag_prev: tuple[float, dict[str, int]] = (time.monotonic(), dict(self.counters.values))
+        self._diag_history: deque[tuple[float, dict[str, int]]] = deque([(time.monotonic(),
+                                                                          dict(self.counters.values))])
         # Steady clock: diagnostics keep flowing under use_sim_time even when /clock is paused.
         self.diag_timer = self.create_timer(1.0, self._publish_diagnostics, clock=self._steady)
         self.get_logger().info(
             f"{NODE_NAME} up: mode={self.params['mode']}, sync={self.sync_policy()}, "
-            f"inputs {self.resolve_topic_name('image0')}"
-            + (f" + {self.resolve_topic_name('image1')}" if self.params["mode"] == "stereo" else "")
-            + f", output {self.resolve_topic_name('matches')}")
+            f"inputs {' + '.join(self.input_topics)} ({input_type.__name__}), "
+            f"output {self.resolve_topic_name('matches')}; transport: {profile_in_effect()}")
+        if not self.params["checkpoint_path"] and self.params["variant"] == "eloftr":
+            self.get_logger().warning("checkpoint_path is empty: running the bundled demo model (not MatchAnything's "
+                                      "weights); set checkpoint_path for real matching")
+
+    def _input_topic(self, index: int) -> str:
+        """image0/image1, resolved (namespace, remapping); `<that>/compressed` like image_transport."""
+        base = self.resolve_topic_name(f"image{index}")
+        return f"{base}/compressed" if self.compressed else base
 
     @staticmethod
     def _msg_types() -> tuple[Any, Any]:
@@ -217,17 +244,29 @@ class MatcherNode(Node):
 
     def _on_time_jump(self, jump: TimeJump) -> None:
         if jump.delta.nanoseconds < 0:
-            self.get_logger().warning(
-                f"the clock jumped back by {-jump.delta.nanoseconds / NS_PER_S:.3f} s (bag looped?): "
-                "resetting the synchronizer")
+            self._warn("jump", f"the clock jumped back by {-jump.delta.nanoseconds / NS_PER_S:.3f} s (bag looped?): "
+                               "resetting the synchronizer (counted in clock_jumps_back)")
             self.sync.reset()
             self._jumped_back_at = time.monotonic()
+            self.counters.add("clock_jumps_back")
 
-    def _on_image(self, index: int, msg: Image) -> None:
+    def _on_image(self, index: int, msg: Any) -> None:
+        """Validate, then synchronise, then age: bad input is reported as bad input, never as stale."""
         self.counters.add(f"image{index}_received")
+        now = self._now_ns()
+        try:
+            (check_compressed_msg if self.compressed else check_image_msg)(msg, f"image{index}")
+        except InputImageError as exc:
+            self.counters.add("bad_inputs")
+            self.last_error = str(exc)
+            stamp_text = format_stamp(stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec))
+            self._warn(f"bad:{exc}", f"image stamped {stamp_text} skipped: {exc}")
+            return
+        if not msg.header.frame_id:
+            self._warn(f"frame{index}", f"image{index} has an empty frame_id: matched, but the keypoints cannot be "
+                                        "placed in a TF frame (set the camera driver's frame_id)")
         if index == 0:
             self._image0_frame_id = msg.header.frame_id
-        now = self._now_ns()
         stamp = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
         failures_before = self.sync.stats.sync_failures
         try:
@@ -242,6 +281,7 @@ class MatcherNode(Node):
                 pairs = self.sync.add(index, stamp, msg)
         except StampOrderError as exc:
             self.counters.add("bad_inputs")
+            self.last_error = str(exc)
             self._warn(f"order{index}", str(exc))
             return
         finally:
@@ -256,16 +296,28 @@ class MatcherNode(Node):
         if self.worker.submit(WorkItem(pair, now)):
             self.counters.add("pairs_dropped")
 
-    def _is_stale(self, pair: SyncedPair[Image], now_ns: int) -> bool:
+    def _is_stale(self, pair: SyncedPair[Any], now_ns: int) -> bool:
         max_age = float(self.params["max_input_age"])
         age_s = (now_ns - pair.newest_stamp) / NS_PER_S
         if max_age > 0 and age_s > max_age:
             self.counters.add("pairs_stale")
-            self._warn("stale", f"dropping a pair stamped {format_stamp(pair.stamp0)}: {age_s:.3f} s old against the "
-                                f"node clock (max_input_age {max_age} s); replaying a bag? set use_sim_time:=true "
-                                "and publish /clock")
+            self.last_error = f"stale input: {age_s:.3f} s old (max_input_age {max_age} s)"
+            kind, hint = self._stale_hint(age_s)
+            self._warn(f"stale:{kind}", f"dropping a pair stamped {format_stamp(pair.stamp0)}: {age_s:.3f} s old "
+                                             f"against the node clock (max_input_age {max_age} s); {hint}")
             return True
         return False
+
+    def _stale_hint(self, age_s: float) -> tuple[str, str]:
+        """(kind, text): why a pair may be old; a bag hint only when the evidence points there."""
+        sim_time = bool(self.get_parameter("use_sim_time").value)
+        if not sim_time and age_s > BAG_HINT_AGE_S:
+            return "bag", (f"stamps {age_s:.0f} s behind the wall clock look recorded: replaying a bag? set "
+                           "use_sim_time:=true and publish /clock")
+        if sim_time:
+            return "sim", "under use_sim_time the node clock is /clock: is the bag player publishing it (--clock)?"
+        return "live", ("the camera's clock may be behind this computer's (synchronise them, e.g. chrony/PTP), or "
+                        "transport/inference lags; raise max_input_age if this delay is acceptable")
 
     # ------------------------------------------------------------------ worker thread
     def _build_matcher(self, params: dict[str, Any]) -> Any:
@@ -287,9 +339,10 @@ class MatcherNode(Node):
             return
         info = dict(matcher.info)
         self.matcher_info, self.matcher_state, self.matcher_error = info, "ready", ""
+        self.counters.add("matcher_builds")
         self.get_logger().info(
             f"matcher ready: variant={info.get('variant')} backend={info.get('backend')} device={info.get('device')} "
-            f"precision={info.get('precision')}" + (" (DEMO MODEL: our small ELoFTR, NOT MatchAnything's weights)"
+            f"precision={info.get('precision')}" + (" -- demo model (not MatchAnything's weights)"
                                                     if info.get("is_demo_model") else ""))
         self.info_pub.publish(self._info_msg(info))
 
@@ -312,15 +365,15 @@ class MatcherNode(Node):
         self._warn(f"error:{type(exc).__name__}", f"matching failed: {self.last_error}\n{trace}", level="error")
 
     def _process(self, matcher: Any, item: WorkItem) -> None:
+        # Aged once, when the pair was complete: the latest-only slot bounds its wait here.
         pair = item.pair
-        if self._is_stale(pair, self._now_ns()):
-            return
+        decode = compressed_msg_to_array if self.compressed else image_msg_to_array
         t0 = time.perf_counter()
         try:
-            img0 = image_msg_to_array(pair.msg0, "image0")
-            img1 = image_msg_to_array(pair.msg1, "image1")
+            img0 = decode(pair.msg0, "image0")
+            img1 = decode(pair.msg1, "image1")
         except InputImageError as exc:
-            self.counters.add("bad_inputs")
+            self.counters.add("pairs_rejected")
             self.last_error = str(exc)
             self._warn(f"bad:{exc}", f"pair stamped {format_stamp(pair.stamp0)} skipped: {exc}")
             return
@@ -334,7 +387,7 @@ class MatcherNode(Node):
         try:
             result = matcher.match(img0, img1)
         except InputImageError as exc:
-            self.counters.add("bad_inputs")
+            self.counters.add("pairs_rejected")
             self.last_error = str(exc)
             self._warn(f"bad:{exc}", f"pair stamped {format_stamp(pair.stamp0)} skipped: {exc}")
             return
@@ -347,65 +400,54 @@ class MatcherNode(Node):
         if self.debug_pub.get_subscription_count() > 0:
             self._publish_debug(pair, img0, img1, result)
 
-    def _matches_msg(self, pair: SyncedPair[Image], img0: np.ndarray, img1: np.ndarray, result: Any,
+    def _matches_msg(self, pair: SyncedPair[Any], img0: np.ndarray, img1: np.ndarray, result: Any,
                      convert_ms: float) -> Any:
         return build_matches_msg(self.matches_pub.msg_type, pair.msg0.header, pair.msg1.header, img0.shape, img1.shape,
                                  result, self.matcher_info, convert_ms)
 
-    def _publish_debug(self, pair: SyncedPair[Image], img0: np.ndarray, img1: np.ndarray, result: Any) -> None:
+    def _publish_debug(self, pair: SyncedPair[Any], img0: np.ndarray, img1: np.ndarray, result: Any) -> None:
         from ..core.viz import draw_matches
 
-        canvas = draw_matches(to_rgb(img0), to_rgb(img1), result.keypoints0, result.keypoints1, result.confidence)
+        canvas = draw_matches(to_rgb(img0), to_rgb(img1), result.keypoints0, result.keypoints1, result.confidence,
+                              demo_model=bool(self.matcher_info.get("is_demo_model")))
         self.debug_pub.publish(array_to_image_msg(canvas, pair.msg0.header))
         self.counters.add("debug_images_built")
 
     # ------------------------------------------------------------------ diagnostics (executor, steady timer)
     def _publish_diagnostics(self) -> None:
-        values, latencies, inferences = self.counters.snapshot()
+        values, timings = self.counters.snapshot(2 * DIAG_WINDOW_S)
         now = time.monotonic()
-        prev_t, prev = self._diag_prev
-        self._diag_prev = (now, values)
-        dt = max(now - prev_t, 1e-6)
-
-        def rate(name: str) -> float:
-            return (values[name] - prev[name]) / dt
-
-        new_failures = values["sync_failures"] - prev["sync_failures"]
-        new_pairs = values["pairs_synchronized"] - prev["pairs_synchronized"]
-
-        status = DiagnosticStatus(name=f"{self.get_name()}: matcher", hardware_id=str(
-            self.matcher_info.get("device", self.params["device"])))
-        level, message = DiagnosticStatus.OK, "matching"
-        if self.matcher_state == "error":
-            level, message = DiagnosticStatus.ERROR, f"matcher unavailable: {self.matcher_error}"
-        elif self.matcher_state == "loading":
-            level, message = DiagnosticStatus.WARN, "loading the matcher"
-        elif new_failures > 0 and new_pairs == 0:
-            hint = ("try approximate_sync" if self.params["mode"] == "stereo" and not self.params["approximate_sync"]
-                    else "raise approximate_sync_tolerance_seconds or queue_size")
-            level = DiagnosticStatus.WARN
-            message = f"{new_failures} images found no partner in the last {dt:.1f} s; {hint}"
-        elif values["pairs_stale"] > prev["pairs_stale"] and values["pairs_matched"] == prev["pairs_matched"]:
-            level = DiagnosticStatus.WARN
-            message = "every pair is older than max_input_age; replaying a bag? set use_sim_time:=true"
-        elif values["image0_received"] == 0:
-            message = "waiting for images"
-        status.level, status.message = level, message
-
-        def stat(xs: list[float], fn: Any) -> str:
-            return f"{fn(xs):.1f}" if xs else "nan"
+        history = self._diag_history
+        history.append((now, values))
+        while len(history) > 2 and now - history[1][0] >= DIAG_WINDOW_S:
+            history.popleft()  # keep the newest snapshot at least DIAG_WINDOW_S old as the window's start
+        then, before = history[0]
+        timings = [t for t in timings if t[0] > then]  # the same window as the counters' differences
+        window = max(now - then, 1e-6)
+        delta = {name: values[name] - before[name] for name in values}
+        status = DiagnosticStatus(name=self.get_fully_qualified_name(), hardware_id=self._hardware_id())
+        status.level, status.message = self._diagnostic_level(values, delta, window)
 
         fields: list[tuple[str, Any]] = [
-            ("image0_rate_hz", f"{rate('image0_received'):.2f}"),
-            ("image1_rate_hz", f"{rate('image1_received'):.2f}"),
-            ("pair_rate_hz", f"{rate('pairs_synchronized'):.2f}"),
-            ("output_rate_hz", f"{rate('pairs_matched'):.2f}"),
+            ("window_s", f"{window:.1f}"),
+            ("image0_rate_hz", f"{delta['image0_received'] / window:.2f}"),
+            ("image1_rate_hz", f"{delta['image1_received'] / window:.2f}"),
+            ("pair_rate_hz", f"{delta['pairs_synchronized'] / window:.2f}"),
+            ("output_rate_hz", f"{delta['pairs_matched'] / window:.2f}"),
             *[(k, v) for k, v in values.items()],
-            ("latency_ms_mean", stat(latencies, np.mean)),
-            ("latency_ms_max", stat(latencies, np.max)),
-            ("latency_ms_last", f"{self.counters.last_latency_ms:.1f}"),
-            ("inference_ms_mean", stat(inferences, np.mean)),
-            ("inference_ms_last", f"{self.counters.last_inference_ms:.1f}"),
+            # who publishes the inputs now (a camera driver that died or restarted shows here)
+            *[(f"image{i}_publishers", sub.get_publisher_count()) for i, sub in enumerate(self.subscriptions_)],
+        ]
+        if timings:  # means over the window; nothing matched in it: the keys are left out, saying why
+            latencies, inferences = np.array([t[1] for t in timings]), np.array([t[2] for t in timings])
+            fields += [("latency_ms_mean", f"{latencies.mean():.1f}"), ("latency_ms_max", f"{latencies.max():.1f}"),
+                       ("inference_ms_mean", f"{np.nanmean(inferences) if np.isfinite(inferences).any() else 0:.1f}")]
+        else:
+            fields.append(("timing", f"no pair matched in the last {window:.1f} s"))
+        if self.counters.last_timing is not None:
+            fields += [("latency_ms_last", f"{self.counters.last_timing[0]:.1f}"),
+                       ("inference_ms_last", f"{self.counters.last_timing[1]:.1f}")]
+        fields += [
             ("worker_busy", self.worker.busy),
             ("matcher_state", self.matcher_state),
             ("backend", self.matcher_info.get("backend", self.params["backend"])),
@@ -414,6 +456,7 @@ class MatcherNode(Node):
             ("precision", self.matcher_info.get("precision", self.params["precision"])),
             ("checkpoint", self.matcher_info.get("checkpoint", self.params["checkpoint_path"])),
             ("mode", self.params["mode"]),
+            ("image_transport", self.params["image_transport"]),
             ("sync_policy", self.sync_policy()),
             ("last_error", self.matcher_error or self.last_error),
         ]
@@ -422,9 +465,35 @@ class MatcherNode(Node):
         diag.header.stamp = self.get_clock().now().to_msg()
         self.diag_pub.publish(diag)
 
-    def shutdown(self) -> None:
-        if not self.worker.stop(timeout=5.0):
-            self.get_logger().warning("the worker thread did not finish within 5 s (inference in progress)")
+    def _hardware_id(self) -> str:
+        """The device inference runs on (what the matcher reports once built, else the parameter)."""
+        return str(self.matcher_info.get("device", self.params["device"]))
+
+    def _diagnostic_level(self, values: dict[str, int], delta: dict[str, int], window: float) -> tuple[bytes, str]:
+        """ERROR: the backend cannot run. WARN: trouble within the window (or still loading). OK otherwise."""
+        if self.matcher_state == "error":
+            return DiagnosticStatus.ERROR, f"matcher unavailable: {self.matcher_error}"
+        problems = [f"{delta[name]} {what}" for name, what in WARN_COUNTERS if delta[name] > 0]
+        if delta["sync_failures"] > 0 and delta["pairs_synchronized"] == 0:
+            hint = ("try approximate_sync" if self.params["mode"] == "stereo" and not self.params["approximate_sync"]
+                    else "raise approximate_sync_tolerance_seconds or queue_size")
+            problems.insert(0, f"{delta['sync_failures']} images found no partner; {hint}")
+        if problems:
+            detail = f" (last: {self.last_error})" if self.last_error else ""
+            return DiagnosticStatus.WARN, f"in the last {window:.0f} s: " + "; ".join(problems) + detail
+        if self.matcher_state == "loading":
+            return DiagnosticStatus.WARN, "loading the matcher"
+        if values["image0_received"] == 0:
+            return DiagnosticStatus.OK, "waiting for images"
+        return DiagnosticStatus.OK, "matching"
+
+    def shutdown(self) -> bool:
+        """Stop the worker: True when it ended, False when an inference is still running after
+        SHUTDOWN_JOIN_S (it cannot be interrupted; main() then exits without waiting for it)."""
+        if self.worker.stop(timeout=SHUTDOWN_JOIN_S):
+            return True
+        self.get_logger().info(f"an inference is still running after {SHUTDOWN_JOIN_S} s: exiting without its result")
+        return False
 
 
 def build_matches_msg(msg_type: Any, header0: Any, header1: Any, shape0: tuple[int, ...], shape1: tuple[int, ...],
@@ -446,7 +515,10 @@ def float32_sequence(values: np.ndarray) -> array.array:
 
 
 def main(argv: list[str] | None = None) -> int:
-    rclpy.init(args=argv if argv is not None else sys.argv)
+    # Our own SIGINT/SIGTERM handlers instead of rclpy's: rclpy's shut the context down at once, so the
+    # worker's last publish and every log line after it failed with "publisher's context is invalid".
+    # Here a signal only ends the spin loop; the worker is stopped while the context is still valid.
+    rclpy.init(args=argv if argv is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     try:
         node = MatcherNode()
     except (InvalidParameterValueException, ParameterException, MatchAnythingError) as exc:
@@ -455,16 +527,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"matcher_node: invalid configuration: {exc}{hint}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
-        executor.spin()
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=SIGNAL_POLL_S)  # Python runs signal handlers between these calls
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        node.shutdown()
+        worker_done = node.shutdown()
+        executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not worker_done:
+        # Torch is mid-inference in the worker thread and cannot be interrupted; letting the interpreter
+        # finalise under it aborts ("terminate called without an active exception"). Exit now instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
