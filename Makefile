@@ -22,6 +22,7 @@ help:
 	@echo "make test-fast  the tests not marked slow (a few minutes on 2 cores); SHUFFLE=<seed> shuffles their order"
 	@echo "make test-capped  the parity tests with PyTorch's CPU kernels capped to the generic path (CPU_CAP_ENV)"
 	@echo "make bench-ros  the node's per-pair ROS overhead (README figure)"
+	@echo "make soak       the node's 10-minute soak with injected faults (CI runs 2 minutes of it)"
 	@echo "make lint       ruff;  make typecheck: mypy on matchanything_ros/core"
 	@echo "make clean      remove build/ install/ log/;  make distclean: also .venv"
 

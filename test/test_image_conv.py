@@ -64,8 +64,8 @@ def test_mono16_honours_endianness_and_padding(bigendian, pad):
 
 def test_unsupported_encoding_is_named():
     msg = make_msg("mono8", RGB[:, :, 0])
-    msg.encoding = "yuv422"
-    with pytest.raises(UnsupportedEncodingError, match=r"image0: unsupported encoding 'yuv422'.*mono8"):
+    msg.encoding = "rgb10_packed"
+    with pytest.raises(UnsupportedEncodingError, match=r"image0: unsupported encoding 'rgb10_packed'.*mono8"):
         image_msg_to_array(msg, "image0")
 
 

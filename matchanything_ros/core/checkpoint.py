@@ -36,12 +36,22 @@ def _read_raw(path: Path) -> Any:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{path} is not a plain weights file (refusing to execute pickled code; weights_only=True): {exc}"
-        ) from exc
+            f"{path} is not a plain weights file (refusing to execute pickled code; weights_only=True): "
+            f"{_unpickler_reason(exc)}"
+        ) from None
     except Exception as exc:
         # Garbage bytes make the unpickler fail in arbitrary ways (IndexError, KeyError, struct.error,
         # UnicodeDecodeError, ...): every one of them means "this file is not a readable checkpoint".
         raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The line of torch's weights-only error naming what the file holds, without torch's advice to load it
+    with weights_only=False (which would run that code)."""
+    for line in str(exc).splitlines():
+        if line.strip().startswith(("Unsupported", "Trying to load unsupported")):
+            return line.strip()
+    return "unsupported pickle content"
 
 
 def _extract_state_dict(raw: Any, path: Path) -> dict[str, torch.Tensor]:

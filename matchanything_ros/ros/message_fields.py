@@ -9,7 +9,7 @@ import numpy as np
 from .. import __version__
 
 INFO_STRING_FIELDS = ("variant", "backend", "device", "precision", "checkpoint", "checkpoint_sha256", "engine_file",
-                      "preset")
+                      "tensorrt_skipped", "preset")
 INFO_INT_FIELDS = ("resize_max", "force_resize_width", "force_resize_height", "coarse_res", "upsample_res")
 MATCH_ARRAY_FIELDS = ("keypoints0", "keypoints1", "confidence")
 

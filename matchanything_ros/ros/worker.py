@@ -3,9 +3,10 @@
 Callbacks `submit()` the newest synchronized pair into a one-slot buffer and return at once; a
 pair still waiting when a newer one arrives is overwritten and counted as dropped, so the queue
 never grows and latency stays bounded by about two inference times. One worker thread creates
-the matcher (CUDA context, TensorRT execution context and stream belong to the thread that made
-them: pycuda/TensorRT fail with "invalid resource handle" when called from another thread), takes
-pairs, runs them, and rebuilds the matcher when the configuration changes. No ROS imports.
+the matcher, takes pairs, runs them, and rebuilds the matcher when the configuration changes, so
+the executor stays free for `/clock`, parameter services and diagnostics whatever the inference
+time (the TensorRT backend does its CUDA work on a thread of its own, core/backends/cuda_context.py).
+No ROS imports.
 """
 from __future__ import annotations
 
