@@ -576,6 +576,9 @@ def resolve_onnx_dir(params: dict[str, Any]) -> Path:
 def default_model_paths(params: dict[str, Any], pipeline: Any) -> dict[str, Path]:
     """{graph: default ONNX path} for core/backends/factory.py (files may not exist yet)."""
     d = default_model_dir(params, pipeline.name)
+    single = getattr(pipeline, "product_graph", None)  # a one-graph export wins over the split graphs
+    if single and (d / f"{single}{ONNX_SUFFIX}").is_file():
+        return {single: d / f"{single}{ONNX_SUFFIX}"}
     return {g: d / f"{g}{ONNX_SUFFIX}" for g in pipeline.graphs}
 
 

@@ -146,6 +146,10 @@ class OnnxRuntimeBackend:
                 continue
             want = [d if d is not None else "*" for d in dims]
             hint = ""
+            shapes = self.metadata(graph).get("matchanything.image_shapes")  # ELoFTR's product model
+            if isinstance(shapes, list):
+                hint = (f"; this export is for images (after the resize_max/force-resize step) of shapes {shapes}: "
+                        "export for your camera size with `matchanything export --image-size WxH`")
             sizes = self.metadata(graph).get("matchanything.static_shapes")
             if isinstance(sizes, dict):
                 hint = (f"; this export is for {', '.join(f'{k} {v}' for k, v in sizes.items())}: set those, or "
