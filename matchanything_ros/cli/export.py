@@ -110,12 +110,14 @@ def run_product(args: argparse.Namespace, params: dict[str, Any], out_dir: Any, 
            for photo, size in zip(photos, sizes[:2], strict=True)]
     with torch.no_grad():
         report = export_eloftr_product(pipeline, state, out_dir / "product.onnx", image0=rgb[0], image1=rgb[1],
-                                       checkpoint_sha256=sha256_file(path), opset=args.opset, log=sys.stderr)
+                                       checkpoint_sha256=sha256_file(path), opset=args.opset, log=sys.stderr,
+                                       manifest=True)
     if report["trt_unsupported_ops"]:
         print("TensorRT's parser would refuse:\n  " + "\n  ".join(report["trt_unsupported_ops"]), file=sys.stderr)
     print(f"exported {report['file']} (product graph for images {sizes[0][0]}x{sizes[0][1]} and "
           f"{sizes[1][0]}x{sizes[1][1]}, threshold {pipeline.threshold}, at most {pipeline.max_matches} matches)"
           + (" (bundled demo model)" if is_demo else ""))
+    print(f"next: matchanything build-engine --model-file-path {out_dir} --precision fp32   (on the target GPU)")
     return 0
 
 

@@ -357,10 +357,13 @@ PRODUCT_OUTPUTS = ("matches",)  # float32 [1 + cap, 7]: header row + model.PRODU
 
 def export_eloftr_product(pipeline: Any, state_dict: dict[str, "torch.Tensor"], path: str | Path, *,
                           image0: np.ndarray, image1: np.ndarray, checkpoint_sha256: str,
-                          opset: int = DEFAULT_OPSET, log: TextIO = sys.stderr) -> dict[str, Any]:
+                          opset: int = DEFAULT_OPSET, log: TextIO = sys.stderr, manifest: bool = False
+                          ) -> dict[str, Any]:
     """The ELoFTR product graph (one model: uint8 images in, padded matches out) for the sizes of
     `image0`/`image1`, fixed-shape, verified with ONNX Runtime against torch on those images.
 
+    `manifest`: also write the directory's export manifest naming this file's graph (`out.stem`, "product"
+    for the CLI), which `build-engine` and the engine lookup follow.
     Returns a report: the verification and what TensorRT's parser would refuse (`trt_unsupported_ops`:
     operators, their checkable restrictions and input types; recorded, not raised — empty today).
     """
@@ -412,6 +415,12 @@ def export_eloftr_product(pipeline: Any, state_dict: dict[str, "torch.Tensor"], 
         raise ExportCheckError(f"ONNX Runtime disagrees with torch on the product graph: same count {same_header}, "
                                f"same (i, j) list {same_pairs}, max difference {err:.3g}")
     saved = onnx.load(str(out), load_external_data=False)
+    if manifest:  # the directory's export: `build-engine` builds this one graph (static profile)
+        (out.parent / EXPORT_MANIFEST).write_text(json.dumps({
+            "variant": "eloftr", "graphs": [out.stem], "dynamic": False, "opset": opset,
+            "image_shapes": meta["image_shapes"], "threshold": pipeline.threshold,
+            "max_matches": pipeline.max_matches, "checkpoint_sha256": checkpoint_sha256,
+            "package_version": __version__, "config": pipeline.model_config.to_dict()}, indent=1) + "\n")
     return {"file": str(out), "matches": rows, "max_abs_diff": err,
             "trt_unsupported_ops": trt_unsupported_ops(saved) + trt_type_problems(saved)}
 

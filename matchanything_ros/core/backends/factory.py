@@ -135,6 +135,7 @@ def _tensorrt_backend(params: dict[str, Any], pipeline: Any, device: str, precis
                       onnx_paths=found.onnx_paths or None, device_index=device_index)
     except EngineMismatchError as exc:  # the backend checks again, on the device it opened
         return None, f"stale TensorRT engine: {exc}"
+    _bind_single_graph(pipeline, backend, found.engines)
     return backend, ""
 
 

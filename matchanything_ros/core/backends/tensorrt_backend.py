@@ -11,6 +11,7 @@ precision, ONNX hash, package version); a mismatch is refused with the exact reb
 """
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,11 @@ class TensorRTBackend:
             assert t.profile is not None
             lo, hi = t.profile[0], t.profile[2]
             if len(arr.shape) != len(lo) or any(s < a or s > b for s, a, b in zip(arr.shape, lo, hi, strict=True)):
+                if "image_shapes" in json.dumps(g.sidecar.get("onnx_metadata") or {}):  # fixed-shape product
+                    raise ConfigError(
+                        f"{graph_name}.{t.name}: shape {tuple(arr.shape)}, the engine takes {tuple(lo)} only (its "
+                        "export is for one camera size): export for yours with `matchanything export "
+                        "--image-size WxH`, then `matchanything build-engine`")
                 raise ConfigError(
                     f"{graph_name}.{t.name}: shape {tuple(arr.shape)} is outside the engine's optimisation profile "
                     f"{tuple(lo)}..{tuple(hi)}; rebuild with `matchanything build-engine` and wider "
@@ -183,6 +189,17 @@ class TensorRTBackend:
 
     def sidecar(self, graph: str) -> dict[str, Any]:
         return dict(self._graphs[graph].sidecar)
+
+    def metadata(self, graph: str) -> dict[str, Any]:
+        """The constants of the export the engine was built from (ELoFTR's product model: threshold, cap,
+        image shapes), as the sidecar repeats them; keys and JSON decoding as OnnxRuntimeBackend.metadata."""
+        out: dict[str, Any] = {}
+        for k, v in dict(self._graphs[graph].sidecar.get("onnx_metadata") or {}).items():
+            try:
+                out[k] = json.loads(v)
+            except (TypeError, ValueError):
+                out[k] = v
+        return out
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._closed:
