@@ -208,7 +208,8 @@ def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:
     if choice in ("auto", "onnxruntime"):
         models = _files(params, pipeline, "model_file_path", "export", "default_model_paths")
         if models is not None:
-            backend = _import_backend("onnxruntime_backend", "OnnxRuntimeBackend")(models, device, precision)
+            backend = _import_backend("onnxruntime_backend", "OnnxRuntimeBackend")(
+                models, device, precision, keep_on_device=getattr(pipeline, "device_outputs", ()))
             _bind_single_graph(pipeline, backend, models)
             log.info("backend: onnxruntime on %s (%s)", backend.device, ", ".join(map(str, models.values())))
             return BackendChoice(backend, skipped)
