@@ -132,7 +132,8 @@ def _tensorrt_backend(params: dict[str, Any], pipeline: Any, device: str, precis
     cls = _import_backend("tensorrt_backend", "TensorRTBackend")
     try:
         backend = cls(found.engines, trt_device, precision, variant=pipeline.name,
-                      onnx_paths=found.onnx_paths or None, device_index=device_index)
+                      onnx_paths=found.onnx_paths or None, device_index=device_index,
+                      keep_on_device=getattr(pipeline, "device_outputs", ()))
     except EngineMismatchError as exc:  # the backend checks again, on the device it opened
         return None, f"stale TensorRT engine: {exc}"
     _bind_single_graph(pipeline, backend, found.engines)

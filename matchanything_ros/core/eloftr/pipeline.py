@@ -115,7 +115,8 @@ class EloftrPipeline:
         inputs = {"image0": to_model_input(c0), "image1": to_model_input(c1), "mask0": m0[None], "mask1": m1[None]}
         return inputs, EloftrMeta(meta0, meta1, m0, m1, c0, c1)
 
-    # Outputs the torch backend hands back as device tensors: the fine maps stay on the GPU between the graphs.
+    # Outputs a device backend (torch, ONNX Runtime with IOBinding, TensorRT) hands back on the device: the
+    # fine maps stay on the GPU between the graphs.
     device_outputs = frozenset({"feat_f0", "feat_f1"})
 
     def infer(self, backend: "Backend", inputs: dict[str, np.ndarray], meta: EloftrMeta) -> dict[str, Any]:
