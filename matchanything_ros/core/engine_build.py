@@ -35,6 +35,7 @@ from .engine_cache import (
     ENGINE_SUFFIX,
     build_command,
     EXPORT_MANIFEST,
+    META_PREFIX,
     ONNX_SUFFIX,
     cache_root,
     check_sidecar,
@@ -52,7 +53,6 @@ from .backends.tensorrt_backend import import_tensorrt, trt
 from .errors import ConfigError, EngineMismatchError, MatchAnythingError
 
 # ONNX metadata_props written by core/export.py (read here without torch)
-META_PREFIX = "matchanything."
 META_DYNAMIC_DIMS = META_PREFIX + "dynamic_dims"  # JSON {dim_name: {"canvas_div": k} | {"matches": true}}
 META_FP32_PATTERNS = META_PREFIX + "fp32_layer_patterns"  # JSON [regex, ...] of node names kept in FP32
 # constants of a one-graph export (ELoFTR's product model) that the sidecar repeats for the runtime

@@ -143,7 +143,7 @@ def _tensorrt_backend(params: dict[str, Any], pipeline: Any, device: str, precis
 def _bind_single_graph(pipeline: Any, backend: Any, models: dict[str, Path]) -> None:
     """A one-graph export (ELoFTR's product model) runs with the threshold and cap it was exported for:
     the pipeline checks them against its own and switches to that graph (closing the backend if not)."""
-    from ..engine_build import META_PREFIX
+    from ..engine_cache import META_PREFIX
 
     single = getattr(pipeline, "product_graph", None)
     if single is None or single not in backend.graphs:
