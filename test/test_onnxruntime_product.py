@@ -66,3 +66,22 @@ def test_a_threshold_other_than_the_exported_one_is_refused(product_dir: Path) -
     with pytest.raises(ConfigError, match=r"exported for threshold 0.1 .* this matcher has threshold 0.2"):
         Matcher(MatcherConfig.from_params({"device": "cpu", "threshold": 0.2, "backend": "onnxruntime",
                                            "model_file_path": str(product_dir)}))
+
+
+def test_with_a_forced_resize_the_product_model_fits_every_camera(tmp_path: Path) -> None:
+    force = {"force_resize_width": 320, "force_resize_height": 256}
+    code = main(["export", "--model-file-path", str(tmp_path), "--force-resize-width", "320",
+                 "--force-resize-height", "256", "--threshold", "0.1"])  # no --image-size: the forced one
+    assert code == 0 and (tmp_path / "product.onnx").is_file()
+    with np.load(DATA_DIR / "demo_homography.npz") as z:
+        pairs = [(z["image0"], z["image1"]), (z["image0"][:352, :480], z["image1"][:400, :544])]  # 2 cameras
+    params = {"device": "cpu", "threshold": 0.1, **force}
+    with Matcher(MatcherConfig.from_params({**params, "backend": "onnxruntime", "model_file_path": str(tmp_path)})
+                 ) as m, Matcher(MatcherConfig.from_params({**params, "backend": "torch"})) as ref_m:
+        for a, b in pairs:
+            got, ref = m.match(a, b), ref_m.match(a, b)
+            assert got.extras["graph"] == "product" and len(got) == len(ref) > 100
+            np.testing.assert_array_equal(m.pipeline.last_coarse.i_ids, ref_m.pipeline.last_coarse.i_ids)
+            np.testing.assert_array_equal(m.pipeline.last_coarse.j_ids, ref_m.pipeline.last_coarse.j_ids)
+            np.testing.assert_allclose(got.keypoints1, ref.keypoints1, atol=1e-2)
+            assert got.image0_size == (a.shape[1], a.shape[0])

@@ -8,7 +8,8 @@ Newton-Schulz GP. With an empty --model-file-path the directory is the cache loc
 onnxruntime/tensorrt backends look in by default (derived from the checkpoint's sha256, and for
 RoMa the two sizes).
 
-ELoFTR with --image-size WxH (once for both cameras, or twice: image0 then image1): `<dir>/product.onnx`,
+ELoFTR with --image-size WxH (once for both cameras, or twice: image0 then image1), or with a forced
+resize (--force-resize-width/height, --preset hf_space: then for any camera): `<dir>/product.onnx`,
 the whole frame as one fixed-shape graph (uint8 RGB images in, the padded match list out), for images
 of that size under the given --resize-max/--preset/force-resize, with --threshold and
 --engine-max-matches built in. The onnxruntime backend runs it instead of coarse + fine when it is in
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..core.checkpoint import load_state_dict
+    from ..core.eloftr.pipeline import preprocess_settings
     from ..core.engine_cache import sha256_file
     from ..core.export import export_eloftr, resolve_onnx_dir
     from ..core.matcher import resolve_eloftr_checkpoint
@@ -75,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     params["checkpoint_path"] = str(path)
     out_dir = resolve_onnx_dir(params)
     state = load_state_dict(path, "eloftr")
-    if args.image_size:
+    # a forced resize makes every camera's images one size: the product model fits any camera
+    if args.image_size or preprocess_settings(param_values(args, PRODUCT_PARAMS), model_config).force_resize_wh:
         return run_product(args, params, out_dir, path, model_config, state, is_demo)
     pipeline = pipeline_class("eloftr")({}, model_config)
     with torch.no_grad():  # scoped: the CLI runs in-process too (tests, scripts), where grad mode must survive
@@ -102,8 +105,9 @@ def run_product(args: argparse.Namespace, params: dict[str, Any], out_dir: Any, 
 
     if len(args.image_size) > 2:
         raise ConfigError("--image-size is given once (both images) or twice (image0, image1)")
-    sizes = args.image_size * (3 - len(args.image_size))
     pipeline = EloftrPipeline(param_values(args, PRODUCT_PARAMS), model_config)
+    given = args.image_size or [pipeline.settings.force_resize_wh]  # forced: any camera size gives that one
+    sizes = given * (3 - len(given))
     with np.load(DATA_DIR / "demo_homography.npz") as z:
         photos = [z["image0"], z["image1"]]
     rgb = [stage2_rgb(cv2.resize(photo, size, interpolation=cv2.INTER_AREA), pipeline.settings)[0]
