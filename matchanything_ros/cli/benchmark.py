@@ -1,13 +1,16 @@
 """`matchanything benchmark`: latency split, pairs/s and peak memory per backend and canvas size; JSON + PNG.
 
 Sizes are canvas sides (ELoFTR: --resize-max per run, robot preset); backends are run in turn with
-the --device/--precision given. Without --pair the bundled demo pair is used.
+the --device/--precision given. Without --pair the bundled demo pair is used. With tensorrt among the
+backends the output ends with the checklist to report back (docs/engines.md); a TensorRT configuration
+that fails is a FAIL line there (exit status 4), the others still run.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..core.errors import ConfigError
 from ..core.params import BACKENDS, MATCHER_PARAM_NAMES
@@ -46,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..core.benchmark import benchmark_config, format_table, write_report
     from ..core.matcher import Matcher, MatcherConfig
-    from ..core.validate import load_pairs
+    from ..core.validate import benchmark_checklist, load_pairs
 
     params = param_values(args, BENCH_PARAMS)
     if args.runs < 1 or args.warmup < 0:
@@ -60,21 +63,36 @@ def run(args: argparse.Namespace) -> int:
     else:
         pairs = _demo_pairs()
     sizes = args.sizes or [params["resize_max"]]
-    configs = []
+    # with TensorRT in the list the run ends with the report-back checklist, and a configuration that fails
+    # (no runtime, no engine, a build or run error) is a FAIL line in it instead of the end of the run
+    checklist = "tensorrt" in backends
+    configs: list[dict[str, Any]] = []
+    failed: list[tuple[str, str]] = []
     for backend in backends:
         for size in sizes:
             run_params = dict(params, backend=backend)
             if params["variant"] == "eloftr":
                 run_params["resize_max"] = size
-            with Matcher(MatcherConfig.from_params(run_params)) as m:
-                label = f"{m.backend.name} {m.backend.device} {m.backend.precision} @{size}"
-                print(f"benchmarking {label} ({args.warmup} warm-up + {args.runs} runs)", file=sys.stderr)
-                configs.append(benchmark_config(m.pipeline, m.backend, pairs, warmup=args.warmup, runs=args.runs,
-                                                label=label))
-    print(format_table(configs))
-    write_report(configs, args.json_out, args.png_out)
-    print(f"wrote {args.json_out} and {args.png_out}", file=sys.stderr)
-    return 0
+            label = f"{backend} {params['device']} {params['precision']} @{size}"
+            try:
+                with Matcher(MatcherConfig.from_params(run_params)) as m:
+                    label = f"{m.backend.name} {m.backend.device} {m.backend.precision} @{size}"
+                    print(f"benchmarking {label} ({args.warmup} warm-up + {args.runs} runs)", file=sys.stderr)
+                    configs.append(benchmark_config(m.pipeline, m.backend, pairs, warmup=args.warmup,
+                                                    runs=args.runs, label=label))
+            except Exception as exc:  # whatever TensorRT raises is what the user reports back
+                if backend != "tensorrt":
+                    raise
+                why = f"{type(exc).__name__}: {exc}"
+                print(f"{label} failed: {why}", file=sys.stderr)
+                failed.append((label, why))
+    if configs:
+        print(format_table(configs))
+    write_report(configs, args.json_out, args.png_out if configs else None, failures=failed)
+    print(f"wrote {args.json_out}" + (f" and {args.png_out}" if configs else ""), file=sys.stderr)
+    if checklist:
+        print(benchmark_checklist(configs, failed))
+    return 4 if failed else 0
 
 
 def _demo_pairs() -> list:

@@ -7,6 +7,13 @@ ELoFTR: `<dir>/coarse.onnx` and `<dir>/fine.onnx` with a dynamic canvas side bet
 Newton-Schulz GP. With an empty --model-file-path the directory is the cache location the
 onnxruntime/tensorrt backends look in by default (derived from the checkpoint's sha256, and for
 RoMa the two sizes).
+
+ELoFTR with --image-size WxH (once for both cameras, or twice: image0 then image1), or with a forced
+resize (--force-resize-width/height, --preset hf_space: then for any camera): `<dir>/product.onnx`,
+the whole frame as one fixed-shape graph (uint8 RGB images in, the padded match list out), for images
+of that size under the given --resize-max/--preset/force-resize, with --threshold and
+--engine-max-matches built in. The onnxruntime backend runs it instead of coarse + fine when it is in
+the directory (and refuses other image sizes, thresholds or caps with the command to re-export).
 """
 from __future__ import annotations
 
@@ -19,6 +26,19 @@ from . import add_param_args, param_values
 
 EXPORT_PARAMS = ["variant", "checkpoint_path", "dinov2_path", "model_file_path", "engine_min_size",
                  "engine_max_size", "coarse_res", "upsample_res"]
+# the product model's constants: its input sizes follow from these, its selection uses the last two
+PRODUCT_PARAMS = ["preset", "resize_max", "force_resize_width", "force_resize_height", "threshold",
+                  "engine_max_matches"]
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 640x480, got {text!r}") from None
+    if w < 32 or h < 32:
+        raise argparse.ArgumentTypeError(f"image size {text!r}: each side must be >= 32 px")
+    return w, h
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser("export", help="export the network to ONNX (checked against TensorRT's op list)",
                                    description=__doc__.splitlines()[0] if __doc__ else None)
-    add_param_args(parser, EXPORT_PARAMS)
+    add_param_args(parser, EXPORT_PARAMS + PRODUCT_PARAMS)
+    parser.add_argument("--image-size", type=_image_size, action="append", default=[], metavar="WxH",
+                        help="ELoFTR: export the one-graph product model for camera images of this size "
+                             "(give it twice for two different cameras: image0, then image1)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset (>= {MIN_OPSET}; default: {DEFAULT_OPSET})")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
@@ -39,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..core.checkpoint import load_state_dict
+    from ..core.eloftr.pipeline import preprocess_settings
     from ..core.engine_cache import sha256_file
     from ..core.export import export_eloftr, resolve_onnx_dir
     from ..core.matcher import resolve_eloftr_checkpoint
@@ -52,14 +76,52 @@ def run(args: argparse.Namespace) -> int:
     path, model_config, is_demo = resolve_eloftr_checkpoint(params["checkpoint_path"])
     params["checkpoint_path"] = str(path)
     out_dir = resolve_onnx_dir(params)
-    pipeline = pipeline_class("eloftr")({}, model_config)
     state = load_state_dict(path, "eloftr")
+    # a forced resize makes every camera's images one size: the product model fits any camera
+    if args.image_size or preprocess_settings(param_values(args, PRODUCT_PARAMS), model_config).force_resize_wh:
+        return run_product(args, params, out_dir, path, model_config, state, is_demo)
+    pipeline = pipeline_class("eloftr")({}, model_config)
     with torch.no_grad():  # scoped: the CLI runs in-process too (tests, scripts), where grad mode must survive
         files = export_eloftr(pipeline, state, out_dir, checkpoint_sha256=sha256_file(path), opset=args.opset,
                               sizes=(params["engine_min_size"], params["engine_max_size"]),
                               verify_sizes=None if args.verify else [], log=sys.stderr)
     print(f"exported {', '.join(str(p) for p in files.values())}" + (" (bundled demo model)" if is_demo else ""))
     print(f"next: matchanything build-engine --model-file-path {out_dir} --precision fp16   (on the target GPU)")
+    return 0
+
+
+def run_product(args: argparse.Namespace, params: dict[str, Any], out_dir: Any, path: Any, model_config: Any,
+                state: Any, is_demo: bool) -> int:
+    """ELoFTR's product model for --image-size: verified on the bundled real photos resized to that size."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from ..core.eloftr.pipeline import EloftrPipeline
+    from ..core.eloftr.preprocess import stage2_rgb
+    from ..core.engine_cache import sha256_file
+    from ..core.export import export_eloftr_product
+    from ..core.matcher import DATA_DIR
+
+    if len(args.image_size) > 2:
+        raise ConfigError("--image-size is given once (both images) or twice (image0, image1)")
+    pipeline = EloftrPipeline(param_values(args, PRODUCT_PARAMS), model_config)
+    given = args.image_size or [pipeline.settings.force_resize_wh]  # forced: any camera size gives that one
+    sizes = given * (3 - len(given))
+    with np.load(DATA_DIR / "demo_homography.npz") as z:
+        photos = [z["image0"], z["image1"]]
+    rgb = [stage2_rgb(cv2.resize(photo, size, interpolation=cv2.INTER_AREA), pipeline.settings)[0]
+           for photo, size in zip(photos, sizes[:2], strict=True)]
+    with torch.no_grad():
+        report = export_eloftr_product(pipeline, state, out_dir / "product.onnx", image0=rgb[0], image1=rgb[1],
+                                       checkpoint_sha256=sha256_file(path), opset=args.opset, log=sys.stderr,
+                                       manifest=True)
+    if report["trt_unsupported_ops"]:
+        print("TensorRT's parser would refuse:\n  " + "\n  ".join(report["trt_unsupported_ops"]), file=sys.stderr)
+    print(f"exported {report['file']} (product graph for images {sizes[0][0]}x{sizes[0][1]} and "
+          f"{sizes[1][0]}x{sizes[1][1]}, threshold {pipeline.threshold}, at most {pipeline.max_matches} matches)"
+          + (" (bundled demo model)" if is_demo else ""))
+    print(f"next: matchanything build-engine --model-file-path {out_dir} --precision fp32   (on the target GPU)")
     return 0
 
 

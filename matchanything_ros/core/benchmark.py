@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -182,9 +183,12 @@ def format_table(configs: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def write_report(configs: list[dict[str, Any]], json_path: str | Path, png_path: str | Path | None) -> None:
+def write_report(configs: list[dict[str, Any]], json_path: str | Path, png_path: str | Path | None, *,
+                 failures: Sequence[tuple[str, str]] = ()) -> None:
+    """JSON of the configurations that ran and of those that could not (label, error); PNG of the former."""
     p = Path(json_path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps({"environment": environment(), "configs": configs}, indent=1) + "\n")
+    failed = [{"label": label, "error": why} for label, why in failures]
+    p.write_text(json.dumps({"environment": environment(), "configs": configs, "failures": failed}, indent=1) + "\n")
     if png_path:
         plot_latencies(configs, png_path)

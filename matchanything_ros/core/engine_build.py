@@ -35,6 +35,7 @@ from .engine_cache import (
     ENGINE_SUFFIX,
     build_command,
     EXPORT_MANIFEST,
+    META_PREFIX,
     ONNX_SUFFIX,
     cache_root,
     check_sidecar,
@@ -52,9 +53,10 @@ from .backends.tensorrt_backend import import_tensorrt, trt
 from .errors import ConfigError, EngineMismatchError, MatchAnythingError
 
 # ONNX metadata_props written by core/export.py (read here without torch)
-META_PREFIX = "matchanything."
 META_DYNAMIC_DIMS = META_PREFIX + "dynamic_dims"  # JSON {dim_name: {"canvas_div": k} | {"matches": true}}
 META_FP32_PATTERNS = META_PREFIX + "fp32_layer_patterns"  # JSON [regex, ...] of node names kept in FP32
+# constants of a one-graph export (ELoFTR's product model) that the sidecar repeats for the runtime
+META_GRAPH_CONSTANTS = tuple(META_PREFIX + k for k in ("threshold", "max_matches", "image_shapes"))
 META_PRECISION = META_PREFIX + "precision"  # "fp16" for an fp16 export with explicit fp32 islands
 
 # Always kept in FP32 under --precision fp16: softmax and the products that feed it
@@ -557,6 +559,7 @@ def build_engine_set(onnx_dir: str | Path, *, precision: str, engine_dir: str | 
         record.update({"profile": plan.profiles[graph], "onnx_path": str(onnx_path),
                        "checkpoint_sha256": plan.checkpoint_sha256, "cache_key": plan.cache_key,
                        "workspace_bytes": workspace_bytes, "build_params": plan.build_params,
+                       "onnx_metadata": {k: v for k, v in meta.items() if k in META_GRAPH_CONSTANTS},
                        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         write_sidecar(engines[graph], record)
     return engines
@@ -595,10 +598,14 @@ def find_engines(params: dict[str, Any], pipeline: Any, system: TensorRTSystem) 
     if have_export:
         assert onnx_dir is not None
         plan = plan_engine_set(onnx_dir, system=system, **settings)
+    graphs = list(plan.graphs) if plan is not None else list(pipeline.graphs)  # the export's, where known
+    single = getattr(pipeline, "product_graph", None)
     if given:
         base = Path(given).expanduser()
-        engines = ({g: base / f"{g}{ENGINE_SUFFIX}" for g in pipeline.graphs} if base.is_dir()
-                   else graph_paths(str(base), tuple(pipeline.graphs)))
+        if plan is None and single and (base / f"{single}{ENGINE_SUFFIX}").is_file():
+            graphs = [single]  # an engine directory of a one-graph export
+        engines = ({g: base / f"{g}{ENGINE_SUFFIX}" for g in graphs} if base.is_dir()
+                   else graph_paths(str(base), tuple(graphs)))
     elif plan is not None:
         engines = plan.engines
     else:
@@ -611,7 +618,7 @@ def find_engines(params: dict[str, Any], pipeline: Any, system: TensorRTSystem) 
     build_params["engine_file_path"] = str(next(iter(engines.values())).parent) if given else build_params.get(
         "engine_file_path", "")
     command = build_command(build_params, force=False)
-    onnx_paths = ({g: onnx_dir / f"{g}{ONNX_SUFFIX}" for g in pipeline.graphs} if have_export and onnx_dir
+    onnx_paths = ({g: onnx_dir / f"{g}{ONNX_SUFFIX}" for g in graphs} if have_export and onnx_dir
                   else {})
     missing = [str(path) for path in engines.values() if not path.is_file()]
     if missing:

@@ -30,6 +30,7 @@ ENGINE_SUFFIX = ".engine"
 SIDECAR_SUFFIX = ".engine.json"
 ONNX_SUFFIX = ".onnx"
 EXPORT_MANIFEST = "export.json"  # written by `matchanything export` beside the graph files
+META_PREFIX = "matchanything."  # ONNX metadata keys of the export (here: no onnx import for the runtimes)
 
 # sidecar field -> what a mismatch means for the user (each one makes the engine unusable here)
 CHECKED_FIELDS = {

@@ -104,6 +104,39 @@ def trt_unsupported_ops(model: onnx.ModelProto, table: dict[str, Any] | None = N
     return problems
 
 
+_TRT_TYPE_NAMES = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16",
+                   onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.UINT8: "UINT8",
+                   onnx.TensorProto.INT8: "INT8", onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.DOUBLE: "FP64"}
+
+
+def trt_type_problems(model: onnx.ModelProto, table: dict[str, Any] | None = None) -> list[str]:
+    """Nodes of the main graph whose data input (input 0) has a type outside the types TensorRT's parser
+    lists for the operator (e.g. CumSum on integers: TensorRT's CumSum takes floating types only).
+
+    Types come from ONNX shape inference; a node whose input type stays unknown is reported too.
+    """
+    ops = (table or load_trt_op_table())["operators"]
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    types.update({t.name: t.data_type for t in g.initializer})
+    for node in g.node:  # Constant outputs carry their tensor's type
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    types[node.output[0]] = a.t.data_type
+    problems: list[str] = []
+    for node in g.node:
+        allowed = ops.get(node.op_type, {}).get("types")
+        if not allowed or not node.input or not node.input[0]:
+            continue
+        found = _TRT_TYPE_NAMES.get(types.get(node.input[0], 0), "unknown")
+        if found not in allowed:
+            problems.append(f"{node.op_type} ({node.name or node.output[0]}): input type {found} "
+                            f"not among {', '.join(allowed)}")
+    return problems
+
+
 # --- checks and metadata ----------------------------------------------------------------------------
 
 def proto_bytes(model: onnx.ModelProto) -> int | None:
@@ -324,12 +357,15 @@ PRODUCT_OUTPUTS = ("matches",)  # float32 [1 + cap, 7]: header row + model.PRODU
 
 def export_eloftr_product(pipeline: Any, state_dict: dict[str, "torch.Tensor"], path: str | Path, *,
                           image0: np.ndarray, image1: np.ndarray, checkpoint_sha256: str,
-                          opset: int = DEFAULT_OPSET, log: TextIO = sys.stderr) -> dict[str, Any]:
+                          opset: int = DEFAULT_OPSET, log: TextIO = sys.stderr, manifest: bool = False
+                          ) -> dict[str, Any]:
     """The ELoFTR product graph (one model: uint8 images in, padded matches out) for the sizes of
     `image0`/`image1`, fixed-shape, verified with ONNX Runtime against torch on those images.
 
-    Returns a report: ONNX checks, the operators TensorRT's parser would refuse (recorded, not raised:
-    the device selection sorts all L0*K candidates, a TopK beyond TensorRT's K limit), the verification.
+    `manifest`: also write the directory's export manifest naming this file's graph (`out.stem`, "product"
+    for the CLI), which `build-engine` and the engine lookup follow.
+    Returns a report: the verification and what TensorRT's parser would refuse (`trt_unsupported_ops`:
+    operators, their checkable restrictions and input types; recorded, not raised — empty today).
     """
     import onnxruntime as ort
     import torch
@@ -378,8 +414,15 @@ def export_eloftr_product(pipeline: Any, state_dict: dict[str, "torch.Tensor"], 
     if not (same_header and same_pairs and err < 1e-2):
         raise ExportCheckError(f"ONNX Runtime disagrees with torch on the product graph: same count {same_header}, "
                                f"same (i, j) list {same_pairs}, max difference {err:.3g}")
+    saved = onnx.load(str(out), load_external_data=False)
+    if manifest:  # the directory's export: `build-engine` builds this one graph (static profile)
+        (out.parent / EXPORT_MANIFEST).write_text(json.dumps({
+            "variant": "eloftr", "graphs": [out.stem], "dynamic": False, "opset": opset,
+            "image_shapes": meta["image_shapes"], "threshold": pipeline.threshold,
+            "max_matches": pipeline.max_matches, "checkpoint_sha256": checkpoint_sha256,
+            "package_version": __version__, "config": pipeline.model_config.to_dict()}, indent=1) + "\n")
     return {"file": str(out), "matches": rows, "max_abs_diff": err,
-            "trt_unsupported_ops": trt_unsupported_ops(onnx.load(str(out), load_external_data=False))}
+            "trt_unsupported_ops": trt_unsupported_ops(saved) + trt_type_problems(saved)}
 
 
 # --- RoMa ---------------------------------------------------------------------------------------------
@@ -542,6 +585,9 @@ def resolve_onnx_dir(params: dict[str, Any]) -> Path:
 def default_model_paths(params: dict[str, Any], pipeline: Any) -> dict[str, Path]:
     """{graph: default ONNX path} for core/backends/factory.py (files may not exist yet)."""
     d = default_model_dir(params, pipeline.name)
+    single = getattr(pipeline, "product_graph", None)  # a one-graph export wins over the split graphs
+    if single and (d / f"{single}{ONNX_SUFFIX}").is_file():
+        return {single: d / f"{single}{ONNX_SUFFIX}"}
     return {g: d / f"{g}{ONNX_SUFFIX}" for g in pipeline.graphs}
 
 

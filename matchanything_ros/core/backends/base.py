@@ -2,7 +2,9 @@
 
 A variant's network is split into named graphs with fixed-shape outputs (ELoFTR: "coarse"
 then "fine"; RoMa: "dense"). Pre- and post-processing are shared numpy code outside the
-backends; a backend only runs graphs: named numpy arrays in, named numpy arrays out.
+backends; a backend only runs graphs: named numpy arrays in, named numpy arrays out, except the
+outputs a pipeline names in `device_outputs` (the next graph's inputs), which a backend on a device
+hands back as its own device object (torch tensor, OrtValue, DeviceTensor) for that next graph.
 """
 from __future__ import annotations
 

@@ -54,6 +54,7 @@ class BufferPool:
     def __init__(self, cuda: Any) -> None:
         self._cuda = cuda
         self._buffers: dict[str, _Buffer] = {}
+        self._device_only: dict[str, tuple[Any, int]] = {}  # name -> (DeviceAllocation, capacity)
         self.allocations = 0  # how many (host, device) pairs were allocated in total
 
     def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> tuple[np.ndarray, int]:
@@ -71,9 +72,21 @@ class BufferPool:
         view = buf.host[:nbytes].view(dt).reshape(shape)
         return view, int(buf.device)
 
+    def get_device(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> int:
+        """Device pointer of a device-only buffer `name` (no pinned twin: its data never comes to the host)."""
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        held = self._device_only.get(name)
+        if held is None or held[1] < nbytes:
+            if held is not None:
+                held[0].free()
+            held = (self._cuda.mem_alloc(max(nbytes, 256)), max(nbytes, 256))
+            self._device_only[name] = held
+            self.allocations += 1
+        return int(held[0])
+
     @property
     def bytes_allocated(self) -> int:
-        return sum(b.capacity for b in self._buffers.values())
+        return sum(b.capacity for b in self._buffers.values()) + sum(n for _, n in self._device_only.values())
 
     def _free_one(self, buf: _Buffer) -> None:
         buf.device.free()
@@ -84,6 +97,9 @@ class BufferPool:
         for buf in self._buffers.values():
             self._free_one(buf)
         self._buffers.clear()
+        for device, _ in self._device_only.values():
+            device.free()
+        self._device_only.clear()
 
 
 class CudaWorker:

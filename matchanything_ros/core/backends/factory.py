@@ -59,6 +59,9 @@ def _files(params: dict[str, Any], pipeline: Any, key: str, module: str, func: s
     if base and Path(base).expanduser().is_dir():  # an export / engine directory: <dir>/<graph>.onnx|.engine
         suffix = ".onnx" if key == "model_file_path" else ".engine"
         paths = {g: Path(base).expanduser() / f"{g}{suffix}" for g in pipeline.graphs}
+        single = getattr(pipeline, "product_graph", None)  # a one-graph export wins over the split graphs
+        if single and suffix == ".onnx" and (Path(base).expanduser() / f"{single}{suffix}").is_file():
+            paths = {single: Path(base).expanduser() / f"{single}{suffix}"}
     else:
         paths = graph_paths(base, pipeline.graphs) if base else _default_paths(module, func, params, pipeline)
     if paths is None:
@@ -129,10 +132,29 @@ def _tensorrt_backend(params: dict[str, Any], pipeline: Any, device: str, precis
     cls = _import_backend("tensorrt_backend", "TensorRTBackend")
     try:
         backend = cls(found.engines, trt_device, precision, variant=pipeline.name,
-                      onnx_paths=found.onnx_paths or None, device_index=device_index)
+                      onnx_paths=found.onnx_paths or None, device_index=device_index,
+                      keep_on_device=getattr(pipeline, "device_outputs", ()))
     except EngineMismatchError as exc:  # the backend checks again, on the device it opened
         return None, f"stale TensorRT engine: {exc}"
+    _bind_single_graph(pipeline, backend, found.engines)
     return backend, ""
+
+
+def _bind_single_graph(pipeline: Any, backend: Any, models: dict[str, Path]) -> None:
+    """A one-graph export (ELoFTR's product model) runs with the threshold and cap it was exported for:
+    the pipeline checks them against its own and switches to that graph (closing the backend if not)."""
+    from ..engine_cache import META_PREFIX
+
+    single = getattr(pipeline, "product_graph", None)
+    if single is None or single not in backend.graphs:
+        return
+    meta = backend.metadata(single)
+    try:
+        pipeline.bind_product_model(meta.get(META_PREFIX + "threshold"), meta.get(META_PREFIX + "max_matches"),
+                                    str(models[single]))
+    except ConfigError:
+        backend.close()
+        raise
 
 
 @dataclass
@@ -187,7 +209,9 @@ def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:
     if choice in ("auto", "onnxruntime"):
         models = _files(params, pipeline, "model_file_path", "export", "default_model_paths")
         if models is not None:
-            backend = _import_backend("onnxruntime_backend", "OnnxRuntimeBackend")(models, device, precision)
+            backend = _import_backend("onnxruntime_backend", "OnnxRuntimeBackend")(
+                models, device, precision, keep_on_device=getattr(pipeline, "device_outputs", ()))
+            _bind_single_graph(pipeline, backend, models)
             log.info("backend: onnxruntime on %s (%s)", backend.device, ", ".join(map(str, models.values())))
             return BackendChoice(backend, skipped)
         if choice == "onnxruntime":

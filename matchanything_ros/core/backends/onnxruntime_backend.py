@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -48,13 +49,26 @@ def choose_provider(device: str, available: list[str]) -> tuple[str, int]:
     raise ConfigError(f"unknown device {device!r} for the onnxruntime backend")
 
 
+def _shape(value: Any) -> tuple[int, ...]:
+    """Shape of a numpy array or of an OrtValue (kept on its device between graphs)."""
+    shape = getattr(value, "shape", None)
+    return tuple(int(d) for d in (shape() if callable(shape) else np.shape(value)))
+
+
 class OnnxRuntimeBackend:
-    """`model_paths`: {graph: path to <graph>.onnx}. `device`: cpu, cuda[:N] or auto."""
+    """`model_paths`: {graph: path to <graph>.onnx}. `device`: cpu, cuda[:N] or auto.
+
+    `keep_on_device`: output names handed back as OrtValues where the session ran (ELoFTR's fine feature
+    maps, the next graph's inputs), never copied to the host. `io_binding` (default: on a device provider)
+    runs through IOBinding: host inputs copied in once, kept outputs left where they are, the others copied
+    out once; on the CPU without it, a plain run.
+    """
 
     name = "onnxruntime"
 
     def __init__(self, model_paths: dict[str, str | Path], device: str = "cpu", precision: str = "fp32", *,
-                 intra_op_threads: int = 0) -> None:
+                 intra_op_threads: int = 0, keep_on_device: Iterable[str] = (), io_binding: bool | None = None
+                 ) -> None:
         if precision != "fp32":
             raise ConfigError(f"the onnxruntime backend runs the fp32 export; precision {precision!r} is a TensorRT "
                               "build option (use --backend tensorrt --precision fp16)")
@@ -103,6 +117,9 @@ class OnnxRuntimeBackend:
             self._metadata[graph] = dict(sess.get_modelmeta().custom_metadata_map)
         self.provider = provider
         self.device = provider if provider == CPU else f"{provider}:{device_id}"
+        self.io_binding = provider != CPU if io_binding is None else bool(io_binding)
+        self._keep = frozenset(keep_on_device) if self.io_binding else frozenset()
+        self._ort_device = ("cpu" if provider == CPU else "cuda", device_id)
 
     @property
     def graphs(self) -> tuple[str, ...]:
@@ -128,24 +145,47 @@ class OnnxRuntimeBackend:
         if missing:
             raise ConfigError(f"graph {graph!r} needs inputs {missing}")
         for dim, uses in self._shared_dims[graph].items():
-            sizes = {f"{n}[{a}]": int(np.shape(inputs[n])[a]) for n, a in uses if a < np.ndim(inputs[n])}
+            sizes = {f"{n}[{a}]": _shape(inputs[n])[a] for n, a in uses if a < len(_shape(inputs[n]))}
             if len(set(sizes.values())) > 1:
                 raise ConfigError(f"graph {graph!r}: inputs must agree on dimension {dim!r}, got {sizes}"
                                   + (" (exported ELoFTR graphs need both images on the same canvas size: give "
                                      "images of the same size or use a force-resize)" if dim == "canvas" else ""))
         self._check_fixed_dims(graph, inputs)
+        if self.io_binding:
+            return self._run_bound(sess, graph, inputs)
         feeds = {n: np.ascontiguousarray(inputs[n], dtype=t) if t is not None else inputs[n] for n, t in types.items()}
         outs = sess.run(self._output_names[graph], feeds)
         return dict(zip(self._output_names[graph], outs, strict=True))
 
+    def _run_bound(self, sess: Any, graph: str, inputs: dict[str, Any]) -> dict[str, Any]:
+        ort = _import_ort()
+        binding = sess.io_binding()
+        for name, dtype in self._input_types[graph].items():
+            value = inputs[name]
+            if isinstance(value, ort.OrtValue):  # an earlier graph's output, still where it was computed
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=dtype))
+        kind, index = self._ort_device
+        for name in self._output_names[graph]:
+            binding.bind_output(name, kind, index)
+        sess.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return {name: value if name in self._keep else value.numpy()
+                for name, value in zip(self._output_names[graph], outs, strict=True)}
+
     def _check_fixed_dims(self, graph: str, inputs: dict[str, np.ndarray]) -> None:
         """Static exports (RoMa: one per coarse_res/upsample_res) take exactly their shapes; say which."""
         for name, dims in self._fixed_dims[graph].items():
-            got = tuple(int(d) for d in np.shape(inputs[name]))
+            got = _shape(inputs[name])
             if len(got) == len(dims) and all(d is None or d == g for d, g in zip(dims, got, strict=True)):
                 continue
             want = [d if d is not None else "*" for d in dims]
             hint = ""
+            shapes = self.metadata(graph).get("matchanything.image_shapes")  # ELoFTR's product model
+            if isinstance(shapes, list):
+                hint = (f"; this export is for images (after the resize_max/force-resize step) of shapes {shapes}: "
+                        "export for your camera size with `matchanything export --image-size WxH`")
             sizes = self.metadata(graph).get("matchanything.static_shapes")
             if isinstance(sizes, dict):
                 hint = (f"; this export is for {', '.join(f'{k} {v}' for k, v in sizes.items())}: set those, or "

@@ -11,7 +11,9 @@ precision, ONNX hash, package version); a mismatch is refused with the exact reb
 """
 from __future__ import annotations
 
+import json
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,19 @@ class _TensorInfo:
     profile: list[tuple[int, ...]] | None  # inputs: [min, opt, max] of profile 0
 
 
+@dataclass(frozen=True)
+class DeviceTensor:
+    """An output left on the device for the next graph (ELoFTR's fine maps): never copied to the host.
+
+    Valid until the graph that produced it runs again (`generation` says which run wrote it)."""
+
+    buffer: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    pointer: int
+    generation: int
+
+
 @dataclass
 class _Graph:
     engine: trt.ICudaEngine | None
@@ -68,7 +83,7 @@ class TensorRTBackend:
 
     def __init__(self, engine_paths: dict[str, str | Path], device: str = "cuda", precision: str = "fp32", *,
                  variant: str | None = None, onnx_paths: dict[str, str | Path] | None = None,
-                 device_index: int = 0, warmup: bool = True) -> None:
+                 device_index: int = 0, warmup: bool = True, keep_on_device: Iterable[str] = ()) -> None:
         if device not in ("cuda", "auto") and not device.startswith("cuda"):
             raise ConfigError(f"the TensorRT backend runs on CUDA devices only, not {device!r}")
         if device.startswith("cuda:"):
@@ -79,6 +94,8 @@ class TensorRTBackend:
         self._runtime: trt.Runtime | None = None
         self._lock = threading.Lock()  # run() from several threads: one graph execution at a time
         self._closed = False
+        self._keep = frozenset(keep_on_device)  # outputs handed back as DeviceTensor (see `run`)
+        self._generation: dict[str, int] = {}  # device-kept buffer -> the run that last wrote it
         self.files = {graph: str(Path(path).resolve()) for graph, path in engine_paths.items()}  # MatcherInfo
         for graph, path in engine_paths.items():
             if not Path(path).is_file():
@@ -129,28 +146,47 @@ class TensorRTBackend:
             tensors.append(_TensorInfo(name, is_input, dtype, profile))
         return _Graph(engine, context, tensors, sidecar)
 
-    def _execute(self, graph_name: str, inputs: dict[str, np.ndarray], w: CudaWorker) -> dict[str, np.ndarray]:
+    def _execute(self, graph_name: str, inputs: dict[str, Any], w: CudaWorker) -> dict[str, Any]:
         g = self._graphs[graph_name]
         ctx = g.context
         assert ctx is not None
         for t in g.tensors:
             if not t.is_input:
                 continue
-            arr = np.ascontiguousarray(inputs[t.name], dtype=t.dtype)
+            value = inputs[t.name]
+            arr: np.ndarray | None = None
+            if isinstance(value, DeviceTensor):  # an earlier graph's output, still on the device
+                if self._generation.get(value.buffer) != value.generation:
+                    raise MatchAnythingError(f"{graph_name}.{t.name}: its device data ({value.buffer}) was "
+                                             "overwritten by a later run of the graph that produced it")
+                if value.dtype != t.dtype:
+                    raise ConfigError(f"{graph_name}.{t.name}: device tensor of {value.dtype}, the engine takes "
+                                      f"{t.dtype}")
+                shape = value.shape
+            else:
+                arr = np.ascontiguousarray(value, dtype=t.dtype)
+                shape = tuple(arr.shape)
             assert t.profile is not None
             lo, hi = t.profile[0], t.profile[2]
-            if len(arr.shape) != len(lo) or any(s < a or s > b for s, a, b in zip(arr.shape, lo, hi, strict=True)):
+            if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi, strict=True)):
+                if "image_shapes" in json.dumps(g.sidecar.get("onnx_metadata") or {}):  # fixed-shape product
+                    raise ConfigError(
+                        f"{graph_name}.{t.name}: shape {shape}, the engine takes {tuple(lo)} only (its "
+                        "export is for one camera size): export for yours with `matchanything export "
+                        "--image-size WxH`, then `matchanything build-engine`")
                 raise ConfigError(
-                    f"{graph_name}.{t.name}: shape {tuple(arr.shape)} is outside the engine's optimisation profile "
+                    f"{graph_name}.{t.name}: shape {shape} is outside the engine's optimisation profile "
                     f"{tuple(lo)}..{tuple(hi)}; rebuild with `matchanything build-engine` and wider "
                     "--engine-min-size/--engine-max-size/--engine-max-matches")
-            if not ctx.set_input_shape(t.name, arr.shape):
-                raise MatchAnythingError(f"TensorRT rejected shape {arr.shape} for {graph_name}.{t.name}")
-            ctx.set_tensor_address(t.name, w.upload(f"{graph_name}/{t.name}", arr))
+            if not ctx.set_input_shape(t.name, shape):
+                raise MatchAnythingError(f"TensorRT rejected shape {shape} for {graph_name}.{t.name}")
+            pointer = value.pointer if arr is None else w.upload(f"{graph_name}/{t.name}", arr)
+            ctx.set_tensor_address(t.name, pointer)
         missing = ctx.infer_shapes()
         if missing:
             raise MatchAnythingError(f"{graph_name}: TensorRT cannot infer shapes of {missing}")
         out_shapes = {}
+        kept: dict[str, int] = {}  # outputs left on the device -> their pointers
         for t in g.tensors:
             if t.is_input:
                 continue
@@ -159,13 +195,25 @@ class TensorRTBackend:
                 raise MatchAnythingError(f"{graph_name}.{t.name}: data-dependent output shape {shape} "
                                          "(graphs must have shapes fixed by their inputs)")
             out_shapes[t.name] = shape
-            ctx.set_tensor_address(t.name, w.device_buffer(f"{graph_name}/{t.name}", shape, t.dtype))
+            buffer = f"{graph_name}/{t.name}"
+            if t.name in self._keep:
+                kept[t.name] = w.buffers.get_device(buffer, shape, t.dtype)
+                ctx.set_tensor_address(t.name, kept[t.name])
+            else:
+                ctx.set_tensor_address(t.name, w.device_buffer(buffer, shape, t.dtype))
         if not ctx.execute_async_v3(w.stream.handle):
             raise MatchAnythingError(f"TensorRT failed to enqueue graph {graph_name!r}")
         views = {t.name: w.download(f"{graph_name}/{t.name}", out_shapes[t.name], t.dtype)
-                 for t in g.tensors if not t.is_input}
+                 for t in g.tensors if not t.is_input and t.name not in kept}
         w.synchronize()
-        return {k: v.copy() for k, v in views.items()}  # pinned buffers are reused by the next call
+        out: dict[str, Any] = {k: v.copy() for k, v in views.items()}  # pinned buffers are reused by the next call
+        for t in g.tensors:
+            if t.name in kept:
+                buffer = f"{graph_name}/{t.name}"
+                self._generation[buffer] = self._generation.get(buffer, 0) + 1
+                out[t.name] = DeviceTensor(buffer, out_shapes[t.name], t.dtype, kept[t.name],
+                                           self._generation[buffer])
+        return out
 
     def _release(self, w: CudaWorker) -> None:
         # TensorRT objects must die while the context is current: contexts before engines before the runtime
@@ -184,13 +232,26 @@ class TensorRTBackend:
     def sidecar(self, graph: str) -> dict[str, Any]:
         return dict(self._graphs[graph].sidecar)
 
-    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def metadata(self, graph: str) -> dict[str, Any]:
+        """The constants of the export the engine was built from (ELoFTR's product model: threshold, cap,
+        image shapes), as the sidecar repeats them; keys and JSON decoding as OnnxRuntimeBackend.metadata."""
+        out: dict[str, Any] = {}
+        for k, v in dict(self._graphs[graph].sidecar.get("onnx_metadata") or {}).items():
+            try:
+                out[k] = json.loads(v)
+            except (TypeError, ValueError):
+                out[k] = v
+        return out
+
+    def run(self, graph: str, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Run one graph: numpy arrays (or an earlier graph's DeviceTensor) in, numpy arrays out, except the
+        `keep_on_device` outputs, which stay on the device as DeviceTensor."""
         if self._closed:
             raise MatchAnythingError("TensorRT backend is closed")
         if graph not in self._graphs:
             raise ConfigError(f"no engine for graph {graph!r} (have: {', '.join(self._graphs)})")
 
-        def execute(w: CudaWorker) -> dict[str, np.ndarray]:
+        def execute(w: CudaWorker) -> dict[str, Any]:
             return self._execute(graph, inputs, w)
 
         with self._lock:

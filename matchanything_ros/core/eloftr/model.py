@@ -693,7 +693,12 @@ def select_on_device(
 
     -> (i_ids, j_ids, mconf) [max_matches] in the original's row-major order, padded with (0, 0, 0),
     plus `count` (all passing candidates, may exceed max_matches) and `truncated_rows` (rows whose K
-    candidates all passed). Passing (i, j) pairs are unique, so sorting the key i*L1 + j orders them.
+    candidates all passed).
+
+    Compaction by prefix sum and scatter, no sort (a TopK over all L0*K candidates is beyond TensorRT's
+    K limit): a passing candidate's output row is the number of passing candidates in the rows before
+    its own plus its rank by j among its row's passing ones (a row's candidates come in confidence
+    order; passing j are unique in a row, so the rank is exact). K is small: the rank is K*K compares.
     """
     l0, k = cand_conf.shape[1], cand_conf.shape[2]
     l1 = mask1.shape[1] * mask1.shape[2]
@@ -705,16 +710,22 @@ def select_on_device(
         passed = passed & (cc != 0)
     truncated_rows = (passed.all(1) & (k < l1)).sum()
     count = passed.sum()
-    rows = torch.arange(l0, device=cc.device)[:, None]
-    sentinel = l0 * l1
-    key = torch.where(passed, rows * l1 + cj, torch.full_like(cj, sentinel)).flatten()
-    key, order = torch.sort(key)
-    key, order = key[:max_matches], order[:max_matches]
-    used = key < sentinel
-    key = torch.where(used, key, torch.zeros_like(key))
-    i_ids = torch.div(key, l1, rounding_mode="floor")
-    j_ids = key % l1
-    mconf = torch.where(used, cc.flatten()[order], torch.zeros((), dtype=cc.dtype, device=cc.device))
+    j_key = torch.where(passed, cj, torch.full_like(cj, l1))  # failing candidates rank after every passing one
+    rank = (j_key[:, None, :] < j_key[:, :, None]).sum(2)
+    # rows before each row: an exclusive prefix sum, in float32 (TensorRT's CumSum takes floating types
+    # only; exact, the sums stay below 2**24)
+    per_row = passed.sum(1).to(torch.float32)
+    first = (torch.cumsum(per_row, 0) - per_row).to(cj.dtype)
+    slot = first[:, None] + rank
+    # every candidate gets its own scatter target (duplicate targets are undefined in ONNX/TensorRT):
+    # the kept ones their output row, the others a spare slot past the cap, cut off below
+    spare = max_matches + torch.arange(l0 * k, device=cj.device, dtype=cj.dtype).view(l0, k)
+    target = torch.where(passed & (slot < max_matches), slot, spare).flatten()
+    size = max_matches + l0 * k
+    rows = torch.arange(l0, device=cj.device, dtype=cj.dtype)[:, None].expand(l0, k)
+    i_ids = torch.zeros(size, dtype=cj.dtype, device=cj.device).scatter(0, target, rows.flatten())[:max_matches]
+    j_ids = torch.zeros(size, dtype=cj.dtype, device=cj.device).scatter(0, target, cj.flatten())[:max_matches]
+    mconf = torch.zeros(size, dtype=cc.dtype, device=cc.device).scatter(0, target, cc.flatten())[:max_matches]
     return i_ids, j_ids, mconf, count, truncated_rows
 
 

@@ -91,6 +91,19 @@ class EloftrPipeline:
     fp32_island = "fpn_backbone12"
     max_matches_override: int | None = None  # benchmarks: a cap other than engine_max_matches
 
+    # the one-graph export (export.export_eloftr_product): ONNX Runtime runs it instead of coarse + fine
+    product_graph = "product"
+
+    def bind_product_model(self, threshold: Any, max_matches: Any, source: str) -> None:
+        """Run an exported product model. Its threshold and cap are constants of the graph: they must be
+        this matcher's, or the matches would silently follow the export instead of the parameters."""
+        if threshold != self.threshold or max_matches != self.max_matches:
+            raise ConfigError(
+                f"{source} was exported for threshold {threshold} and engine_max_matches {max_matches}; this "
+                f"matcher has threshold {self.threshold} and engine_max_matches {self.max_matches}. Set those, or "
+                "export for these with `matchanything export --image-size WxH --threshold T --engine-max-matches N`")
+        self.product = True
+
     # --- VariantPipeline -----------------------------------------------------------------------
     def preprocess(self, image0: np.ndarray, image1: np.ndarray) -> tuple[dict[str, np.ndarray], EloftrMeta]:
         if self.product:
@@ -102,7 +115,8 @@ class EloftrPipeline:
         inputs = {"image0": to_model_input(c0), "image1": to_model_input(c1), "mask0": m0[None], "mask1": m1[None]}
         return inputs, EloftrMeta(meta0, meta1, m0, m1, c0, c1)
 
-    # Outputs the torch backend hands back as device tensors: the fine maps stay on the GPU between the graphs.
+    # Outputs a device backend (torch, ONNX Runtime with IOBinding, TensorRT) hands back on the device: the
+    # fine maps stay on the GPU between the graphs.
     device_outputs = frozenset({"feat_f0", "feat_f1"})
 
     def infer(self, backend: "Backend", inputs: dict[str, np.ndarray], meta: EloftrMeta) -> dict[str, Any]:

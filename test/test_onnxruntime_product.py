@@ -1,0 +1,87 @@
+"""ELoFTR's one-graph product model, exported by `matchanything export --image-size`, run by the
+onnxruntime backend on the CPU through the Matcher: the torch host path's matches, the size, threshold
+and cap it was exported for, and a clear error for anything else."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from matchanything_ros.cli import main
+from matchanything_ros.core.errors import ConfigError
+from matchanything_ros.core.matcher import DATA_DIR, Matcher, MatcherConfig
+
+SIZE = (320, 256)  # camera W x H: 1600 image0 cells, quick on a CPU
+
+
+@pytest.fixture(scope="module")
+def product_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("product")
+    code = main(["export", "--model-file-path", str(d), "--image-size", f"{SIZE[0]}x{SIZE[1]}", "--threshold", "0.1"])
+    assert code == 0 and (d / "product.onnx").is_file()
+    return d
+
+
+@pytest.fixture(scope="module")
+def camera_pair() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(DATA_DIR / "demo_homography.npz") as z:  # real photos, at another camera's size
+        return (cv2.resize(z["image0"], SIZE, interpolation=cv2.INTER_LINEAR),
+                cv2.resize(z["image1"], SIZE, interpolation=cv2.INTER_LINEAR))
+
+
+def test_onnxruntime_runs_the_product_model_with_the_host_paths_matches(
+        product_dir: Path, camera_pair: tuple[np.ndarray, np.ndarray]) -> None:
+    params = {"device": "cpu", "threshold": 0.1}
+    with Matcher(MatcherConfig.from_params({**params, "backend": "onnxruntime",
+                                            "model_file_path": str(product_dir)})) as m:
+        assert m.info["engine_file"] == f"product={(product_dir / 'product.onnx').resolve()}"
+        got = m.match(*camera_pair)
+        got_ij = (m.pipeline.last_coarse.i_ids.copy(), m.pipeline.last_coarse.j_ids.copy())
+    with Matcher(MatcherConfig.from_params({**params, "backend": "torch"})) as ref_m:
+        ref = ref_m.match(*camera_pair)
+        ref_ij = (ref_m.pipeline.last_coarse.i_ids, ref_m.pipeline.last_coarse.j_ids)
+    assert got.extras["graph"] == "product" and got.extras["matches_capped"] is False
+    assert len(ref) > 300 and got.extras["coarse_matches_total"] == len(got) == len(ref)
+    np.testing.assert_array_equal(got_ij[0], ref_ij[0])  # the same list, in the same (row-major) order
+    np.testing.assert_array_equal(got_ij[1], ref_ij[1])
+    # the ONNX Runtime parity rule (test_onnxruntime_backend): keypoints within 1e-2 px (none meets an argmax tie here)
+    np.testing.assert_allclose(got.keypoints0, ref.keypoints0, atol=1e-2)
+    np.testing.assert_allclose(got.keypoints1, ref.keypoints1, atol=1e-2)
+    np.testing.assert_allclose(got.confidence, ref.confidence, rtol=1e-4, atol=1e-6)
+    assert got.image0_size == ref.image0_size == SIZE
+
+
+def test_another_camera_size_says_how_to_export_for_it(product_dir: Path,
+                                                       camera_pair: tuple[np.ndarray, np.ndarray]) -> None:
+    with Matcher(MatcherConfig.from_params({"device": "cpu", "threshold": 0.1, "backend": "onnxruntime",
+                                            "model_file_path": str(product_dir)})) as m:
+        with pytest.raises(ConfigError, match=r"export for your camera size with `matchanything export "
+                                              r"--image-size WxH`"):
+            m.match(camera_pair[0][:224], camera_pair[1][:224])
+
+
+def test_a_threshold_other_than_the_exported_one_is_refused(product_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"exported for threshold 0.1 .* this matcher has threshold 0.2"):
+        Matcher(MatcherConfig.from_params({"device": "cpu", "threshold": 0.2, "backend": "onnxruntime",
+                                           "model_file_path": str(product_dir)}))
+
+
+def test_with_a_forced_resize_the_product_model_fits_every_camera(tmp_path: Path) -> None:
+    force = {"force_resize_width": 320, "force_resize_height": 256}
+    code = main(["export", "--model-file-path", str(tmp_path), "--force-resize-width", "320",
+                 "--force-resize-height", "256", "--threshold", "0.1"])  # no --image-size: the forced one
+    assert code == 0 and (tmp_path / "product.onnx").is_file()
+    with np.load(DATA_DIR / "demo_homography.npz") as z:
+        pairs = [(z["image0"], z["image1"]), (z["image0"][:352, :480], z["image1"][:400, :544])]  # 2 cameras
+    params = {"device": "cpu", "threshold": 0.1, **force}
+    with Matcher(MatcherConfig.from_params({**params, "backend": "onnxruntime", "model_file_path": str(tmp_path)})
+                 ) as m, Matcher(MatcherConfig.from_params({**params, "backend": "torch"})) as ref_m:
+        for a, b in pairs:
+            got, ref = m.match(a, b), ref_m.match(a, b)
+            assert got.extras["graph"] == "product" and len(got) == len(ref) > 100
+            np.testing.assert_array_equal(m.pipeline.last_coarse.i_ids, ref_m.pipeline.last_coarse.i_ids)
+            np.testing.assert_array_equal(m.pipeline.last_coarse.j_ids, ref_m.pipeline.last_coarse.j_ids)
+            np.testing.assert_allclose(got.keypoints1, ref.keypoints1, atol=1e-2)
+            assert got.image0_size == (a.shape[1], a.shape[0])
