@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="force-resize both images to W x H in stage 1 (sets --force-resize-width/height)")
     parser.add_argument("--json", dest="json_out", metavar="OUT", help="write the matches as JSON")
     parser.add_argument("--png", dest="png_out", metavar="OUT", help="write a side-by-side drawing of the matches")
-    parser.add_argument("--max-lines", type=int, default=500, help="most matches drawn in the PNG, a spatially even sample (default: 500)")
+    parser.add_argument("--max-lines", type=int, default=500,
+                        help="most matches drawn in the PNG, a spatially even sample (default: 500)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log which backend runs")
     parser.set_defaults(func=run)
 
