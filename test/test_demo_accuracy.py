@@ -98,6 +98,6 @@ def test_main_job_writes_the_png_and_one_summary_line(tmp_path: Path) -> None:
     n_matches = int(summary.split("matchanything demo: ")[1].split(" matches")[0])
     correct = float(summary.split(" matches, ")[1].split(" % correct")[0])
     assert n_matches >= MOTORCYCLE_MIN_MATCHES and correct >= 100 * MOTORCYCLE_MIN_CORRECT, summary
-    assert "NOT MatchAnything's weights" in summary
+    assert "demo model (not MatchAnything's weights)" in summary
     png = cv2.imread(str(out))
     assert png is not None and png.shape[1] == 2 * 741, None if png is None else png.shape

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.matcher import DATA_DIR
+from ..core.matcher import DATA_DIR, DEMO_MODEL_NOTICE
 from . import add_param_args, param_values
 
 DEMO_BAG = DATA_DIR / "demo_stereo"
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     import skimage.data
 
     gt_left, _gt_right, disparity = skimage.data.stereo_motorcycle()
-    model = "demo model, NOT MatchAnything's weights" if getattr(info, "is_demo_model", False) else "checkpoint"
+    model = DEMO_MODEL_NOTICE if getattr(info, "is_demo_model", False) else "checkpoint"
     if left.shape == gt_left.shape and np.array_equal(left, gt_left):  # the bundled Middlebury pair
         s = stereo_score(k0, k1, disparity)
         accuracy = (f", {100 * s.precision:.1f} % correct vs ground-truth disparity "
