@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.util
 import json
 import os
 import statistics
@@ -59,22 +58,12 @@ from matchanything_ros.core.roma.gp import GaussianProcessMatch  # noqa: E402
 from matchanything_ros.core.roma.pipeline import RomaPipeline  # noqa: E402
 from matchanything_ros.core.roma.preprocess import prepare_image  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roma_gpu import reference_dir, seeded_states  # noqa: E402  (the fixtures' seeded weights, one definition)
+
 ISSUE = {"fp16": {"e2e_ms": 424.0, "peak_mb": 3600}, "fp32": {"e2e_ms": 603.0},
          "original_fp32_forward_ms": 259.0, "original_amp_forward_ms": 174.3}
 TARGET = {"fp16_e2e_ms": 60.0, "fp16_peak_mb": 2048, "fp32_e2e_ms": 259.0, "fp32_peak_mb": 4096, "host_cpu_ms": 5.0}
-
-
-def reference_dir() -> Path:
-    return Path(os.environ.get("MATCHANYTHING_REFERENCE_DIR") or REPO / "test" / "fixtures" / "reference")
-
-
-def seeded_states(ref: Path, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    spec = importlib.util.spec_from_file_location("seeded_weights", ref / "seeded_weights.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return (mod.seeded_state_dict(ref / "roma" / "manifest.json", seed),
-            mod.seeded_state_dict(ref / "roma" / "dinov2_manifest.json", seed))
 
 
 def sync(device: torch.device) -> None:
