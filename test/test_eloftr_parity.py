@@ -197,6 +197,24 @@ def _fine_margins(feats: dict[str, torch.Tensor], i_ids: torch.Tensor, j_ids: to
     return pr.relative_margin(p.reshape(p.shape[0], -1).numpy())
 
 
+def fine_margins_of_pair(pair: str) -> np.ndarray:
+    """The fine argmax margin of every match of `pair` at the main threshold (for tests that only see final
+    outputs, e.g. the CLI's): one forward with the seeded weights, outside the module cache."""
+    state = seeded_weights().seeded_state_dict(REF / "manifest.json", INDEX["seed"])
+    pipe = pipeline_for(THR_MAIN)
+    net = pipe.build_net({k.removeprefix("matcher."): v for k, v in state.items()})
+    ref = np.load(REF / INDEX["pairs"][pair]["file"])
+    inputs, meta = pipe.preprocess(ref["input_image0_rgb_u8"], ref["input_image1_rgb_u8"])
+    t = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    with torch.inference_mode():
+        feats = net.features(t["image0"], t["image1"], t["mask0"], t["mask1"])
+        conf = dual_softmax_confidence(feats["transformer0"], feats["transformer1"], t["mask0"], t["mask1"],
+                                       net.cfg.dsmax_temperature)
+    cm = select_coarse_matches({"conf": conf.numpy()}, meta.mask0, meta.mask1, pipe.threshold,
+                               pipe.model_config.border_rm)
+    return _fine_margins(feats, torch.from_numpy(cm.i_ids), torch.from_numpy(cm.j_ids), pipe)
+
+
 def _check_final(result: Any, ref: dict[str, np.ndarray], ri: np.ndarray, compared: np.ndarray, what: str) -> None:
     """Final keypoints/confidences of the common matches (ri: their rows in the fixture; compared: the
     matches whose keypoints were not excused as fine-argmax near-ties)."""
