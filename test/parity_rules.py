@@ -38,6 +38,8 @@ ANCHOR_TIE_ATOL = 1e-3
 # A draw of torch.multinomial without replacement (a race of weight / Exp(1) keys) whose key lies within this
 # relative distance of the key of the draw it changed places with.
 DRAW_TIE_RTOL = 1e-5
+# The KDE density of the balanced sampler's stage-1 matches (cdist + exp + sum), relative per element.
+KDE_RTOL = 1e-5
 # A handful, never a percentage: more near-ties than this in one comparison of one pair fails.
 MAX_EXCUSED_PER_PAIR = 5
 
@@ -189,3 +191,31 @@ def compare_draws(ref_idx: Any, got_idx: Any, keys: np.ndarray, what: str, rtol:
                              f"{ref_idx[pos]} (key {a:.9g}): no near-tie ({gap:.3g} > {rtol:g})")
         excused.add(f"draw {pos}: {got_idx[pos]} for {ref_idx[pos]}, keys {gap:.1e} apart")
     return excused.check()
+
+
+def balanced_draw_keys(certainty: Any, density: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The race keys of both draws of the balanced sampler (matchanything_ros.core.roma.sampling) seeded with
+    `seed`: stage 1 on the thresholded certainty, stage 2 on the original's 1 / (1 + density) weights (1e-7
+    where density < 10). Tests check that these keys reproduce the sampler's own draws before using them."""
+    import torch
+
+    from matchanything_ros.core.roma.config import SAMPLE_THRESH
+    from matchanything_ros.core.roma.sampling import seeded_generator
+
+    c = torch.as_tensor(np.asarray(certainty, np.float32).reshape(-1)).clone()
+    c[c > SAMPLE_THRESH] = 1
+    if c.sum() == 0:
+        c[0] = 1
+    generator = seeded_generator(seed)
+    keys1 = race_keys(c, generator)
+    d = torch.as_tensor(np.asarray(density, np.float32))
+    p = 1 / (d + 1)
+    p[d < 10] = 1e-7
+    return keys1, race_keys(p, generator)
+
+
+def top_draws(keys: np.ndarray, k: int) -> np.ndarray:
+    """The indices torch.multinomial returns for these race keys (torch's topk: its order among equal keys)."""
+    import torch
+
+    return torch.as_tensor(keys).topk(k).indices.numpy()
