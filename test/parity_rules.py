@@ -20,11 +20,15 @@ import numpy as np
 
 # --- the promise ------------------------------------------------------------------------------------------
 KEYPOINT_ATOL_PX = 1e-3  # every keypoint of a match both lists hold, absolute, in pixels
-# Confidences: |ours - original| <= 1e-4 x the largest original confidence of the compared set. Never looser
-# than the promise's absolute 1e-4 (confidences are <= 1), and still a real test on the fixtures, whose seeded
-# weights give confidences of 1e-8 .. 0.2. Not per element: a confidence is exp(logit - logsumexp) with
-# logits of ~1e2 here, so rounding moves each one by a RELATIVE ~3e-4 whatever its size (docs/parity.md).
-CONF_TOL_OF_MAX = 1e-4
+# Confidences, absolute: |ours - original| <= 1e-4, the promise itself. A confidence is a score in [0, 1]
+# that users threshold; no relative form of 1e-4 holds: with the fixtures' seeded weights the dual-softmax
+# logits are ~1e2, so rounding moves every confidence by up to ~3.6e-4 OF ITSELF whatever its size
+# (docs/parity.md), while the absolute error stays <= 7e-6 (14x margin).
+CONF_ATOL = 1e-4
+# ... and relative per element, 1e-3 (measured <= 3.6e-4: ~3x margin), so the fixtures' small confidences
+# (1e-8 .. 1e-3, where an absolute 1e-4 says nothing) are checked too. Subnormal values (< float32's
+# smallest normal) carry no relative precision and are left to the absolute bound.
+CONF_RTOL = 1e-3
 
 # --- near-ties: each epsilon is the measured spread with margin (docs/parity.md) ----------------------------
 # A coarse match whose confidence lies within this relative distance of the threshold (conf = thr (1 +- eps)).
@@ -95,16 +99,21 @@ def is_threshold_tie(conf: Any, threshold: float, rtol: float = COARSE_THRESHOLD
 
 # --- comparisons ------------------------------------------------------------------------------------------
 
-def assert_conf_close(actual: Any, expected: Any, name: str, tol_of_max: float = CONF_TOL_OF_MAX) -> float:
-    """Confidences within CONF_TOL_OF_MAX x the largest expected one; returns that error ratio."""
+def assert_conf_close(actual: Any, expected: Any, name: str) -> tuple[float, float]:
+    """Confidences within CONF_ATOL absolute and CONF_RTOL relative; returns both largest errors."""
     a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     assert a.shape == e.shape, f"{name}: shape {a.shape} != {e.shape}"
     if not a.size:
-        return 0.0
-    scale = max(float(np.abs(e).max()), np.finfo(np.float32).tiny)
-    ratio = float(np.abs(a - e).max()) / scale
-    assert ratio <= tol_of_max, f"{name}: max error {ratio:.3g} x the largest confidence ({scale:.3g}) > {tol_of_max:g}"
-    return ratio
+        return 0.0, 0.0
+    err = np.abs(a - e)
+    normal = np.abs(e) >= np.finfo(np.float32).tiny
+    rel = np.where(normal, err / np.where(normal, np.abs(e), 1.0), 0.0)
+    worst_abs, worst_rel = int(err.argmax()), int(rel.argmax())
+    assert err.flat[worst_abs] <= CONF_ATOL, (f"{name}: abs error {err.flat[worst_abs]:.3g} > {CONF_ATOL:g} at "
+                                              f"{worst_abs} ({a.flat[worst_abs]:.8g} vs {e.flat[worst_abs]:.8g})")
+    assert rel.flat[worst_rel] <= CONF_RTOL, (f"{name}: relative error {rel.flat[worst_rel]:.3g} > {CONF_RTOL:g} at "
+                                              f"{worst_rel} ({a.flat[worst_rel]:.8g} vs {e.flat[worst_rel]:.8g})")
+    return float(err.flat[worst_abs]), float(rel.flat[worst_rel])
 
 
 def match_list_diff(ref_i: Any, ref_j: Any, got_i: Any, got_j: Any
@@ -219,3 +228,12 @@ def top_draws(keys: np.ndarray, k: int) -> np.ndarray:
     import torch
 
     return torch.as_tensor(keys).topk(k).indices.numpy()
+
+
+def verdict(check: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run a check built from these rules without raising (for reports, e.g. the GPU benchmark scripts):
+    {"holds": True, **what it returned} or {"holds": False, "why": the failed rule's message}."""
+    try:
+        return {"holds": True, **check()}
+    except AssertionError as exc:
+        return {"holds": False, "why": str(exc).splitlines()[0][:300]}
