@@ -40,12 +40,14 @@ FINE_ARGMAX_TIE_RTOL = 1e-5
 # A RoMa cell whose anchor classification (64x64 anchors) has its two best logits within this absolute distance.
 ANCHOR_TIE_ATOL = 1e-3
 # A draw of torch.multinomial without replacement (a race of weight / Exp(1) keys) whose key lies within this
-# relative distance of the key of the draw it changed places with.
-DRAW_TIE_RTOL = 1e-5
-# The KDE density of the balanced sampler's stage-1 matches (cdist + exp + sum), relative per element.
-KDE_RTOL = 1e-5
+# relative distance of the key of the draw it changed places with (keys = 1 / (1 + density) / q move with
+# the density, measured <= 1.9e-5 relative: 5x margin).
+DRAW_TIE_RTOL = 1e-4
+# The KDE density of the balanced sampler's stage-1 matches (cdist + exp + sum), relative per element:
+# measured 3e-7 on AVX-512/AVX2 but 1.9e-5 on the generic path (cdist's |x|^2 + |y|^2 - 2xy cancels).
+KDE_RTOL = 1e-4
 # A handful, never a percentage: more near-ties than this in one comparison of one pair fails.
-MAX_EXCUSED_PER_PAIR = 5
+MAX_EXCUSED_PER_PAIR = 8
 
 
 @dataclass
