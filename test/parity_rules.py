@@ -23,7 +23,7 @@ KEYPOINT_ATOL_PX = 1e-3  # every keypoint of a match both lists hold, absolute, 
 # Confidences, absolute: |ours - original| <= 1e-4, the promise itself. A confidence is a score in [0, 1]
 # that users threshold; no relative form of 1e-4 holds: with the fixtures' seeded weights the dual-softmax
 # logits are ~1e2, so rounding moves every confidence by up to ~3.6e-4 OF ITSELF whatever its size
-# (docs/parity.md), while the absolute error stays <= 7e-6 (14x margin).
+# (docs/parity.md), while the absolute error stays <= 1.2e-5 (8x margin).
 CONF_ATOL = 1e-4
 # ... and relative per element, 1e-3 (measured <= 3.6e-4: ~3x margin), so the fixtures' small confidences
 # (1e-8 .. 1e-3, where an absolute 1e-4 says nothing) are checked too. Subnormal values (< float32's
