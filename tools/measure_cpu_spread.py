@@ -8,7 +8,8 @@ between configurations, and the near-ties each configuration needed (parity_rule
 
     python tools/measure_cpu_spread.py                      # every configuration, both variants
     python tools/measure_cpu_spread.py --variants eloftr --configs native-2t default-1t
-    python tools/measure_cpu_spread.py --markdown docs/parity_table.md   # also write the table
+    python tools/measure_cpu_spread.py --keep /tmp/spread --markdown /tmp/spread.md   # keep results, write the table
+    python tools/measure_cpu_spread.py --tabulate /tmp/spread     # tabulate kept results again
 
 Takes ~3 min per configuration on 2 cores (RoMa's two forwards dominate).
 """
@@ -65,8 +66,9 @@ QUANTITIES: dict[str, tuple[str, str]] = {
     "roma.final_warp": ("normalised", "final warp (both directions)"),
     "roma.final_certainty": ("abs", "final certainty (sigmoid)"),
     "roma.replayed_kpts": ("px", "sampled matches replayed with the fixture's stored draws"),
-    "roma.redraw_stage1_diff": ("draws", "seeded sampler on the fixture's dense output: stage-1 draws differing"),
-    "roma.redraw_stage2_diff": ("draws", "same, stage-2 draws differing"),
+    "roma.redraw_stage1_diff": ("draws", "seeded sampler on the fixture's dense output: stage-1 draws not in the "
+                                         "stored set"),
+    "roma.redraw_stage2_diff": ("draws", "same, stage-2 draws not in the stored set"),
     "roma.kde_density": ("rel. per element", "KDE density of the stage-1 draws"),
 }
 
@@ -278,10 +280,18 @@ def table(results: dict[str, dict[str, Any]], spread: dict[str, float]) -> str:
             vals = [r[q] for k, r in results[n].items() if k != "isa" and q in r and r[q] is not None]
             cells.append(_fmt(max(vals)) if vals else "-")
         lines.append(f"| {q} | {unit} | " + " | ".join(cells) + f" | {_fmt(spread.get(q))} |")
-    isa = [results[n]["isa"] for n in names]
-    lines.append("| ATen / oneDNN / MKL | | " + " | ".join(
-        f"{i.get('aten')} / {i.get('onednn', '?')} / {i.get('mkl', '?')}" for i in isa) + " | |")
+    lines.append("| ATen / oneDNN / MKL | | " + " | ".join(_isa_short(results[n]["isa"]) for n in names) + " | |")
     return "\n".join(lines)
+
+
+def _isa_short(isa: dict[str, Any]) -> str:
+    """'AVX512 / AVX10.1+AMX / AVX-512+AMX' from the libraries' own (long) reports."""
+    import re
+
+    onednn = isa.get("onednn", "?").replace("Intel ", "").split(" with")[0].replace(" and ", "+")
+    found = re.search(r"\(Intel\(R\) ([^)]+)\)", isa.get("mkl", ""))
+    mkl = (found.group(1) if found else "?") + ("+AMX" if "AMX" in isa.get("mkl", "") else "")
+    return f"{isa.get('aten')} / {onednn} / {mkl}"
 
 
 def near_tie_table(results: dict[str, dict[str, Any]]) -> str:
@@ -335,17 +345,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=["eloftr", "roma"], choices=["eloftr", "roma"])
     ap.add_argument("--markdown", type=Path, help="write the tables to this file too")
     ap.add_argument("--keep", type=Path, help="keep each configuration's results (json + npz) in this folder")
+    ap.add_argument("--tabulate", type=Path, help="only tabulate the results kept earlier in this folder (--keep)")
     ap.add_argument("--worker", nargs=2, type=Path, metavar=("JSON", "NPZ"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         worker(args.variants, *args.worker)
         return 0
-    work = args.keep or Path(tempfile.mkdtemp(prefix="cpu_spread_"))
+    work = args.tabulate or args.keep or Path(tempfile.mkdtemp(prefix="cpu_spread_"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     npz_files: dict[str, Path] = {}
     for name in args.configs:
         out_json, out_npz = work / f"{name}.json", work / f"{name}.npz"
+        if args.tabulate:
+            results[name], npz_files[name] = json.loads(out_json.read_text()), out_npz
+            continue
         env = {k: v for k, v in os.environ.items()
                if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS",
                             "MKL_NUM_THREADS")}
