@@ -190,18 +190,38 @@ def race_keys(weights: Any, generator: Any) -> np.ndarray:
     return (w / q).numpy()
 
 
-def compare_draws(ref_idx: Any, got_idx: Any, keys: np.ndarray, what: str, rtol: float = DRAW_TIE_RTOL) -> Excused:
-    """The same draws in the same order, except positions whose two indices have keys within rtol."""
+def compare_draws(ref_idx: Any, got_idx: Any, keys: np.ndarray, what: str,
+                  rtol: float = DRAW_TIE_RTOL) -> tuple[Excused, Excused]:
+    """The same draws as the original's, except near-ties of the race: returns (membership, order).
+
+    membership: an index drawn by one side only must have its key within rtol of the key of the one it
+    displaced (at most a handful). order: the draws come sorted by key, so two draws whose keys are within
+    rtol may come in either order; each such position is checked and counted, but it changes no match."""
     ref_idx, got_idx = np.asarray(ref_idx), np.asarray(got_idx)
     assert ref_idx.shape == got_idx.shape, f"{what}: {ref_idx.shape} != {got_idx.shape}"
-    excused = Excused(what)
+
+    def gap(a: int, b: int) -> float:
+        ka, kb = float(keys[a]), float(keys[b])
+        return abs(ka - kb) / max(abs(ka), abs(kb), np.finfo(np.float64).tiny)
+
+    membership = Excused(f"{what} (drawn by one side only)")
+    only_ref, only_got = np.setdiff1d(ref_idx, got_idx), np.setdiff1d(got_idx, ref_idx)
+    for a, b in zip(sorted(only_ref, key=lambda i: keys[i]), sorted(only_got, key=lambda i: keys[i])):
+        assert gap(a, b) <= rtol, (f"{what}: {b} drawn instead of the original's {a}: keys {keys[b]:.9g} vs "
+                                   f"{keys[a]:.9g}, no near-tie ({gap(a, b):.3g} > {rtol:g})")
+        membership.add(f"{b} for {a}, keys {gap(a, b):.1e} apart")
+    membership.check()
+    order = Excused(f"{what} (same draws, order of tied keys)")
+    displaced = {int(b): int(a) for a, b in zip(sorted(only_ref, key=lambda i: keys[i]),
+                                                 sorted(only_got, key=lambda i: keys[i]))}
     for pos in np.nonzero(ref_idx != got_idx)[0]:
-        a, b = float(keys[ref_idx[pos]]), float(keys[got_idx[pos]])
-        gap = abs(a - b) / max(abs(a), abs(b), np.finfo(np.float64).tiny)
-        assert gap <= rtol, (f"{what}: draw {pos} is {got_idx[pos]} (key {b:.9g}), the original's "
-                             f"{ref_idx[pos]} (key {a:.9g}): no near-tie ({gap:.3g} > {rtol:g})")
-        excused.add(f"draw {pos}: {got_idx[pos]} for {ref_idx[pos]}, keys {gap:.1e} apart")
-    return excused.check()
+        a, b = int(ref_idx[pos]), int(got_idx[pos])
+        if displaced.get(b) == a:
+            continue  # the membership near-tie above, in its place
+        assert gap(a, b) <= rtol, (f"{what}: draw {pos} is {b} (key {keys[b]:.9g}), the original's {a} "
+                                   f"(key {keys[a]:.9g}): no near-tie ({gap(a, b):.3g} > {rtol:g})")
+        order.add(f"draw {pos}: {b} for {a}, keys {gap(a, b):.1e} apart")
+    return membership, order
 
 
 def balanced_draw_keys(certainty: Any, density: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -239,3 +259,35 @@ def verdict(check: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"holds": True, **check()}
     except AssertionError as exc:
         return {"holds": False, "why": str(exc).splitlines()[0][:300]}
+
+
+def dense_errors_at_anchor_ties(err: np.ndarray, tol: float, anchor_margin: np.ndarray, what: str,
+                                eps: float = ANCHOR_TIE_ATOL) -> tuple[np.ndarray, Excused]:
+    """RoMa's dense output [u, 2u] (left half: image A's warp, right half: B's) may differ by more than tol
+    only around a cell whose anchor classification is a near-tie: anchor_margin [2, h, w] (absolute_margin
+    of the coarse classification logits of A and B), the pixel's cell or one of its 8 neighbours (the
+    refiners spread a flipped anchor's flow over the cell's surroundings). Returns the mask of pixels left
+    to compare (not excused) and the tie cells it took, counted."""
+    err, margin = np.asarray(err), np.asarray(anchor_margin)
+    u, h, w = err.shape[0], margin.shape[1], margin.shape[2]
+    assert err.shape[1] == 2 * u and margin.shape[0] == 2, f"{what}: shapes {err.shape}, {margin.shape}"
+    tie = margin <= eps
+    padded = np.pad(tie, ((0, 0), (1, 1), (1, 1)))
+    near = np.zeros_like(tie)
+    for dy in range(3):
+        for dx in range(3):
+            near |= padded[:, dy:dy + h, dx:dx + w]
+    compared = np.ones(err.shape, bool)
+    excused = Excused(what)
+    cells: set[tuple[int, int, int]] = set()
+    for y, x in zip(*np.nonzero(err > tol)):
+        side = int(x >= u)
+        cy, cx = int(y) * h // u, (int(x) - side * u) * w // u
+        assert near[side, cy, cx], (f"{what}: error {err[y, x]:.3g} > {tol:g} at ({y}, {x}) and no anchor near-tie "
+                                    f"in cell {(side, cy, cx)} or around it")
+        compared[y, x] = False
+        for ty, tx in zip(*np.nonzero(tie[side, max(cy - 1, 0):cy + 2, max(cx - 1, 0):cx + 2])):
+            cells.add((side, int(ty) + max(cy - 1, 0), int(tx) + max(cx - 1, 0)))
+    for cell in sorted(cells):  # the tie anchors excused, however many pixels each one moved
+        excused.add(f"anchor tie at cell {cell}, margin {margin[cell]:.1e}")
+    return compared, excused.check()
