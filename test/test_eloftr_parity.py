@@ -246,7 +246,7 @@ def test_same_matches_as_official_at_main_threshold(run: dict[str, Any]) -> None
         assert_close(w0, ref["fine_feat0_unfold_first"], "fine windows 0")
         assert_close(w1, ref["fine_feat1_unfold_first"], "fine windows 1")
         p, sim_ff = fine_similarities(w0, w1, pipe.model_config)
-        pr.assert_conf_close(p, ref["fine_dualsoftmax_inner_first"], "fine dual softmax")
+        assert_close(p, ref["fine_dualsoftmax_inner_first"], "fine dual softmax", rtol=1e-4)
         assert_close(sim_ff, ref["fine_sim_ff_first"], "fine regression similarity")
         i_ids, j_ids = torch.from_numpy(cm.i_ids), torch.from_numpy(cm.j_ids)
         k0, k1 = EloftrFine(pipe.model_config)(f["feat_f0"], f["feat_f1"], i_ids, j_ids)

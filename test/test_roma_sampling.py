@@ -44,9 +44,8 @@ def test_seeded_sampler_reproduces_the_official_draws(name: str) -> None:
     keys1, keys2 = pr.balanced_draw_keys(cert, own_rng.density, int(z["sample_seed"]))
     np.testing.assert_array_equal(pr.top_draws(keys1, len(own_rng.stage1_index)), own_rng.stage1_index)
     np.testing.assert_array_equal(pr.top_draws(keys2, n), own_rng.stage2_index)
-    excused1 = pr.compare_draws(z["sample_stage1_idx"], own_rng.stage1_index, keys1, f"{name} stage-1 draws")
-    excused2 = pr.compare_draws(z["sample_stage2_idx"], own_rng.stage2_index, keys2, f"{name} stage-2 draws")
-    pr.report(excused1, excused2)
+    pr.report(*pr.compare_draws(z["sample_stage1_idx"], own_rng.stage1_index, keys1, f"{name} stage-1 draws"),
+              *pr.compare_draws(z["sample_stage2_idx"], own_rng.stage2_index, keys2, f"{name} stage-2 draws"))
     # the stored draws replayed: the official matches (within 1e-3 px: the grid half comes from torch.linspace,
     # which rounds in the last ulp by CPU path) and confidences (bit for bit)
     c_thr = cert.reshape(-1).copy()

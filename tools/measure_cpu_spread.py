@@ -255,7 +255,7 @@ def worker(variants: list[str], out_json: Path, out_npz: Path) -> None:
     if "roma" in variants:
         _worker_roma(out, arrays)
     out_json.write_text(json.dumps(out, indent=1))
-    np.savez(out_npz, **arrays)
+    np.savez(out_npz, **arrays)  # type: ignore[arg-type]
 
 
 # --- driver -------------------------------------------------------------------------------------------------
