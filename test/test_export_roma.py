@@ -32,7 +32,7 @@ from matchanything_ros.core.errors import ConfigError
 from matchanything_ros.core.export import check_onnx_file, needs_external_data, save_model, trt_unsupported_ops
 
 FLOW_TOL = 1e-3
-CERT_TOL = 1e-2 / 4
+CERT_TOL = 1e-2 / 4  # the exporter's own check on random images (an intermediate tolerance)
 
 
 def _export_pair() -> str:
@@ -148,7 +148,9 @@ def test_onnxruntime_runs_roma_export_like_torch_and_the_fixture(roma_export: tu
                                     ("fixture", (fix_warp, fix_cert))):
         warp_err, cert_err = np.abs(warp - w_ref).max(-1), np.abs(cert - c_ref)
         keep_w, ex_w = pr.dense_errors_at_anchor_ties(warp_err, FLOW_TOL, margin, f"{name} warp vs {against}")
-        keep_c, ex_c = pr.dense_errors_at_anchor_ties(cert_err, CERT_TOL, margin, f"{name} certainty vs {against}")
+        # the final certainty is the matches' confidence: the promise's 1e-4 (measured 5e-6)
+        keep_c, ex_c = pr.dense_errors_at_anchor_ties(cert_err, pr.CONF_ATOL, margin,
+                                                      f"{name} certainty vs {against}")
         errors[against] = (float(warp_err[keep_w].max()), float(cert_err[keep_c].max()))
         excused += [ex_w, ex_c]
     print(f"{name} ({c}/{u}) ONNX Runtime vs torch newton-schulz: warp {errors['torch newton-schulz'][0]:.2e}, "
