@@ -21,6 +21,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+import parity_rules as pr
 import roma_util as ru
 from matchanything_ros import __version__
 from matchanything_ros.cli import main as cli_main
@@ -31,7 +32,7 @@ from matchanything_ros.core.errors import ConfigError
 from matchanything_ros.core.export import check_onnx_file, needs_external_data, save_model, trt_unsupported_ops
 
 FLOW_TOL = 1e-3
-CERT_TOL = 1e-2 / 4
+CERT_TOL = 1e-2 / 4  # the exporter's own check on random images (an intermediate tolerance)
 
 
 def _export_pair() -> str:
@@ -139,13 +140,23 @@ def test_onnxruntime_runs_roma_export_like_torch_and_the_fixture(roma_export: tu
     assert warp.shape == (u, 2 * u, 4) and cert.shape == (u, 2 * u)
 
     fix_warp, fix_cert = ru.stored_dense(name)
-    fixture_err = (float(np.abs(warp - fix_warp).max()), float(np.abs(cert - fix_cert).max()))
     ref = ru.forward(name, "newton_schulz")  # torch, same GP solver
-    torch_err = (float(np.abs(warp - ref["warp"]).max()), float(np.abs(cert - ref["certainty"]).max()))
-    print(f"{name} ({c}/{u}) ONNX Runtime vs torch newton-schulz: warp {torch_err[0]:.2e}, certainty "
-          f"{torch_err[1]:.2e}; vs fixture: warp {fixture_err[0]:.2e}, certainty {fixture_err[1]:.2e}")
-    assert torch_err[0] <= FLOW_TOL and torch_err[1] <= CERT_TOL
-    assert fixture_err[0] <= FLOW_TOL and fixture_err[1] <= CERT_TOL
+    # the parity rules: beyond the tolerance only around anchor-classification near-ties (torch's logits)
+    margin = pr.absolute_margin(ref["pass1_s16_gm_cls"], axis=1)
+    errors, excused = {}, []
+    for against, (w_ref, c_ref) in (("torch newton-schulz", (ref["warp"], ref["certainty"])),
+                                    ("fixture", (fix_warp, fix_cert))):
+        warp_err, cert_err = np.abs(warp - w_ref).max(-1), np.abs(cert - c_ref)
+        keep_w, ex_w = pr.dense_errors_at_anchor_ties(warp_err, FLOW_TOL, margin, f"{name} warp vs {against}")
+        # the final certainty is the matches' confidence: the promise's 1e-4 (measured 5e-6)
+        keep_c, ex_c = pr.dense_errors_at_anchor_ties(cert_err, pr.CONF_ATOL, margin,
+                                                      f"{name} certainty vs {against}")
+        errors[against] = (float(warp_err[keep_w].max()), float(cert_err[keep_c].max()))
+        excused += [ex_w, ex_c]
+    print(f"{name} ({c}/{u}) ONNX Runtime vs torch newton-schulz: warp {errors['torch newton-schulz'][0]:.2e}, "
+          f"certainty {errors['torch newton-schulz'][1]:.2e}; vs fixture: warp {errors['fixture'][0]:.2e}, "
+          f"certainty {errors['fixture'][1]:.2e}")
+    pr.report(*excused)
 
     # the rest of the pipeline takes the ONNX output as it takes torch's: matches in original pixels
     result = pipe.postprocess(outputs, meta)

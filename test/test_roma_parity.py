@@ -3,9 +3,10 @@
 Pairs, sizes, seeds, strides and the one weight override are read from fixtures_meta.json and the
 npz files. The network runs once per pair (test/roma_util.py caches it); pairs whose official CPU
 forward took > 1 min (the default-size pair0) are marked `slow`.
-Tolerances: the reference set's README (inputs <= 1e-6; DINOv2 ~1e-3 relative; flows <= 1e-3 in
-normalised units; certainty logits <= 1e-2); the final certainty is a sigmoid of such logits, so
-<= 1e-2 / 4.
+Tolerances: the reference set's README for intermediates (inputs <= 1e-6; DINOv2 ~1e-3 relative; flows
+<= 1e-3 in normalised units; certainty logits <= 1e-2); the promise (test/parity_rules.py) for what a
+user gets: the final certainty (the matches' confidence) within 1e-4, sampled keypoints within 1e-3 px,
+the same anchor classification except near-ties. Measured spread across CPUs: docs/parity.md.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
+import parity_rules as pr
 import roma_util as ru
 from matchanything_ros.core.roma.sampling import to_pixels, valid_mask
 
@@ -25,7 +26,7 @@ DINO_RTOL = 1e-3
 GP_RTOL = 1e-2  # the 1600x1600 inverse amplifies fp32 round-off (README: "GP posterior is sensitive")
 FLOW_TOL = 1e-3
 LOGIT_TOL = 1e-2
-CERT_TOL = LOGIT_TOL / 4
+CERT_TOL = pr.CONF_ATOL  # the final certainty is the matches' confidence (a sigmoid: absolute, in [0, 1])
 PAIRS = ru.pair_params()
 FULL_RES_PAIRS = ru.pair_params(only_full_res=True)
 # the end-to-end run repeats a forward: once, on the quickest pair with full-resolution dense arrays
@@ -64,9 +65,11 @@ def test_encoder_and_gp(name: str) -> None:
     key, k = _every(z, "gp_posterior16_ch_every")
     assert _rel(out["gp_posterior16"][:, ::k], z[key]) <= GP_RTOL
     assert _rel(out["gp_posterior16"].mean(axis=(2, 3)), z["gp_posterior16_channel_mean"]) <= GP_RTOL
-    # the 64x64 classification grid picks the same cell everywhere
+    # the 64x64 classification grid picks the same anchor everywhere, except near-ties
     cls = out["pass1_s16_gm_cls"]
-    np.testing.assert_array_equal(cls.argmax(axis=1), z["pass1_s16_gm_cls_argmax"])
+    excused = pr.compare_argmax(cls.argmax(axis=1), z["pass1_s16_gm_cls_argmax"], pr.absolute_margin(cls, axis=1),
+                                pr.ANCHOR_TIE_ATOL, f"{name} anchor classification")
+    pr.report(excused)
     assert np.abs(cls.max(axis=1) - z["pass1_s16_gm_cls_max_logit"]).max() <= LOGIT_TOL
     assert np.abs(out["pass1_s16_gm_certainty"] - z["pass1_s16_gm_certainty"]).max() <= LOGIT_TOL
 
@@ -111,9 +114,8 @@ def test_replayed_indices_give_the_official_matches(name: str) -> None:
     k0, k1 = to_pixels(m, (w0, h0), (w1, h1))
     keep = valid_mask(k0, k1, c, (w0, h0), (w1, h1))
     assert keep.sum() == len(z["mkpts0_f"])
-    px_tol = FLOW_TOL * max(w0, h0, w1, h1) / 2
-    assert np.abs(k0[keep] - z["mkpts0_f"]).max() <= px_tol
-    assert np.abs(k1[keep] - z["mkpts1_f"]).max() <= px_tol
+    assert np.abs(k0[keep] - z["mkpts0_f"]).max() <= pr.KEYPOINT_ATOL_PX
+    assert np.abs(k1[keep] - z["mkpts1_f"]).max() <= pr.KEYPOINT_ATOL_PX
     # mconf: 1.0 exactly where thresholded, else the raw certainty
     np.testing.assert_array_equal(c[keep] == 1.0, z["mconf"] == 1.0)
     assert np.abs(c[keep] - z["mconf"]).max() <= CERT_TOL
@@ -121,13 +123,15 @@ def test_replayed_indices_give_the_official_matches(name: str) -> None:
 
 @pytest.mark.parametrize("name", QUICKEST_FULL_RES)
 def test_pipeline_end_to_end_matches_official(name: str) -> None:
-    """RomaPipeline + TorchBackend from the image files' arrays to original-pixel matches, seeded as the fixture.
+    """RomaPipeline + TorchBackend from the image arrays to original-pixel matches, seeded as the fixture.
 
-    Our dense output differs from the official one by ~1e-7, which can move a few near-tied draws of the
-    sampler; the rest of the matches must be the official ones."""
+    The dense output is compared by replaying the original's stored draws on it (the promise: keypoints
+    within 1e-3 px, confidences within 1e-4); the pipeline's own seeded draws must be the stored ones
+    except near-ties of the multinomial race (our dense output differs by ~1e-7, which moves the keys)."""
     from matchanything_ros.core.backends.torch_backend import TorchBackend
     from matchanything_ros.core.roma.model import RomaDenseGraph
     from matchanything_ros.core.roma.pipeline import RomaPipeline
+    from matchanything_ros.core.roma.preprocess import model_to_original
 
     z = ru.npz(name)
     pipe = RomaPipeline({"coarse_res": int(z["coarse_res"][0]), "upsample_res": int(z["upsample_res"][0]),
@@ -140,10 +144,32 @@ def test_pipeline_end_to_end_matches_official(name: str) -> None:
         outputs = pipe.infer(backend, inputs, meta)
     result = pipe.postprocess(outputs, meta)
     assert result.image0_size == (z["img0_uint8"].shape[1], z["img0_uint8"].shape[0])
-    assert abs(len(result) - len(z["mkpts0_f"])) <= 0.01 * len(z["mkpts0_f"])
-    official = np.concatenate([z["mkpts0_f"], z["mkpts1_f"]], axis=1)
-    mine = np.concatenate([result.keypoints0, result.keypoints1], axis=1)
-    d = torch.cdist(torch.from_numpy(official).double(), torch.from_numpy(mine).double(),
-                    compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values.numpy()
-    found = float((d <= 1e-3).mean())
-    assert found >= 0.98, f"only {found:.3%} of the official matches reproduced"
+    warp, cert = np.asarray(outputs["warp"]).reshape(-1, 4), np.asarray(outputs["certainty"]).reshape(-1)
+
+    # the stored draws replayed on our dense output, through the pipeline's pixel conversions
+    cells = z["sample_stage1_idx"][z["sample_stage2_idx"]]
+    conf = np.where(cert > 0.05, np.float32(1), cert)[cells]
+    s0, s1 = meta.image0.model_size_wh, meta.image1.model_size_wh
+    k0, k1 = to_pixels(warp[cells], s0, s1)
+    keep = valid_mask(k0, k1, conf, s0, s1)
+    assert keep.sum() == len(z["mkpts0_f"])
+    assert np.abs(model_to_original(k0[keep], meta.image0) - z["mkpts0_f"]).max() <= pr.KEYPOINT_ATOL_PX
+    assert np.abs(model_to_original(k1[keep], meta.image1) - z["mkpts1_f"]).max() <= pr.KEYPOINT_ATOL_PX
+    assert np.abs(conf[keep] - z["mconf"]).max() <= pr.CONF_ATOL
+
+    # the pipeline's own seeded draw: its matches are exactly those draws' cells on the dense output. Our
+    # dense output differs from the original's by ~1e-7, which moves the draws' keys (tiny certainties
+    # by much more, relatively): how many draws differ from the stored ones is reported, not compared
+    # (docs/parity.md); the original's draws are compared by replay above.
+    sparse = pipe.sample(outputs["warp"], outputs["certainty"])
+    assert sparse.stage1_index is not None and sparse.stage2_index is not None
+    own = sparse.stage1_index[sparse.stage2_index]
+    np.testing.assert_array_equal(sparse.matches, warp[own])
+    o0, o1 = to_pixels(sparse.matches, s0, s1)
+    own_keep = valid_mask(o0, o1, sparse.confidence, s0, s1)
+    np.testing.assert_array_equal(result.keypoints0, model_to_original(o0[own_keep], meta.image0))
+    np.testing.assert_array_equal(result.keypoints1, model_to_original(o1[own_keep], meta.image1))
+    np.testing.assert_array_equal(result.confidence, sparse.confidence[own_keep])
+    print(f"[parity] {name}: own seeded draws differing from the stored ones: "
+          f"stage 1 {int((sparse.stage1_index != z['sample_stage1_idx']).sum())}, "
+          f"stage 2 {int((sparse.stage2_index != z['sample_stage2_idx']).sum())} of {len(own)}")

@@ -38,10 +38,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "test"))  # parity_rules: the parity definitions the test suite uses
 
 from matchanything_ros.core.eloftr.config import EloftrConfig  # noqa: E402
-from matchanything_ros.core.eloftr.model import EloftrCoarse, EloftrFine, EloftrNet  # noqa: E402
+from matchanything_ros.core.eloftr.model import (EloftrCoarse, EloftrFine, EloftrNet, fine_similarities,  # noqa: E402
+                                                 gather_windows)
 from matchanything_ros.core.eloftr.postprocess import border_keep, select_coarse_matches  # noqa: E402
+import parity_rules as pr  # noqa: E402
 
 
 def reference_dir() -> Path:
@@ -115,11 +118,21 @@ def run_pair(v: Variant, ref: dict[str, np.ndarray], thr: float) -> dict[str, An
         if cm.i_ids.size:
             k0, k1 = v.fine(ff0, ff1, torch.from_numpy(cm.i_ids).to(v.device), torch.from_numpy(cm.j_ids).to(v.device))
             kp0, kp1 = k0.float().cpu().numpy(), k1.float().cpu().numpy()
+            cfg = v.net.cfg
+            ids_i, ids_j = torch.from_numpy(cm.i_ids).to(v.device), torch.from_numpy(cm.j_ids).to(v.device)
+            p, _ = fine_similarities(gather_windows(ff0, ids_i, cfg.fine_window_size, 0, cfg.coarse_stride),
+                                     gather_windows(ff1, ids_j, cfg.fine_window_size, 1, cfg.coarse_stride), cfg)
+            fine_margin = pr.relative_margin(p.float().reshape(p.shape[0], -1).cpu().numpy())
         else:
             kp0 = kp1 = np.zeros((0, 2), np.float32)
+            fine_margin = np.zeros(0)
+        # our confidence at the official matches' cells (to tell a threshold near-tie from a lost match)
+        conf_at_official = conf[0][torch.from_numpy(ref["coarse_i_ids"]).to(v.device),
+                                   torch.from_numpy(ref["coarse_j_ids"]).to(v.device)].float().cpu().numpy()
     t0 = feats["transformer0"].float().cpu().numpy()
     return {"i": cm.i_ids, "j": cm.j_ids, "conf": cm.mconf, "kp0": kp0, "kp1": kp1, "t0": t0,
-            "conf_row_max": conf[0].float().max(1).values.cpu().numpy()}
+            "conf_row_max": conf[0].float().max(1).values.cpu().numpy(), "fine_margin": fine_margin,
+            "conf_at_official": conf_at_official}
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +157,29 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def parity_rules_verdict(r: dict[str, Any], ref: dict[str, np.ndarray], thr: float) -> dict[str, Any]:
+    """The test suite's parity rules (test/parity_rules.py) on one run against the official outputs: the same
+    match list except threshold near-ties, keypoints within 1e-3 px except fine-argmax near-ties,
+    confidences within 1e-4 (+ 1e-3 relative); how many near-ties it took, or which rule failed."""
+    ours = {(int(i), int(j)): float(c) for i, j, c in zip(r["i"], r["j"], r["conf"])}
+    theirs = {(int(i), int(j)): float(c) for i, j, c in zip(ref["coarse_i_ids"], ref["coarse_j_ids"],
+                                                             r["conf_at_official"])}
+
+    def check() -> dict[str, Any]:
+        def is_tie(i: int, j: int) -> bool:
+            return bool(pr.is_threshold_tie(ours.get((i, j), theirs.get((i, j), np.nan)), thr))
+
+        ri, gi, coarse = pr.compare_match_lists(ref["coarse_i_ids"], ref["coarse_j_ids"], r["i"], r["j"], is_tie,
+                                                "coarse list")
+        conf_abs, conf_rel = pr.assert_conf_close(r["conf"][gi], ref["coarse_mconf"][ri], "confidence")
+        _, fine = pr.compare_keypoints(r["kp0"][gi], ref["model_mkpts0_f"][ri], r["kp1"][gi],
+                                       ref["model_mkpts1_f"][ri], r["fine_margin"][gi], "fine keypoints")
+        return {"coarse_near_ties": coarse.count, "fine_near_ties": fine.count, "conf_abs_max": conf_abs,
+                "conf_rel_max": conf_rel}
+
+    return pr.verdict(check)
+
+
 def official(ref: dict[str, np.ndarray]) -> dict[str, Any]:
     return {"i": ref["coarse_i_ids"], "j": ref["coarse_j_ids"], "conf": ref["coarse_mconf"],
             "kp0": ref["model_mkpts0_f"], "kp1": ref["model_mkpts1_f"]}
@@ -166,7 +202,8 @@ def accuracy(state: dict[str, torch.Tensor], device: str, ref_root: Path, index:
         results[pair] = {
             "fp32_vs_official": compare(r32, official(ref)) | {
                 "transformer_max_abs_err": float(np.abs(r32["t0"][:, :8] - t_ref).max()),
-                "conf_row_max_max_abs_err": float(np.abs(r32["conf_row_max"] - ref["conf_row_max"]).max())},
+                "conf_row_max_max_abs_err": float(np.abs(r32["conf_row_max"] - ref["conf_row_max"]).max()),
+                "parity_rules": parity_rules_verdict(r32, ref, thr)},
             f"{low.name}_vs_fp32": compare(r16, r32),
             f"{low.name}_vs_official": compare(r16, official(ref)),
         }

@@ -38,11 +38,13 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "test"))  # parity_rules: the parity definitions the test suite uses
 
 from matchanything_ros.core.roma.model import RomaNet  # noqa: E402
 from matchanything_ros.core.roma.preprocess import prepare_image  # noqa: E402
 from matchanything_ros.core.roma.sampling import balanced_sample, seeded_generator, to_pixels, valid_mask  # noqa: E402
 from matchanything_ros.core.roma.weights import load_state_dicts_into  # noqa: E402
+import parity_rules as pr  # noqa: E402
 
 OFFICIAL = {"amp": {"median_ms": 186.5, "peak_mb": 4414}, "fp32": {"median_ms": 273.5, "peak_mb": 5803}}
 TARGET = {"median_ms": 60.0, "peak_mb": 2560}
@@ -130,9 +132,33 @@ def accuracy(net: RomaNet, mode: Mode, device: torch.device, ref: Path, meta: di
                        float(np.abs(sub("final_warp_B_to_A", w[:, half:, :2].transpose(2, 0, 1))
                                     - z["final_warp_B_to_A"]).max()))
         cert_err = float(np.abs(sub("final_certainty", np_(cert)) - z["final_certainty"]).max())
+        cls = np_(rec["pass1_s16_gm_cls"])
+        rules = pr.verdict(lambda: {"anchor_near_ties": pr.compare_argmax(
+            cls.argmax(1), z["pass1_s16_gm_cls_argmax"], pr.absolute_margin(cls, axis=1), pr.ANCHOR_TIE_ATOL,
+            "anchor classification").count})
+        if rules["holds"] and all(int(strides.get(k, 1)) == 1 for k in ("final_warp_A_to_B", "final_certainty")):
+            rules = pr.verdict(lambda: {**rules, **replayed_matches(w, np_(cert), z)})
         rows.append({"mode": mode.name, "pair": name, "sizes": [c, u], "dino_rel": dino_rel, "flow_max": flow_err,
-                     "logit_max": logit_err, "final_warp_max": warp_err, "final_cert_max": cert_err})
+                     "logit_max": logit_err, "final_warp_max": warp_err, "final_cert_max": cert_err,
+                     "parity_rules": rules})
     return rows
+
+
+def replayed_matches(warp: np.ndarray, cert: np.ndarray, z: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The original's stored sampler draws replayed on our dense output (the parity suite's comparison of
+    sampled matches): keypoints within 1e-3 px and confidences within 1e-4 of the official ones."""
+    cells = z["sample_stage1_idx"][z["sample_stage2_idx"]]
+    conf = cert.reshape(-1)[cells]
+    conf = np.where(conf > 0.05, np.float32(1), conf)
+    (h0, w0), (h1, w1) = z["img0_uint8"].shape[:2], z["img1_uint8"].shape[:2]
+    k0, k1 = to_pixels(warp.reshape(-1, 4)[cells], (w0, h0), (w1, h1))
+    keep = valid_mask(k0, k1, conf, (w0, h0), (w1, h1))
+    assert keep.sum() == len(z["mkpts0_f"]), f"replayed draws keep {keep.sum()} matches, not {len(z['mkpts0_f'])}"
+    kp_err = float(max(np.abs(k0[keep] - z["mkpts0_f"]).max(), np.abs(k1[keep] - z["mkpts1_f"]).max()))
+    conf_err = float(np.abs(conf[keep] - z["mconf"]).max())
+    assert kp_err <= pr.KEYPOINT_ATOL_PX, f"replayed keypoints off by {kp_err:.3g} px"
+    assert conf_err <= pr.CONF_ATOL, f"replayed confidences off by {conf_err:.3g}"
+    return {"replayed_kp_err_max_px": kp_err, "replayed_conf_err_max": conf_err}
 
 
 def latency(net: RomaNet, mode: Mode, device: torch.device, coarse_res: int, upsample_res: int, runs: int,
@@ -233,10 +259,12 @@ def main() -> int:
             torch.cuda.empty_cache()
     print(f"\nRoMa on {report['device']} (torch {report['torch']})")
     print(f"{'mode':14s} {'pair':32s} {'dino rel':>9s} {'flow max':>9s} {'logit max':>9s} {'warp max':>9s} "
-          f"{'cert max':>9s}")
+          f"{'cert max':>9s}  parity rules (test/parity_rules.py)")
     for r in report["accuracy"]:
+        rules = r["parity_rules"]
         print(f"{r['mode']:14s} {r['pair']:32s} {r['dino_rel']:9.2e} {r['flow_max']:9.2e} {r['logit_max']:9.2e} "
-              f"{r['final_warp_max']:9.2e} {r['final_cert_max']:9.2e}")
+              f"{r['final_warp_max']:9.2e} {r['final_cert_max']:9.2e}  "
+              + (f"hold ({rules['anchor_near_ties']} anchor near-ties)" if rules["holds"] else f"FAIL: {rules['why']}"))
     print(f"\n{'mode':14s} {'sizes':>9s} {'median ms':>10s} {'min-max ms':>15s} {'peak MB':>9s} {'matches':>8s}")
     for r in report["latency"]:
         print(f"{r['mode']:14s} {r['sizes'][0]:>4d}/{r['sizes'][1]:<4d} {r['median_ms']:10.1f} "
