@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         pairs = load_pairs([tuple(p) for p in args.pair], args.fixtures)
     else:
         pairs = _demo_pairs()
-    sizes = args.sizes or [params["resize_max"]]
+    # ELoFTR: one run per stage-1 size; RoMa's sizes are its coarse/upsample resolutions, one run
+    sizes = (args.sizes or [params["resize_max"]]) if params["variant"] == "eloftr" else [
+        f"{params['coarse_res']}/{params['upsample_res']}"]
     # with TensorRT in the list the run ends with the report-back checklist, and a configuration that fails
     # (no runtime, no engine, a build or run error) is a FAIL line in it instead of the end of the run
     checklist = "tensorrt" in backends
