@@ -28,6 +28,7 @@ pytest_plugins = ("matcher_node_util",)
 IMAGES = make_test_images()
 NAMESPACE = "/robot1/stereo"
 FQN = f"{NAMESPACE}/matcher_node"
+RECORDED_NAMESPACE = "/robot1/recorded"
 OK, WARN, ERROR = 0, 1, 2
 
 
@@ -37,6 +38,18 @@ def node(module_ros_env, seeded_checkpoint):
     proc = module_ros_env.start_node(NODE_CMD, ros_args_for(params) + ["-r", f"__ns:={NAMESPACE}"], env=NODE_ENV)
     proc.wait_for_output(r"matcher ready", timeout=90)
     return proc
+
+
+@pytest.fixture
+def recorded_node(module_ros_env, seeded_checkpoint):
+    """A node of its own for recorded-looking stamps: a node that has seen live stamps drops hours-old
+    ones as out of order (correctly), so sharing the module's node would make the test order matter."""
+    params = node_params(seeded_checkpoint, max_input_age=5.0)  # the default
+    proc = module_ros_env.start_node(NODE_CMD, ros_args_for(params) + ["-r", f"__ns:={RECORDED_NAMESPACE}"],
+                                     env=NODE_ENV)
+    proc.wait_for_output(r"matcher ready", timeout=90)
+    yield proc
+    proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +74,10 @@ def quiet_ok(client):
     return client.wait_diagnostics(lambda v: v["_level"] == OK, timeout=30, node_name=FQN)
 
 
-def test_stale_pairs_warn_with_a_bag_hint_only_for_recorded_stamps(client, probe, node):
-    # Runs first: stamps must increase per input, and these are older than the wall clock.
-    io = StereoIO(probe, IMAGES, prefix=NAMESPACE)
+def test_stale_pairs_warn_with_a_bag_hint_only_for_recorded_stamps(probe, recorded_node):
+    node, fqn = recorded_node, f"{RECORDED_NAMESPACE}/matcher_node"
+    client = NodeClient(probe, fqn)
+    io = StereoIO(probe, IMAGES, prefix=RECORDED_NAMESPACE)
     io._next = time.time_ns() - 7200 * 1_000_000_000  # two hours behind: a recording played without sim time
     deadline = time.monotonic() + 30
     pattern = r"7\d{3}\.\d+ s old .*stamps 7\d{3} s behind the wall clock look recorded: replaying a bag\?"
@@ -71,7 +85,7 @@ def test_stale_pairs_warn_with_a_bag_hint_only_for_recorded_stamps(client, probe
         assert time.monotonic() < deadline, node.log()
         io.publish_pair(io.next_stamp())
         probe.spin_for(0.3)
-    diag = client.wait_diagnostics(lambda v: v["_level"] == WARN, node_name=FQN)
+    diag = client.wait_diagnostics(lambda v: v["_level"] == WARN, node_name=fqn)
     assert "stale pairs" in diag["_message"], diag
     # 20 s behind (each next stamp 1 s later): a camera whose clock is off, or a slow link; not a bag
     io._next = time.time_ns() - 20 * 1_000_000_000
