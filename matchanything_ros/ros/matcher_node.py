@@ -53,7 +53,8 @@ DIAG_WINDOW_S = 5.0  # diagnostics' rates, means and WARN conditions cover this 
 # (live cameras are at most seconds behind, even with unsynchronised clocks).
 BAG_HINT_AGE_S = 60.0
 SIGNAL_POLL_S = 0.1  # the spin loop's period: how soon SIGINT/SIGTERM is acted on
-SHUTDOWN_JOIN_S = 1.5  # how long shutdown waits for an inference in progress before exiting without it
+SHUTDOWN_JOIN_S = 1.0  # how long shutdown waits for an inference in progress before exiting without it (the
+# promise is an exit within 2 s; the rest is process teardown, slower on a loaded machine)
 # Counters whose increase within the diagnostics window makes the status WARN, and how to say it.
 WARN_COUNTERS = (("bad_inputs", "bad input images"), ("pairs_rejected", "pairs that failed to decode"),
                  ("pairs_stale", "stale pairs"), ("pairs_dropped", "pairs dropped (the matcher is slower than "
