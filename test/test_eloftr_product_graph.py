@@ -16,8 +16,8 @@ import torch
 
 from matchanything_ros.core.backends.torch_backend import TorchBackend
 from matchanything_ros.core.checkpoint import load_state_dict
-from matchanything_ros.core.eloftr.model import (EloftrProduct, dual_softmax_confidence, lse_topk_candidates,
-                                                 select_on_device, topk_candidates)
+from matchanything_ros.core.eloftr.model import (EloftrFine, EloftrProduct, dual_softmax_confidence,
+                                                 lse_topk_candidates, select_on_device, topk_candidates)
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
 from matchanything_ros.core.eloftr.postprocess import select_coarse_matches
 from matchanything_ros.core.eloftr.preprocess import pil_gray, preprocess_image, stage2_rgb, to_model_input
@@ -164,3 +164,50 @@ def test_a_frame_over_the_cap_says_so(demo_model: Any, demo_pair: Any, cap_overr
     assert len(out) == 100
     np.testing.assert_array_equal(out.keypoints1, ref.keypoints1[:100])  # the first 100, row-major
     assert any("more than the cap of 100" in r.getMessage() for r in caplog.records)
+
+
+def test_fast_fine_level_finds_the_original_fine_matches(demo_model: Any, demo_pair: Any) -> None:
+    """The GPU's fine level (argmax in log space, one regression row per match) against the original's."""
+    cfg, state = demo_model
+    pipe = EloftrPipeline({"resize_max": 832, "threshold": 0.1}, cfg)
+    net = pipe.build_net(state)
+    (c0, m0, _), (c1, m1, _) = (preprocess_image(x, pipe.settings) for x in demo_pair)
+    with torch.inference_mode():
+        f = net.features(torch.from_numpy(to_model_input(c0)), torch.from_numpy(to_model_input(c1)),
+                         torch.from_numpy(m0[None]), torch.from_numpy(m1[None]))
+        mask0, mask1 = torch.from_numpy(m0[None]), torch.from_numpy(m1[None])
+        conf = dual_softmax_confidence(f["transformer0"], f["transformer1"], mask0, mask1, cfg.dsmax_temperature,
+                                       cfg.d_model)
+        cj, cc = topk_candidates(conf, mask1, cfg.border_rm, cfg.candidates_per_cell)
+        cm = select_coarse_matches({"cand_j": cj.numpy(), "cand_conf": cc.numpy()}, m0, m1, 0.1, cfg.border_rm)
+        i_ids, j_ids = torch.from_numpy(cm.i_ids), torch.from_numpy(cm.j_ids)
+        ref0, ref1 = EloftrFine(cfg)(f["feat_f0"], f["feat_f1"], i_ids, j_ids)
+        fast0, fast1 = EloftrFine(cfg, fast=True)(f["feat_f0"], f["feat_f1"], i_ids, j_ids)
+    assert len(cm.i_ids) > 1000
+    same_window = (ref0 == fast0).all(1) & ((ref1 - fast1).abs().max(1).values < 1.0)
+    # a changed argmax is a float near-tie between two window positions: rare, never systematic
+    assert same_window.float().mean() >= 0.999
+    err = (ref1 - fast1).abs()[same_window]
+    assert float(err.max()) < 1e-4  # the sub-pixel offsets agree to float rounding
+
+
+def test_product_halves_run_only_the_rows_a_frame_needs(demo_model: Any, demo_pair: Any) -> None:
+    """front() + back(rows) — what the CUDA runner replays — equals forward()'s first rows, bit for bit."""
+    cfg, state = demo_model
+    pipe = EloftrPipeline({"threshold": 0.1, "resize_max": 416}, cfg)
+    product = pipe.torch_graphs(state, "cpu", product=True)["product"]
+    rgb0, _ = stage2_rgb(demo_pair[0], pipe.settings)
+    rgb1, _ = stage2_rgb(demo_pair[1], pipe.settings)
+    a, b = torch.from_numpy(rgb0), torch.from_numpy(rgb1)
+    with torch.inference_mode():
+        whole = product(a, b)
+        state_ = product.front(a, b)
+        cap = product.cap_of(tuple(a.shape))
+        rows = product.rows_for(state_[-1].numpy(), cap)
+        part = product.back(state_, rows)
+    count = int(whole[0, 0])
+    assert 64 <= count <= rows < cap and rows & (rows - 1) == 0  # a power-of-two bucket that holds them
+    assert whole.shape[0] == 1 + cap and part.shape[0] == 1 + rows
+    torch.testing.assert_close(part, whole[:1 + rows], rtol=0, atol=0)
+    assert product.rows_for(np.array([[0.0, 0, cap]]), cap) == 64
+    assert product.rows_for(np.array([[cap + 5.0, 0, cap]]), cap) == cap

@@ -38,7 +38,11 @@ def unusual_globals() -> Any:
 def test_cuda_switches_hold_inside_a_run_only(unusual_globals: Any, precision: str) -> None:
     before = global_state()
     with numeric_flags("cuda", precision):
-        assert torch.backends.cudnn.benchmark is torch_backend.CUDNN_BENCHMARK[precision]
+        wanted = torch_backend.CUDA_NUMERICS[precision]
+        assert torch.backends.cudnn.benchmark is wanted["cudnn_benchmark"]
+        # a run's numerics never depend on what the process set before
+        assert torch.backends.cudnn.allow_tf32 is wanted["cudnn_tf32"]
+        assert torch.backends.cuda.matmul.allow_tf32 is wanted["matmul_tf32"]
         if precision == "fp32":  # fp32 means fp32: no TF32 anywhere
             assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     assert global_state() == before

@@ -119,7 +119,7 @@ def configure(product: bool = True, head: str = "lse_compiled", island: str = "f
     EloftrPipeline.product_head = head
     EloftrPipeline.fp32_island = island
     EloftrPipeline.max_matches_override = cap
-    torch_backend.CUDNN_BENCHMARK["fp32"] = fp32_benchmark
+    torch_backend.CUDA_NUMERICS["fp32"]["cudnn_benchmark"] = fp32_benchmark
 
 
 @section("timing")
@@ -265,7 +265,7 @@ def stage_breakdown(m: Matcher, a: np.ndarray, b: np.ndarray) -> dict[str, float
     stream = m.backend.stream
     rgb0, rgb1 = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
     st: dict[str, Any] = {}
-    cap = min(prod.max_matches, (a.shape[0] // 8) * (a.shape[1] // 8) * cfg.candidates_per_cell)
+    cap = prod.cap_of(tuple(a.shape))  # the fine figure: every row up to the cap (no row bucket)
 
     def pre() -> None:
         st["i0"], st["m0"] = prod.model_input(rgb0)
@@ -276,9 +276,12 @@ def stage_breakdown(m: Matcher, a: np.ndarray, b: np.ndarray) -> dict[str, float
                                valid=prod.crop_sizes(tuple(rgb0.shape), tuple(rgb1.shape)))
 
     def head() -> None:
+        from matchanything_ros.core.eloftr.model import exact_tf32_products
         f = st["f"]
-        st["cj"], st["cc"] = prod._lse(f["transformer0"], f["transformer1"], st["m0"], st["m1"],
-                                       cfg.dsmax_temperature, cfg.d_model, cfg.border_rm, cfg.candidates_per_cell)
+        with exact_tf32_products(f["transformer0"]):
+            st["cj"], st["cc"] = prod._lse(f["transformer0"], f["transformer1"], st["m0"], st["m1"],
+                                           cfg.dsmax_temperature, cfg.d_model, cfg.border_rm,
+                                           cfg.candidates_per_cell)
 
     def select() -> None:
         from matchanything_ros.core.eloftr.model import select_on_device

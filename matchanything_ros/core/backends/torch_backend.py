@@ -20,25 +20,29 @@ import torch
 from ..errors import BackendUnavailableError, ConfigError
 
 
-# cuDNN autotuning per precision (canvases are fixed per camera, so it pays once per capture)
-CUDNN_BENCHMARK = {"fp32": False, "fp16": True}
+# torch's numeric switches per precision on CUDA, set for each run and restored after. fp32 is IEEE fp32
+# (no TF32 anywhere: the parity bounds hold); fp16's fp32 islands run their convolutions in TF32, as
+# measured for the fp16 promise; cuDNN autotuning per precision (canvases are fixed per camera, so it
+# pays once per capture).
+CUDA_NUMERICS: dict[str, dict[str, bool]] = {
+    "fp32": {"cudnn_benchmark": False, "cudnn_tf32": False, "matmul_tf32": False},
+    "fp16": {"cudnn_benchmark": True, "cudnn_tf32": True, "matmul_tf32": False},
+}
 
 
 @contextlib.contextmanager
 def numeric_flags(device_type: str, precision: str) -> Iterator[None]:
-    """Set torch's process-wide numeric switches for one run of this backend, restore them after.
-
-    CUDA fp32 means fp32 (no TF32); cuDNN autotuning as CUDNN_BENCHMARK says. The CPU sets nothing.
-    """
+    """Set torch's process-wide numeric switches for one run of this backend (CUDA_NUMERICS), restore them
+    after: the result never depends on what the process set before. The CPU sets nothing."""
     if device_type != "cuda":
         yield
         return
     saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    wanted = CUDA_NUMERICS[precision]
     try:
-        if precision == "fp32":
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.benchmark = CUDNN_BENCHMARK[precision]
+        torch.backends.cudnn.benchmark = wanted["cudnn_benchmark"]
+        torch.backends.cudnn.allow_tf32 = wanted["cudnn_tf32"]
+        torch.backends.cuda.matmul.allow_tf32 = wanted["matmul_tf32"]
         yield
     finally:
         (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
@@ -55,6 +59,7 @@ def graph_input_names(module: torch.nn.Module) -> list[str]:
 
 class TorchBackend:
     name = "torch"
+    row_buckets = True  # captured graphs with a `rows_for` run in two halves (benchmarks compare: False)
 
     def __init__(self, graphs: dict[str, torch.nn.Module], device: str = "cpu", precision: str = "fp32",
                  cuda_graphs: bool = True, keep_on_device: Iterable[str] = ()) -> None:
@@ -78,7 +83,8 @@ class TorchBackend:
         # ~1000 kernel launches, which otherwise cost more CPU time than the GPU spends computing
         self.cuda_graphs = cuda_graphs and dev.type == "cuda"
         self._captured: dict[tuple[Any, ...], tuple[Any, list[torch.Tensor], Any]] = {}
-        self._pinned: dict[tuple[str, str], torch.Tensor] = {}  # (graph, output) -> pinned host buffer
+        # (graph, output, shape, dtype) -> pinned host buffer
+        self._pinned: dict[tuple[str, str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
         self._done: Any = torch.cuda.Event(blocking=True) if self.stream is not None else None
         self._closed = False
 
@@ -96,7 +102,9 @@ class TorchBackend:
         autocast = (torch.autocast("cuda", dtype=torch.float16) if self.precision == "fp16"
                     else contextlib.nullcontext())
         with numeric_flags(self.torch_device.type, self.precision):
-            if self.cuda_graphs and hasattr(module, "capture_key"):
+            if self.cuda_graphs and self.row_buckets and hasattr(module, "rows_for"):
+                outs = self._run_row_bucketed(graph, module, names, inputs)
+            elif self.cuda_graphs and hasattr(module, "capture_key"):
                 outs = self._run_captured(graph, module, names, inputs)
             else:
                 with torch.inference_mode(), stream_ctx, autocast:
@@ -121,10 +129,10 @@ class TorchBackend:
                     result[n] = t
                     continue
                 t = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-                host = self._pinned.get((graph, n))
-                if host is None or host.shape != t.shape or host.dtype != t.dtype:
+                host = self._pinned.get((graph, n, tuple(t.shape), t.dtype))  # one per row bucket too
+                if host is None:
                     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                    self._pinned[(graph, n)] = host
+                    self._pinned[(graph, n, tuple(t.shape), t.dtype)] = host
                 host.copy_(t, non_blocking=True)
                 pending.append((n, host))
             self._done.record(self.stream)
@@ -152,15 +160,7 @@ class TorchBackend:
                     self._captured.clear()
                 static = [self._to_tensor(inputs[n]).clone() for n in names]
                 with module.static_crop(inputs):
-                    with torch.cuda.stream(self.stream), self._autocast():
-                        for _ in range(2):  # warm-up: cuDNN autotuning and lazy initialisation stay out
-                            module(*static)
-                    self.stream.synchronize()
-                    # the warm-up's cached blocks are not reused by the capture's private pool: release them
-                    torch.cuda.empty_cache()
-                    cuda_graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(cuda_graph, stream=self.stream), self._autocast():
-                        outs = module(*static)
+                    cuda_graph, outs = self._capture(module, tuple(static))
                 entry = (cuda_graph, static, outs)
                 self._captured[key] = entry
             cuda_graph, static, outs = entry
@@ -172,6 +172,62 @@ class TorchBackend:
                     buf.copy_(value, non_blocking=True)
                 cuda_graph.replay()
         return outs
+
+    def _capture(self, fn: Any, args: tuple[Any, ...], pool: Any = None) -> tuple[Any, Any]:
+        """Warm `fn(*args)` up twice (cuDNN autotuning, compilation, lazy init), then capture it: (graph, outs)."""
+        assert self.stream is not None
+        with torch.cuda.stream(self.stream), self._autocast():
+            for _ in range(2):
+                fn(*args)
+        self.stream.synchronize()
+        # the warm-up's cached blocks are not reused by the capture's private pool: release them
+        torch.cuda.empty_cache()
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph, stream=self.stream, pool=pool), self._autocast():
+            outs = fn(*args)
+        return cuda_graph, outs
+
+    def _run_row_bucketed(self, graph: str, module: Any, names: list[str], inputs: dict[str, Any]) -> Any:
+        """A graph in two captured halves: `front` once per input shapes, `back` once per row bucket.
+
+        After `front`'s replay its header (row count) comes down — one small synchronisation — and the
+        smallest `back` that holds those rows runs (EloftrProduct.rows_for). Every bucket is captured on the
+        first frame of a size, so no later frame waits for a capture. The buckets share one memory pool:
+        they run one at a time on one stream, and each keeps its own outputs alive.
+        """
+        assert self.stream is not None
+        key = (graph, module.capture_key(inputs))
+        with torch.inference_mode():
+            entry = self._captured.get(key)
+            if entry is None:
+                if len(self._captured) >= 4:  # a new camera size: drop old captures, bound the memory
+                    self._captured.clear()
+                static = [self._to_tensor(inputs[n]).clone() for n in names]
+                front_graph, state = self._capture(module.front, tuple(static))
+                cap = module.cap_of(tuple(static[0].shape))
+                header_host = torch.empty(state[-1].shape, dtype=state[-1].dtype, pin_memory=True)
+                no_backs: dict[int, tuple[Any, Any]] = {}  # rows -> (captured back, its matches)
+                entry = (front_graph, static, (state, cap, header_host, no_backs))
+            front_graph, static, (state, cap, header_host, backs) = entry
+            with torch.cuda.stream(self.stream):
+                for buf, name in zip(static, names):
+                    value = inputs[name]
+                    if not isinstance(value, torch.Tensor):
+                        value = torch.from_numpy(np.ascontiguousarray(value))
+                    buf.copy_(value, non_blocking=True)
+                front_graph.replay()
+                header_host.copy_(state[-1], non_blocking=True)
+                self._done.record(self.stream)
+            self._done.synchronize()
+            if not backs:  # first frame of this size: front's outputs now hold real indices to warm up on
+                pool = torch.cuda.graph_pool_handle()
+                for rows in module.row_buckets(cap):
+                    backs[rows] = self._capture(lambda r=rows: module.back(state, r), (), pool)
+                self._captured[key] = entry
+            back_graph, matches = backs[module.rows_for(header_host.numpy(), cap)]
+            with torch.cuda.stream(self.stream):
+                back_graph.replay()
+        return matches
 
     def close(self) -> None:
         if self._closed:

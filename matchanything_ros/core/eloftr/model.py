@@ -582,14 +582,24 @@ def gather_windows(feat: torch.Tensor, cell_ids: torch.Tensor, window: int, ring
 
 
 class EloftrFine(nn.Module):
-    """Graph "fine": feat_f0, feat_f1, i_ids [M], j_ids [M] -> mkpts0_c, mkpts1_c [M,2] canvas pixels."""
+    """Graph "fine": feat_f0, feat_f1, i_ids [M], j_ids [M] -> mkpts0_c, mkpts1_c [M,2] canvas pixels.
+
+    `fast` (the CUDA speed form): the same keypoints by `fine_keypoints_fast` — argmax in log space and only
+    the one regression row each match uses; equal up to float rounding (near-ties may flip, as any CUDA run
+    against the CPU reference). `compiled`: that function under torch.compile (one fused kernel chain).
+    """
 
     input_names = ("feat_f0", "feat_f1", "i_ids", "j_ids")
     output_names = ("mkpts0_c", "mkpts1_c")
 
-    def __init__(self, cfg: EloftrConfig) -> None:
+    def __init__(self, cfg: EloftrConfig, fast: bool = False, compiled: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
+        self.fast = fast or compiled
+        self._keypoints: Any = fine_keypoints_fast if self.fast else fine_keypoints
+        if compiled:
+            # dynamic: one compilation serves every row bucket (a fixed-shape one would recompile per bucket)
+            self._keypoints = torch.compile(fine_keypoints_fast, dynamic=True)
 
     def forward(
         self, feat_f0: torch.Tensor, feat_f1: torch.Tensor, i_ids: torch.Tensor, j_ids: torch.Tensor
@@ -599,8 +609,8 @@ class EloftrFine(nn.Module):
         with torch.autocast(feat_f0.device.type, enabled=False):  # fine matching stays fp32
             f0 = gather_windows(feat_f0, i_ids, w_win, 0, stride).float()  # [M, W*W, C]
             f1 = gather_windows(feat_f1, j_ids, w_win, 1, stride).float()  # [M, (W+2)^2, C]
-            return fine_keypoints(f0, f1, i_ids, j_ids, feat_f0.shape[-1] // stride, feat_f1.shape[-1] // stride,
-                                  cfg)
+            return self._keypoints(f0, f1, i_ids, j_ids, feat_f0.shape[-1] // stride, feat_f1.shape[-1] // stride,
+                                   cfg)
 
 
 def fine_similarities(f0: torch.Tensor, f1: torch.Tensor, cfg: EloftrConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -620,12 +630,47 @@ def fine_keypoints(
     f0: torch.Tensor, f1: torch.Tensor, i_ids: torch.Tensor, j_ids: torch.Tensor, wc0: int, wc1: int,
     cfg: EloftrConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    w, stride = cfg.fine_window_size, cfg.coarse_stride
+    """The original's fine level: windows [M, W*W, C], [M, (W+2)^2, C] -> keypoints (canvas pixels)."""
+    w = cfg.fine_window_size
     m = f0.shape[0]
     p, sim_ff = fine_similarities(f0, f1, cfg)
     idx = p.reshape(m, -1).argmax(-1)
     l_idx = torch.div(idx, w * w, rounding_mode="floor")
-    r_idx = idx % (w * w)
+    rows_ff = sim_ff.gather(1, l_idx[:, None, None].expand(m, 1, sim_ff.shape[2]))[:, 0]  # [M, ww*ww]
+    return _refined_keypoints(l_idx, idx % (w * w), rows_ff, i_ids, j_ids, wc0, wc1, cfg)
+
+
+def fine_keypoints_fast(
+    f0: torch.Tensor, f1: torch.Tensor, i_ids: torch.Tensor, j_ids: torch.Tensor, wc0: int, wc1: int,
+    cfg: EloftrConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fine_keypoints` for the GPU: the dual-softmax argmax in log space, one regression row per match.
+
+    p = softmax over l * softmax over r, so argmax p = argmax (2*sim - lse_l - lse_r): two reductions instead
+    of a softmax over the non-last dim (a slow strided kernel on CUDA) and a product; and of the [M, W*W,
+    (W+2)^2] regression similarity only the row of the chosen l is ever read, so only it is computed.
+    """
+    c, w = cfg.fine_d_model, cfg.fine_window_size
+    split = c - cfg.fine_regress_dim
+    m, ww = f0.shape[0], w + 2
+    scale = c**0.5  # the original normalises by the FULL width, not the 56-channel part
+    sim = torch.bmm(f0[..., :split] / scale, (f1[..., :split] / scale).transpose(1, 2))  # [M, W*W, ww*ww]
+    log_p = 2.0 * sim - torch.logsumexp(sim, 1, keepdim=True) - torch.logsumexp(sim, 2, keepdim=True)
+    inner = log_p.reshape(m, w * w, ww, ww)[..., 1:-1, 1:-1].reshape(m, w * w * w * w)
+    idx = inner.argmax(-1)
+    l_idx = torch.div(idx, w * w, rounding_mode="floor")
+    f0_row = f0[..., split:].gather(1, l_idx[:, None, None].expand(m, 1, cfg.fine_regress_dim))  # [M, 1, 8]
+    rows_ff = torch.bmm(f0_row, (f1[..., split:] / cfg.fine_regress_dim**0.5).transpose(1, 2))[:, 0]
+    return _refined_keypoints(l_idx, idx % (w * w), rows_ff, i_ids, j_ids, wc0, wc1, cfg)
+
+
+def _refined_keypoints(
+    l_idx: torch.Tensor, r_idx: torch.Tensor, rows_ff: torch.Tensor, i_ids: torch.Tensor, j_ids: torch.Tensor,
+    wc0: int, wc1: int, cfg: EloftrConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window argmax (l, r) + the chosen regression row [M, (W+2)^2] -> keypoints with sub-pixel offset."""
+    w, stride = cfg.fine_window_size, cfg.coarse_stride
+    m = l_idx.shape[0]
     half = (w - 1) / 2.0  # 3.5: the original's pixel-offset convention, kept as is
 
     def offset(k: torch.Tensor) -> torch.Tensor:
@@ -636,11 +681,10 @@ def fine_keypoints(
 
     mkpts0 = cell_xy(i_ids, wc0) + offset(l_idx)
     mkpts1 = cell_xy(j_ids, wc1) + offset(r_idx)
-    # sub-pixel regression: 3x3 block of sim_ff's row l around inner index r, taken in the 10x10
-    # outer grid WITHOUT the +1 inner->outer shift (as the original; index -1 wraps to the end)
+    # sub-pixel regression: 3x3 block of the row around inner index r, taken in the 10x10 outer grid
+    # WITHOUT the +1 inner->outer shift (as the original; index -1 wraps to the end)
     ww = w + 2
-    rows_ff = sim_ff.gather(1, l_idx[:, None, None].expand(m, 1, sim_ff.shape[2]))[:, 0]  # [M, ww*ww]
-    d = torch.arange(-1, 2, device=f0.device)
+    d = torch.arange(-1, 2, device=l_idx.device)
     ry = (torch.div(r_idx, w, rounding_mode="floor")[:, None] + d[None]) % ww  # [M, 3]
     rx = (r_idx % w)[:, None] + d[None]
     rx = rx % ww
@@ -671,10 +715,9 @@ def lse_topk_candidates(
     column reductions fuse into a few passes over the similarity.
     """
     with torch.autocast(t0.device.type, enabled=False):
-        scale = d_model**0.5
-        f0 = _flat_cells(t0).float() / scale
-        f1 = _flat_cells(t1).float() / scale
-        sim = torch.einsum("nlc,nsc->nls", f0, f1) / temperature
+        # the scales applied after the product (the original scales each side by 1/sqrt(d) first): then the
+        # product of fp16 maps is exact in TF32 (`exact_tf32_products`) whatever d_model
+        sim = torch.einsum("nlc,nsc->nls", _flat_cells(t0).float(), _flat_cells(t1).float()) / (d_model * temperature)
         valid = mask0.flatten(1)[:, :, None] & mask1.flatten(1)[:, None, :]
         sim = sim.masked_fill(~valid, -1e9)
         lse_row = torch.logsumexp(sim, 2, keepdim=True)
@@ -751,16 +794,28 @@ class EloftrProduct(nn.Module):
     output_names = ("matches",)
     u8_to_unit: torch.Tensor
 
-    def __init__(self, net: EloftrNet, threshold: float, max_matches: int, head: str = "dsmax") -> None:
+    def __init__(self, net: EloftrNet, threshold: float, max_matches: int, head: str = "dsmax",
+                 fine: str = "exact", compiled: str = "none") -> None:
         super().__init__()
         if head not in ("dsmax", "lse", "lse_compiled"):
             raise ValueError(f"head must be dsmax, lse or lse_compiled, got {head!r}")
+        if fine not in ("exact", "fast", "fast_compiled"):
+            raise ValueError(f"fine must be exact, fast or fast_compiled, got {fine!r}")
+        if compiled not in ("none", "backbone", "features"):
+            raise ValueError(f"compiled must be none, backbone or features, got {compiled!r}")
         self.net = net
         self.cfg = net.cfg
         self.threshold = float(threshold)
         self.max_matches = int(max_matches)
         self.head_kind = head
-        self.fine = EloftrFine(net.cfg)
+        self.fine = EloftrFine(net.cfg, fast=fine != "exact", compiled=fine == "fast_compiled")
+        # torch.compile of the convolution stack (CUDA speed form): fuses the bias/activation/cast kernels
+        # between the cuDNN convolutions
+        self._features: Any = net.features
+        if compiled == "features":
+            self._features = torch.compile(net.features, dynamic=False)
+        elif compiled == "backbone":
+            net._backbone = torch.compile(net._backbone, dynamic=False)  # type: ignore[method-assign]
         # u8 / 255 as numpy computes it (a table: a device division by a scalar may round differently)
         self.register_buffer("u8_to_unit", torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(255.0)),
                              persistent=False)
@@ -803,31 +858,79 @@ class EloftrProduct(nn.Module):
         yield  # forward() already takes its crop sizes from the shapes
 
     def forward(self, rgb0: torch.Tensor, rgb1: torch.Tensor) -> torch.Tensor:
+        state = self.front(rgb0, rgb1)
+        return self.back(state, self.cap_of(tuple(rgb0.shape)))
+
+    def cap_of(self, shape0: tuple[int, ...]) -> int:
+        """At most one row per image0 cell (and max_matches): a frame with more says so in its header."""
+        s = max(shape0[0], shape0[1]) // self.cfg.coarse_stride
+        return min(self.max_matches, s * s)
+
+    # The two halves of forward(). A CUDA-graph runner (torch backend) captures `front` once per image size
+    # and `back` once per row bucket (`rows_for`), reading the matches count in between: the fine level
+    # costs per row, padded or not (H200, 832²: ~6 ms for all 10,816 rows), so a frame pays for its matches
+    # only. The exported graph (one fixed shape for ONNX/TensorRT) is forward(): every row up to the cap.
+    def front(self, rgb0: torch.Tensor, rgb1: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """-> (feat_f0, feat_f1, i_ids, j_ids, mconf [cap], header [1, 7]): everything before the fine level."""
         cfg = self.cfg
         image0, mask0 = self.model_input(rgb0)
         image1, mask1 = self.model_input(rgb1)
-        feats = self.net.features(image0, image1, mask0, mask1,
-                                  valid=self.crop_sizes(tuple(rgb0.shape), tuple(rgb1.shape)))
+        feats = self._features(image0, image1, mask0, mask1,
+                               valid=self.crop_sizes(tuple(rgb0.shape), tuple(rgb1.shape)))
         t0, t1 = feats["transformer0"], feats["transformer1"]
         if self.head_kind == "dsmax":  # the original's head (bit-exact on the CPU)
             conf = dual_softmax_confidence(t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model)
             cand_j, cand_conf = topk_candidates(conf, mask1, cfg.border_rm, cfg.candidates_per_cell)
             del conf
         else:
-            cand_j, cand_conf = self._lse(t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model, cfg.border_rm,
-                                          cfg.candidates_per_cell)
-        # at most one row per image0 cell (and max_matches): the fine level costs per row, padded or not
-        # (H200, 832²: 11 ms for 20000 rows), and a frame with more matches than cells says so in its header
-        cap = min(self.max_matches, cand_conf.shape[1])
+            with exact_tf32_products(t0):
+                cand_j, cand_conf = self._lse(t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model,
+                                              cfg.border_rm, cfg.candidates_per_cell)
+        cap = self.cap_of(tuple(rgb0.shape))
         i_ids, j_ids, mconf, count, truncated = select_on_device(cand_j, cand_conf, mask0, mask1, self.threshold,
                                                                  cfg.border_rm, cap)
+        header = torch.stack([count.float(), truncated.float(), torch.full_like(count, cap, dtype=torch.float32)])
+        header = F.pad(header, (0, len(PRODUCT_COLUMNS) - 3))[None]
+        return feats["feat_f0"], feats["feat_f1"], i_ids, j_ids, mconf, header
+
+    def back(self, state: tuple[torch.Tensor, ...], rows: int) -> torch.Tensor:
+        """front()'s state -> `matches` [1 + rows, 7]: the fine level on the first `rows` selected rows."""
+        feat_f0, feat_f1, i_ids, j_ids, mconf, header = state
+        i_ids, j_ids, mconf = i_ids[:rows], j_ids[:rows], mconf[:rows]
         # the fine level in fixed chunks: its memory stays bounded whatever the cap
-        parts = [self.fine(feats["feat_f0"], feats["feat_f1"], i_ids[a:a + FINE_CHUNK], j_ids[a:a + FINE_CHUNK])
-                 for a in range(0, cap, FINE_CHUNK)]
+        parts = [self.fine(feat_f0, feat_f1, i_ids[a:a + FINE_CHUNK], j_ids[a:a + FINE_CHUNK])
+                 for a in range(0, rows, FINE_CHUNK)]
         mk0 = torch.cat([p[0] for p in parts], 0)
         mk1 = torch.cat([p[1] for p in parts], 0)
         body = torch.cat([i_ids[:, None].float(), j_ids[:, None].float(), mk0.float(), mk1.float(),
                           mconf[:, None].float()], 1)
-        header = torch.stack([count.float(), truncated.float(), torch.full_like(count, cap, dtype=torch.float32)])
-        header = F.pad(header, (0, len(PRODUCT_COLUMNS) - 3))[None]
         return torch.cat([header, body], 0)
+
+    @staticmethod
+    def row_buckets(cap: int) -> list[int]:
+        """Row counts `back` is captured for: powers of two from 64 below the cap, and the cap."""
+        return [1 << k for k in range(6, cap.bit_length()) if 1 << k < cap] + [cap]
+
+    def rows_for(self, header: np.ndarray, cap: int) -> int:
+        """The smallest row bucket that holds a frame's matches (header: front()'s count row)."""
+        needed = min(int(header[0, 0]), cap)
+        return next(r for r in self.row_buckets(cap) if r >= needed)
+
+
+@contextlib.contextmanager
+def exact_tf32_products(features: torch.Tensor) -> Iterator[None]:
+    """TF32 matmuls while the matching head multiplies fp16 maps (CUDA fp16 runs only).
+
+    An fp16 value is exact in TF32 (10 mantissa bits both) and a product of two is exact in fp32, so the
+    head's similarity (`lse_topk_candidates` scales after the product) is the fp32 one up to summation
+    order, from the tensor cores.
+    """
+    if not (features.is_cuda and features.dtype == torch.float16):
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved

@@ -85,6 +85,9 @@ class EloftrPipeline:
     # product-graph choices (class-wide; the device benchmark compares them)
     use_product_graph = True  # torch on CUDA runs the one-graph path
     product_head = "lse_compiled"  # CUDA matching head of the product graph (see EloftrProduct)
+    product_fine = "fast_compiled"  # CUDA fine level of the product graph (the CPU keeps "exact")
+    product_compiled = "none"  # CUDA: torch.compile of the convolution stack ("backbone", "features")
+    fp32_speed_form = False  # fp32 in the speed form too (fused RepVGG, SDPA, channels-last): not the exact form
     # fp16: what stays fp32 (model.FP32_ISLANDS). Measured on an H200 (bench/results/h200_2026-12-01): with
     # "fpn_backbone12" fp16 reproduces 99.7-99.8 % of fp32's matches within 1 px on held-out real pairs,
     # with "fpn" or "none" 99.0-99.5 %, at the same speed
@@ -198,7 +201,7 @@ class EloftrPipeline:
         from .model import EloftrCoarse, EloftrFine, EloftrProduct
 
         net = self.build_net(state_dict).to(device)
-        if speed_form if speed_form is not None else precision == "fp16":
+        if speed_form if speed_form is not None else (precision == "fp16" or self.fp32_speed_form):
             net.to_speed_form()
         if precision == "fp16":
             net.store_half_weights(self.fp32_island)
@@ -210,8 +213,11 @@ class EloftrPipeline:
         if product is None:
             product = self.use_product_graph and str(device).startswith("cuda")
         if product and not full:
-            head = self.product_head if str(device).startswith("cuda") else "dsmax"
-            graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches, head).eval()
+            if str(device).startswith("cuda"):
+                graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches, self.product_head,
+                                                  self.product_fine, self.product_compiled).eval()
+            else:
+                graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches).eval()
             self.product = True
         return graphs
 

@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""ELoFTR speed on the GPU, second round (issue 12): what each remaining change buys, in one device call.
+
+Every figure is `Matcher.match` end to end (eloftr_e2e.time_matcher: uint8 arrays in, matches out, median
+and p90 of 30 after warm-up, host CPU ms, peak GPU memory, match count). Variants, one knob at a time
+against the new default (product graph, fine level on row buckets with the compiled log-space fine level,
+TF32 products of fp16 maps in the head):
+  no_buckets         the fine level on every row up to the cap (the previous behaviour)
+  fine_exact         the original fine-level formulation (the previous default) / fine_fast_eager
+  compiled_backbone  torch.compile of the backbone / compiled_features: of backbone+transformer+FPN
+  benchmark_off      fp16 without cuDNN autotuning (first-frame memory)
+  cudnn_tf32         fp32 with cuDNN's TF32 convolutions allowed: torch's default, so the original's "fp32"
+  speed_form         fp32 in the speed form (fused RepVGG, SDPA, channels-last)
+Sections: timing, buckets (row buckets vs all rows: same matches), fp16 (held-out pairs, the promise),
+profile (top CUDA kernels of fp32 and fp16 forwards, eager), memory (both orders, autotuning on/off), memcap.
+Usage (repo root, GPU machine): python3 bench/device/eloftr_speed.py --out DIR [--pairs heldout.npz]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import eloftr_e2e as e2e  # noqa: E402
+from eloftr_e2e import REPORT, compare, keyed, matcher, section, square, stage_breakdown, time_matcher  # noqa: E402
+from eloftr_gpu import reference_dir, seeded_checkpoint  # noqa: E402
+
+from matchanything_ros.core.backends import torch_backend  # noqa: E402
+from matchanything_ros.core.eloftr.pipeline import EloftrPipeline  # noqa: E402
+
+DEFAULTS = {"fine": EloftrPipeline.product_fine, "compiled": EloftrPipeline.product_compiled,
+            "island": EloftrPipeline.fp32_island, "fp32_speed_form": EloftrPipeline.fp32_speed_form,
+            "numerics": json.loads(json.dumps(torch_backend.CUDA_NUMERICS))}
+
+
+def configure(fine: str | None = None, compiled: str | None = None, island: str | None = None,
+              buckets: bool = True, fp32_speed_form: bool | None = None, fp16_benchmark: bool | None = None,
+              fp32_cudnn_tf32: bool | None = None) -> None:
+    """Set the knobs (None = default); every call starts from the defaults."""
+    EloftrPipeline.use_product_graph = True
+    EloftrPipeline.product_head = "lse_compiled"
+    EloftrPipeline.max_matches_override = None
+    EloftrPipeline.product_fine = fine or DEFAULTS["fine"]
+    EloftrPipeline.product_compiled = compiled or DEFAULTS["compiled"]
+    EloftrPipeline.fp32_island = island or DEFAULTS["island"]
+    EloftrPipeline.fp32_speed_form = DEFAULTS["fp32_speed_form"] if fp32_speed_form is None else fp32_speed_form
+    torch_backend.TorchBackend.row_buckets = buckets
+    for prec, flags in DEFAULTS["numerics"].items():
+        torch_backend.CUDA_NUMERICS[prec] = dict(flags)
+    if fp16_benchmark is not None:
+        torch_backend.CUDA_NUMERICS["fp16"]["cudnn_benchmark"] = fp16_benchmark
+    if fp32_cudnn_tf32 is not None:
+        torch_backend.CUDA_NUMERICS["fp32"]["cudnn_tf32"] = fp32_cudnn_tf32
+
+
+@section("timing")
+def timing(ckpt: str, photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndarray]) -> list[dict[str, Any]]:
+    p832 = [(square(photos[i], 832, 832), square(photos[i + 1], 832, 832)) for i in range(0, len(photos) - 1, 2)]
+    p640 = [(square(photos[i], 640, 480), square(photos[i + 1], 640, 480)) for i in range(0, len(photos) - 1, 2)]
+    d832 = [(square(demo[0], 832, 832), square(demo[1], 832, 832))]
+    d = ("default", {})
+    plan = [
+        ("832x832 robot fp16", p832, ckpt, "fp16", "robot",
+         [d, ("no_buckets", {"buckets": False}), ("fine_exact", {"fine": "exact"}),
+          ("fine_fast_eager", {"fine": "fast"}), ("compiled_backbone", {"compiled": "backbone"}),
+          ("compiled_features", {"compiled": "features"}), ("benchmark_off", {"fp16_benchmark": False}),
+          ("island_fpn", {"island": "fpn"})]),
+        ("832x832 robot fp32", p832, ckpt, "fp32", "robot",
+         [d, ("cudnn_tf32", {"fp32_cudnn_tf32": True}), ("speed_form", {"fp32_speed_form": True}),
+          ("speed_form_cudnn_tf32", {"fp32_speed_form": True, "fp32_cudnn_tf32": True})]),
+        ("640x480 hf_space fp16", p640, ckpt, "fp16", "hf_space",
+         [d, ("compiled_features", {"compiled": "features"})]),
+        ("640x480 hf_space fp32", p640, ckpt, "fp32", "hf_space", [d, ("cudnn_tf32", {"fp32_cudnn_tf32": True})]),
+        ("demo model 832x832 fp16", d832, "", "fp16", "robot",
+         [d, ("no_buckets", {"buckets": False}), ("compiled_features", {"compiled": "features"})]),
+    ]
+    rows = []
+    for row, pairs, path, prec, preset, variants in plan:
+        for v, kw in variants:
+            configure(**kw)
+            t = time.time()
+            try:
+                with matcher(path, prec, preset) as m:
+                    res = time_matcher(m, pairs)
+                    if v == "default" and prec == "fp16":
+                        res["stage_breakdown_ms"] = stage_breakdown(m, *pairs[0])
+            except Exception as exc:  # noqa: BLE001  (one variant failing must not hide the others)
+                res = {"error": repr(exc)[:800], "median_ms": float("nan"), "p90_ms": float("nan"),
+                       "host_cpu_ms_median": float("nan"), "peak_gpu_mb": float("nan"), "matches_median": -1}
+            res.update(row=row, variant=v, setup_s=time.time() - t)
+            rows.append(res)
+            print(f"{row:26s} {v:22s} {res['median_ms']:7.2f} ms p90 {res['p90_ms']:7.2f} cpu "
+                  f"{res['host_cpu_ms_median']:6.2f} peak {res['peak_gpu_mb']:6.0f} MB n {res['matches_median']:.0f} "
+                  f"setup {res['setup_s']:.0f} s {res.get('stages_median_ms', '')} {res.get('stage_breakdown_ms', '')}"
+                  f" {res.get('error', '')}", flush=True)
+    configure()
+    return rows
+
+
+@section("buckets")
+def buckets(ckpt: str, photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndarray]) -> list[dict[str, Any]]:
+    """Row buckets vs all rows on the same frames: the same lists, keypoints to float rounding."""
+    out = []
+    cases = [("demo 832 fp16", "", "fp16", square(demo[0], 832, 832), square(demo[1], 832, 832)),
+             ("demo 600x400 fp32", "", "fp32", demo[0], demo[1]),
+             ("seeded 832 fp32", ckpt, "fp32", square(photos[0], 832, 832), square(photos[1], 832, 832))]
+    for name, path, prec, a, b in cases:
+        res = {}
+        for on in (True, False):
+            configure(buckets=on)
+            with matcher(path, prec, "robot") as m:
+                res[on] = keyed(m, a, b)
+        row = {"case": name, **compare(*res[False], *res[True])}
+        out.append(row)
+        print("buckets", row, flush=True)
+    configure()
+    return out
+
+
+@section("fp16")
+def fp16_promise(pairs: list[tuple[str, np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Demo model, held-out pairs: fp16 (new default) vs CUDA fp32, per pair."""
+    configure()
+    res: dict[str, Any] = {}
+    with matcher("", "fp32", "robot") as m:
+        ref32 = {name: keyed(m, a, b) for name, a, b in pairs}
+    for label, kw in (("default", {}), ("fine_exact", {"fine": "exact"})):
+        configure(**kw)
+        with matcher("", "fp16", "robot") as m:
+            res[label] = {name: compare(*ref32[name], *keyed(m, a, b)) for name, a, b in pairs}
+        print("fp16", label, json.dumps(res[label]), flush=True)
+    configure()
+    return res
+
+
+def _kernel_table(prof: Any) -> str:
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            return str(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=70))
+        except Exception:  # noqa: BLE001  (the sort key's name changed across torch versions)
+            continue
+    return "no table"
+
+
+@section("profile")
+def profile(ckpt: str, photos: list[np.ndarray]) -> dict[str, str]:
+    """Top CUDA kernels of the product forward, eager (no CUDA graph, so every kernel is its own row)."""
+    a, b = square(photos[0], 832, 832), square(photos[1], 832, 832)
+    out = {}
+    for label, prec, kw in (("fp32", "fp32", {}), ("fp32_cudnn_tf32", "fp32", {"fp32_cudnn_tf32": True}),
+                            ("fp16", "fp16", {})):
+        configure(**kw)
+        with matcher(ckpt, prec, "robot") as m:
+            m.backend.cuda_graphs = False
+            for _ in range(2):
+                m.match(a, b)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(2):
+                    m.match(a, b)
+                torch.cuda.synchronize()
+            out[label] = _kernel_table(prof)
+        print(f"=== profile {label} (2 matches, eager)\n{out[label]}", flush=True)
+    configure()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--pairs", default="", help="held-out pairs .npz (eloftr_heldout_pairs.py)")
+    ap.add_argument("--sections", default="memory,memcap,timing,buckets,fp16,profile")
+    args = ap.parse_args()
+    REPORT["environment"] = {"gpu": e2e.gpu_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                             "defaults": DEFAULTS}
+    print(REPORT["environment"], flush=True)
+    ref = reference_dir()
+    index, ckpt = seeded_checkpoint(ref, Path(tempfile.mkdtemp()))
+    photos = []
+    for pair in index["pairs"].values():
+        d = np.load(ref / "eloftr" / pair["file"])
+        photos += [d["input_image0_rgb_u8"], d["input_image1_rgb_u8"]]
+    with np.load(Path(__file__).resolve().parents[2] / "matchanything_ros" / "data" / "demo_homography.npz") as z:
+        demo = (z["image0"], z["image1"])
+    held: list[tuple[str, np.ndarray, np.ndarray]] = []
+    if args.pairs:
+        with np.load(args.pairs) as z:
+            names = sorted({k.rsplit("_", 1)[0] for k in z.files})
+            held = [(n, z[f"{n}_0"], z[f"{n}_1"]) for n in names]
+    sections = args.sections.split(",")
+    t0 = time.time()
+    if "memory" in sections:  # first: a fresh process, nothing cached by other sections
+        configure()
+        e2e.memory(str(ckpt), photos)
+        REPORT["memory_autotune_on"] = REPORT.pop("memory", None)
+        configure(fp16_benchmark=False)
+        e2e.memory(str(ckpt), photos)
+        REPORT["memory_autotune_off"] = REPORT.pop("memory", None)
+        configure()
+    if "memcap" in sections:
+        e2e.memcap(str(ckpt))
+    if "timing" in sections:
+        timing(str(ckpt), photos, demo)
+    if "buckets" in sections:
+        buckets(str(ckpt), photos, demo)
+    if "fp16" in sections and held:
+        fp16_promise(held)
+    if "profile" in sections:
+        profile(str(ckpt), photos)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "eloftr_speed.json").write_text(json.dumps(REPORT, indent=1, default=str) + "\n")
+    print(f"\n=== summary ({time.time() - t0:.0f} s; median ms / p90 / host CPU ms / peak MB / matches) ===")
+    for r in REPORT.get("timing", []) if isinstance(REPORT.get("timing"), list) else []:
+        print(f"{r['row']:26s} {r['variant']:22s} {r['median_ms']:7.2f} {r['p90_ms']:7.2f} "
+              f"{r['host_cpu_ms_median']:6.2f} {r['peak_gpu_mb']:6.0f} {r['matches_median']:6.0f}")
+    for r in REPORT.get("timing", []) if isinstance(REPORT.get("timing"), list) else []:
+        if "stage_breakdown_ms" in r:
+            print(r["row"], "stages (device ms)", r["stage_breakdown_ms"])
+    for k in ("memory_autotune_on", "memory_autotune_off", "memcap", "buckets"):
+        print(k, json.dumps(REPORT.get(k), default=str)[:1500])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
