@@ -36,16 +36,18 @@ from eloftr_e2e import REPORT, compare, keyed, matcher, section, square, stage_b
 from eloftr_gpu import reference_dir, seeded_checkpoint  # noqa: E402
 
 from matchanything_ros.core.backends import torch_backend  # noqa: E402
+from matchanything_ros.core.eloftr import model as eloftr_model  # noqa: E402
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline  # noqa: E402
 
 DEFAULTS = {"fine": EloftrPipeline.product_fine, "compiled": EloftrPipeline.product_compiled,
             "island": EloftrPipeline.fp32_island, "fp32_speed_form": EloftrPipeline.fp32_speed_form,
-            "numerics": json.loads(json.dumps(torch_backend.CUDA_NUMERICS))}
+            "numerics": json.loads(json.dumps(torch_backend.CUDA_NUMERICS)),
+            "headroom_gib": torch_backend.RUN_MEMORY_HEADROOM_GIB, "topk_block": eloftr_model.TOPK_BLOCK}
 
 
 def configure(fine: str | None = None, compiled: str | None = None, island: str | None = None,
               buckets: bool = True, fp32_speed_form: bool | None = None, fp16_benchmark: bool | None = None,
-              fp32_cudnn_tf32: bool | None = None) -> None:
+              fp32_cudnn_tf32: bool | None = None, memory_cap: bool = True, blockwise_topk: bool = True) -> None:
     """Set the knobs (None = default); every call starts from the defaults."""
     EloftrPipeline.use_product_graph = True
     EloftrPipeline.product_head = "lse_compiled"
@@ -61,6 +63,8 @@ def configure(fine: str | None = None, compiled: str | None = None, island: str 
         torch_backend.CUDA_NUMERICS["fp16"]["cudnn_benchmark"] = fp16_benchmark
     if fp32_cudnn_tf32 is not None:
         torch_backend.CUDA_NUMERICS["fp32"]["cudnn_tf32"] = fp32_cudnn_tf32
+    torch_backend.RUN_MEMORY_HEADROOM_GIB = DEFAULTS["headroom_gib"] if memory_cap else None
+    eloftr_model.TOPK_BLOCK = DEFAULTS["topk_block"] if blockwise_topk else 1 << 30
 
 
 @section("timing")
@@ -71,18 +75,16 @@ def timing(ckpt: str, photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndarr
     d = ("default", {})
     plan = [
         ("832x832 robot fp16", p832, ckpt, "fp16", "robot",
-         [d, ("no_buckets", {"buckets": False}), ("fine_exact", {"fine": "exact"}),
-          ("fine_fast_eager", {"fine": "fast"}), ("compiled_backbone", {"compiled": "backbone"}),
-          ("compiled_features", {"compiled": "features"}), ("benchmark_off", {"fp16_benchmark": False}),
-          ("island_fpn", {"island": "fpn"})]),
+         [d, ("single_stage_topk", {"blockwise_topk": False}), ("compiled_none", {"compiled": "none"}),
+          ("no_buckets", {"buckets": False}), ("no_memory_cap", {"memory_cap": False})]),
         ("832x832 robot fp32", p832, ckpt, "fp32", "robot",
-         [d, ("cudnn_tf32", {"fp32_cudnn_tf32": True}), ("speed_form", {"fp32_speed_form": True}),
-          ("speed_form_cudnn_tf32", {"fp32_speed_form": True, "fp32_cudnn_tf32": True})]),
+         [d, ("no_memory_cap", {"memory_cap": False}), ("cudnn_tf32", {"fp32_cudnn_tf32": True}),
+          ("speed_form", {"fp32_speed_form": True})]),
         ("640x480 hf_space fp16", p640, ckpt, "fp16", "hf_space",
-         [d, ("compiled_features", {"compiled": "features"})]),
-        ("640x480 hf_space fp32", p640, ckpt, "fp32", "hf_space", [d, ("cudnn_tf32", {"fp32_cudnn_tf32": True})]),
-        ("demo model 832x832 fp16", d832, "", "fp16", "robot",
-         [d, ("no_buckets", {"buckets": False}), ("compiled_features", {"compiled": "features"})]),
+         [d, ("single_stage_topk", {"blockwise_topk": False})]),
+        ("640x480 hf_space fp32", p640, ckpt, "fp32", "hf_space", [d]),
+        ("demo model 832x832 fp16", d832, "", "fp16", "robot", [d, ("no_buckets", {"buckets": False})]),
+        ("demo model 832x832 fp32", d832, "", "fp32", "robot", [d]),
     ]
     rows = []
     for row, pairs, path, prec, preset, variants in plan:
@@ -176,10 +178,13 @@ def profile(ckpt: str, photos: list[np.ndarray]) -> dict[str, str]:
 
 
 def main() -> int:
+    # one process builds ~30 matchers: each is a new guard set for the same compiled functions, past the
+    # default recompile limit (8) after which dynamo runs them uncompiled and later variants would be slow
+    torch._dynamo.config.recompile_limit = 256
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--pairs", default="", help="held-out pairs .npz (eloftr_heldout_pairs.py)")
-    ap.add_argument("--sections", default="memory,memcap,timing,buckets,fp16,profile")
+    ap.add_argument("--sections", default="memory,memcap,timing,parity,buckets,fp16,profile")
     args = ap.parse_args()
     REPORT["environment"] = {"gpu": e2e.gpu_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
                              "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -203,15 +208,13 @@ def main() -> int:
     if "memory" in sections:  # first: a fresh process, nothing cached by other sections
         configure()
         e2e.memory(str(ckpt), photos)
-        REPORT["memory_autotune_on"] = REPORT.pop("memory", None)
-        configure(fp16_benchmark=False)
-        e2e.memory(str(ckpt), photos)
-        REPORT["memory_autotune_off"] = REPORT.pop("memory", None)
-        configure()
     if "memcap" in sections:
         e2e.memcap(str(ckpt))
     if "timing" in sections:
         timing(str(ckpt), photos, demo)
+    if "parity" in sections:  # CUDA fp32 vs the original's outputs (the fixtures), with the default knobs
+        configure()
+        e2e.parity(str(ckpt), index, ref)
     if "buckets" in sections:
         buckets(str(ckpt), photos, demo)
     if "fp16" in sections and held:
@@ -227,7 +230,7 @@ def main() -> int:
     for r in REPORT.get("timing", []) if isinstance(REPORT.get("timing"), list) else []:
         if "stage_breakdown_ms" in r:
             print(r["row"], "stages (device ms)", r["stage_breakdown_ms"])
-    for k in ("memory_autotune_on", "memory_autotune_off", "memcap", "buckets"):
+    for k in ("memory", "memcap", "buckets", "parity"):
         print(k, json.dumps(REPORT.get(k), default=str)[:1500])
     return 0
 

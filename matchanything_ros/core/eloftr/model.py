@@ -16,6 +16,7 @@ every backend.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Any, Iterator
 
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EloftrConfig
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
 # RepVGG backbone
@@ -581,6 +584,26 @@ def gather_windows(feat: torch.Tensor, cell_ids: torch.Tensor, window: int, ring
     return pixels.index_select(0, flat).reshape(-1, size * size, c)
 
 
+class CompiledOrEager:
+    """`torch.compile(fn)`, falling back to `fn` for good if compiling fails (e.g. a torch without Triton,
+    as some Jetson wheels are), said once in the log. The first call is a warm-up run outside any CUDA
+    graph capture, so the choice is made before a capture."""
+
+    def __init__(self, fn: Any, dynamic: bool) -> None:
+        self.fn = fn
+        self.compiled: Any = torch.compile(fn, dynamic=dynamic)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001  (any compiler failure: the eager function is the same maths)
+                log.warning("torch.compile of %s failed (%s: %s); running it uncompiled", getattr(self.fn, "__name__",
+                            self.fn), type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                self.compiled = None
+        return self.fn(*args)
+
+
 class EloftrFine(nn.Module):
     """Graph "fine": feat_f0, feat_f1, i_ids [M], j_ids [M] -> mkpts0_c, mkpts1_c [M,2] canvas pixels.
 
@@ -599,7 +622,7 @@ class EloftrFine(nn.Module):
         self._keypoints: Any = fine_keypoints_fast if self.fast else fine_keypoints
         if compiled:
             # dynamic: one compilation serves every row bucket (a fixed-shape one would recompile per bucket)
-            self._keypoints = torch.compile(fine_keypoints_fast, dynamic=True)
+            self._keypoints = CompiledOrEager(fine_keypoints_fast, dynamic=True)
 
     def forward(
         self, feat_f0: torch.Tensor, feat_f1: torch.Tensor, i_ids: torch.Tensor, j_ids: torch.Tensor
@@ -724,8 +747,32 @@ def lse_topk_candidates(
         lse_col = torch.logsumexp(sim, 1, keepdim=True)
         keep1 = border_valid_cells(mask1, border)[:, None, :]
         score = (2.0 * sim - lse_col).masked_fill(~keep1, float("-inf"))
-        top, cand_j = torch.topk(score, min(k, score.shape[2]), dim=2)
-        return cand_j, torch.exp(top - lse_row)
+        top, cand_j = blockwise_topk(score[0], min(k, score.shape[2]))
+        return cand_j[None], torch.exp(top[None] - lse_row)
+
+
+TOPK_BLOCK = 256  # columns per first-stage block of `blockwise_topk`
+
+
+def blockwise_topk(score: torch.Tensor, k: int, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(score, k, dim=1) of a [rows, cols] matrix in two stages: the top k of each block of
+    `block` columns, then the top k of those. The same values (the k largest of a row are each among the
+    k largest of their block); among exactly equal values the index may differ, as topk promises no order
+    there. CUDA's topk over a long row is a radix select with several passes over the whole matrix; small
+    rows are one pass (H200, 10816 x 10816: measured in bench/device/eloftr_speed.py).
+    """
+    block = block or TOPK_BLOCK
+    rows, cols = score.shape
+    if cols <= block or k > block:
+        return torch.topk(score, k, dim=1)
+    n = -(-cols // block)
+    padded = F.pad(score, (0, n * block - cols), value=float("-inf")).view(rows, n, block)
+    top1, idx1 = torch.topk(padded, k, dim=2)  # [rows, n, k]
+    idx1 = idx1 + (torch.arange(n, device=score.device) * block)[None, :, None]
+    top, pick = torch.topk(top1.reshape(rows, n * k), k, dim=1)
+    # a row with fewer than k finite scores may pick a padding column (-inf): point it at a real column
+    # (its confidence exp(-inf) = 0 never passes the selection)
+    return top, idx1.reshape(rows, n * k).gather(1, pick).clamp_(max=cols - 1)
 
 
 def select_on_device(
@@ -813,15 +860,15 @@ class EloftrProduct(nn.Module):
         # between the cuDNN convolutions
         self._features: Any = net.features
         if compiled == "features":
-            self._features = torch.compile(net.features, dynamic=False)
+            self._features = CompiledOrEager(net.features, dynamic=False)
         elif compiled == "backbone":
-            net._backbone = torch.compile(net._backbone, dynamic=False)  # type: ignore[method-assign]
+            net._backbone = CompiledOrEager(net._backbone, dynamic=False)  # type: ignore[method-assign,assignment]
         # u8 / 255 as numpy computes it (a table: a device division by a scalar may round differently)
         self.register_buffer("u8_to_unit", torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(255.0)),
                              persistent=False)
         self._lse: Any = lse_topk_candidates
         if head == "lse_compiled":
-            self._lse = torch.compile(lse_topk_candidates, dynamic=False)
+            self._lse = CompiledOrEager(lse_topk_candidates, dynamic=False)
 
     def canvas_geometry(self, h: int, w: int) -> tuple[int, int, int]:
         """-> (canvas side, valid coarse rows, valid coarse cols) of an h x w stage-2 image."""
