@@ -59,8 +59,9 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 # OpenCV prepends to LD_LIBRARY_PATH when first imported: import it before any test takes a snapshot
 import cv2  # noqa: E402,F401
 
-# set by pytest itself, and by torch's inductor the first time it is used (it memoises its cache folder there)
-ENVIRON_OWNED_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+# set by pytest itself, and by torch's inductor the first time it is used (it memoises its cache folder and
+# a pointer for its compiled C++ wrappers there)
+ENVIRON_OWNED_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
 
 
 def global_state() -> dict[str, Any]:

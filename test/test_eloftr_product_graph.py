@@ -228,3 +228,24 @@ def test_blockwise_topk_keeps_the_top_k_values(cols: int) -> None:
     assert int(idx.min()) >= 0 and int(idx.max()) < cols  # never a padding column
     finite = torch.isfinite(top)
     torch.testing.assert_close(score.gather(1, idx)[finite], top[finite], rtol=0, atol=0)
+
+
+def test_the_cuda_speed_form_keeps_the_matches_when_run_on_the_cpu(demo_model: Any, demo_pair: Any) -> None:
+    """The product graph as CUDA builds it (compiled feature stack, log-sum-exp head with the blockwise
+    top-K, compiled log-space fine level, row buckets), run here on the CPU: the host path's match list,
+    keypoints to float rounding. The GPU timings of these parts are in bench/device/eloftr_speed.py."""
+    cfg, state = demo_model
+    params = {"threshold": 0.1, "resize_max": 256}
+    pipe = EloftrPipeline(params, cfg)
+    speed = EloftrProduct(pipe.build_net(state), 0.1, pipe.max_matches, "lse_compiled", "fast_compiled", "features")
+    exact = EloftrProduct(pipe.build_net(state), 0.1, pipe.max_matches)
+    a, b = (torch.from_numpy(stage2_rgb(x, pipe.settings)[0]) for x in demo_pair)
+    with torch.inference_mode():
+        front = speed.front(a, b)
+        cap = speed.cap_of(tuple(a.shape))
+        fast = speed.back(front, speed.rows_for(front[-1].numpy(), cap))
+        ref = exact(a, b)
+    n = int(ref[0, 0])
+    assert int(fast[0, 0]) == n > 100
+    torch.testing.assert_close(fast[1:1 + n, :2], ref[1:1 + n, :2], rtol=0, atol=0)  # same (i, j), same order
+    torch.testing.assert_close(fast[1:1 + n, 2:6], ref[1:1 + n, 2:6], rtol=0, atol=1e-3)

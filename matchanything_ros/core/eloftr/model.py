@@ -593,15 +593,15 @@ class CompiledOrEager:
         self.fn = fn
         self.compiled: Any = torch.compile(fn, dynamic=dynamic)
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is not None:
             try:
-                return self.compiled(*args)
+                return self.compiled(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001  (any compiler failure: the eager function is the same maths)
                 log.warning("torch.compile of %s failed (%s: %s); running it uncompiled", getattr(self.fn, "__name__",
                             self.fn), type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
                 self.compiled = None
-        return self.fn(*args)
+        return self.fn(*args, **kwargs)
 
 
 class EloftrFine(nn.Module):
