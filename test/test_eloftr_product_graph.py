@@ -213,26 +213,9 @@ def test_product_halves_run_only_the_rows_a_frame_needs(demo_model: Any, demo_pa
     assert product.rows_for(np.array([[cap + 5.0, 0, cap]]), cap) == cap
 
 
-@pytest.mark.parametrize("cols", [10816, 1000, 300, 100])
-def test_blockwise_topk_keeps_the_top_k_values(cols: int) -> None:
-    """The matching head's two-stage top-K: the same K largest values per row, indices that hold them."""
-    from matchanything_ros.core.eloftr.model import blockwise_topk
-
-    g = torch.Generator().manual_seed(cols)
-    score = torch.randn(64, cols, generator=g)
-    score[3, :] = float("-inf")  # a row with nothing valid
-    score[5, 7:] = float("-inf")  # a row with fewer than k valid columns
-    ref_v, _ = torch.topk(score, 9, dim=1)
-    top, idx = blockwise_topk(score, 9)
-    torch.testing.assert_close(top, ref_v, rtol=0, atol=0)
-    assert int(idx.min()) >= 0 and int(idx.max()) < cols  # never a padding column
-    finite = torch.isfinite(top)
-    torch.testing.assert_close(score.gather(1, idx)[finite], top[finite], rtol=0, atol=0)
-
-
 def test_the_cuda_speed_form_keeps_the_matches_when_run_on_the_cpu(demo_model: Any, demo_pair: Any) -> None:
-    """The product graph as CUDA builds it (compiled feature stack, log-sum-exp head with the blockwise
-    top-K, compiled log-space fine level, row buckets), run here on the CPU: the host path's match list,
+    """The product graph as CUDA builds it (compiled feature stack, log-sum-exp head, compiled log-space
+    fine level, row buckets), run here on the CPU: the host path's match list,
     keypoints to float rounding. The GPU timings of these parts are in bench/device/eloftr_speed.py."""
     cfg, state = demo_model
     params = {"threshold": 0.1, "resize_max": 256}

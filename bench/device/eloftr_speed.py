@@ -36,18 +36,17 @@ from eloftr_e2e import REPORT, compare, keyed, matcher, section, square, stage_b
 from eloftr_gpu import reference_dir, seeded_checkpoint  # noqa: E402
 
 from matchanything_ros.core.backends import torch_backend  # noqa: E402
-from matchanything_ros.core.eloftr import model as eloftr_model  # noqa: E402
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline  # noqa: E402
 
 DEFAULTS = {"fine": EloftrPipeline.product_fine, "compiled": EloftrPipeline.product_compiled,
             "island": EloftrPipeline.fp32_island, "fp32_speed_form": EloftrPipeline.fp32_speed_form,
             "numerics": json.loads(json.dumps(torch_backend.CUDA_NUMERICS)),
-            "headroom_gib": torch_backend.RUN_MEMORY_HEADROOM_GIB, "topk_block": eloftr_model.TOPK_BLOCK}
+            }
 
 
 def configure(fine: str | None = None, compiled: str | None = None, island: str | None = None,
               buckets: bool = True, fp32_speed_form: bool | None = None, fp16_benchmark: bool | None = None,
-              fp32_cudnn_tf32: bool | None = None, memory_cap: bool = True, blockwise_topk: bool = True) -> None:
+              fp32_cudnn_tf32: bool | None = None) -> None:
     """Set the knobs (None = default); every call starts from the defaults."""
     EloftrPipeline.use_product_graph = True
     EloftrPipeline.product_head = "lse_compiled"
@@ -63,8 +62,6 @@ def configure(fine: str | None = None, compiled: str | None = None, island: str 
         torch_backend.CUDA_NUMERICS["fp16"]["cudnn_benchmark"] = fp16_benchmark
     if fp32_cudnn_tf32 is not None:
         torch_backend.CUDA_NUMERICS["fp32"]["cudnn_tf32"] = fp32_cudnn_tf32
-    torch_backend.RUN_MEMORY_HEADROOM_GIB = DEFAULTS["headroom_gib"] if memory_cap else None
-    eloftr_model.TOPK_BLOCK = DEFAULTS["topk_block"] if blockwise_topk else 1 << 30
 
 
 @section("timing")
@@ -74,16 +71,11 @@ def timing(ckpt: str, photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndarr
     d832 = [(square(demo[0], 832, 832), square(demo[1], 832, 832))]
     d = ("default", {})
     plan = [
-        ("832x832 robot fp16", p832, ckpt, "fp16", "robot",
-         [d, ("single_stage_topk", {"blockwise_topk": False}), ("compiled_none", {"compiled": "none"}),
-          ("no_buckets", {"buckets": False}), ("no_memory_cap", {"memory_cap": False})]),
-        ("832x832 robot fp32", p832, ckpt, "fp32", "robot",
-         [d, ("no_memory_cap", {"memory_cap": False}), ("cudnn_tf32", {"fp32_cudnn_tf32": True}),
-          ("speed_form", {"fp32_speed_form": True})]),
-        ("640x480 hf_space fp16", p640, ckpt, "fp16", "hf_space",
-         [d, ("single_stage_topk", {"blockwise_topk": False})]),
+        ("832x832 robot fp16", p832, ckpt, "fp16", "robot", [d, ("compiled_none", {"compiled": "none"})]),
+        ("832x832 robot fp32", p832, ckpt, "fp32", "robot", [d, ("cudnn_tf32", {"fp32_cudnn_tf32": True})]),
+        ("640x480 hf_space fp16", p640, ckpt, "fp16", "hf_space", [d]),
         ("640x480 hf_space fp32", p640, ckpt, "fp32", "hf_space", [d]),
-        ("demo model 832x832 fp16", d832, "", "fp16", "robot", [d, ("no_buckets", {"buckets": False})]),
+        ("demo model 832x832 fp16", d832, "", "fp16", "robot", [d]),
         ("demo model 832x832 fp32", d832, "", "fp32", "robot", [d]),
     ]
     rows = []

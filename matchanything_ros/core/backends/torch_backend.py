@@ -28,42 +28,23 @@ CUDA_NUMERICS: dict[str, dict[str, bool]] = {
     "fp32": {"cudnn_benchmark": False, "cudnn_tf32": False, "matmul_tf32": False},
     "fp16": {"cudnn_benchmark": False, "cudnn_tf32": True, "matmul_tf32": False},
 }
-# GPU memory a run may add to what the process already holds (GiB; None: no cap). cuDNN's heuristics
-# otherwise take the algorithm the free memory allows: on an H200, IEEE-fp32 convolutions went to an
-# FFT algorithm with a 34 GB workspace, 5x slower than the implicit GEMM it takes when that workspace
-# cannot be had (as on a Jetson). With the cap the allocator refuses such a workspace and cuDNN moves on
-# to its next algorithm; our own peak (2.2 GB at 832² for ELoFTR) stays well inside.
-RUN_MEMORY_HEADROOM_GIB: float | None = 3.0
-
-
 @contextlib.contextmanager
 def numeric_flags(device_type: str, precision: str) -> Iterator[None]:
-    """Set torch's process-wide numeric switches for one run of this backend (CUDA_NUMERICS) and the
-    memory cap (RUN_MEMORY_HEADROOM_GIB), restore them after: the result never depends on what the process
-    set before, and nothing of ours outlives the run. The CPU sets nothing."""
+    """Set torch's process-wide numeric switches for one run of this backend (CUDA_NUMERICS), restore them
+    after: the result never depends on what the process set before. The CPU sets nothing."""
     if device_type != "cuda":
         yield
         return
     saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     wanted = CUDA_NUMERICS[precision]
-    cap_memory = RUN_MEMORY_HEADROOM_GIB is not None and torch.cuda.is_available()
-    device = torch.cuda.current_device() if cap_memory else 0
-    saved_fraction = torch.cuda.get_per_process_memory_fraction(device) if cap_memory else 1.0
     try:
         torch.backends.cudnn.benchmark = wanted["cudnn_benchmark"]
         torch.backends.cudnn.allow_tf32 = wanted["cudnn_tf32"]
         torch.backends.cuda.matmul.allow_tf32 = wanted["matmul_tf32"]
-        if cap_memory:
-            assert RUN_MEMORY_HEADROOM_GIB is not None
-            total = torch.cuda.get_device_properties(device).total_memory
-            allowed = (torch.cuda.memory_reserved(device) + RUN_MEMORY_HEADROOM_GIB * 2**30) / total
-            torch.cuda.set_per_process_memory_fraction(min(saved_fraction, allowed), device)
         yield
     finally:
         (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
          torch.backends.cuda.matmul.allow_tf32) = saved
-        if cap_memory:
-            torch.cuda.set_per_process_memory_fraction(saved_fraction, device)
 
 
 def graph_input_names(module: torch.nn.Module) -> list[str]:

@@ -597,6 +597,8 @@ class CompiledOrEager:
         if self.compiled is not None:
             try:
                 return self.compiled(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise  # not a compiler failure: the eager function would need the memory too
             except Exception as exc:  # noqa: BLE001  (any compiler failure: the eager function is the same maths)
                 log.warning("torch.compile of %s failed (%s: %s); running it uncompiled", getattr(self.fn, "__name__",
                             self.fn), type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
@@ -747,32 +749,8 @@ def lse_topk_candidates(
         lse_col = torch.logsumexp(sim, 1, keepdim=True)
         keep1 = border_valid_cells(mask1, border)[:, None, :]
         score = (2.0 * sim - lse_col).masked_fill(~keep1, float("-inf"))
-        top, cand_j = blockwise_topk(score[0], min(k, score.shape[2]))
-        return cand_j[None], torch.exp(top[None] - lse_row)
-
-
-TOPK_BLOCK = 256  # columns per first-stage block of `blockwise_topk`
-
-
-def blockwise_topk(score: torch.Tensor, k: int, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(score, k, dim=1) of a [rows, cols] matrix in two stages: the top k of each block of
-    `block` columns, then the top k of those. The same values (the k largest of a row are each among the
-    k largest of their block); among exactly equal values the index may differ, as topk promises no order
-    there. CUDA's topk over a long row is a radix select with several passes over the whole matrix; small
-    rows are one pass (H200, 10816 x 10816: measured in bench/device/eloftr_speed.py).
-    """
-    block = block or TOPK_BLOCK
-    rows, cols = score.shape
-    if cols <= block or k > block:
-        return torch.topk(score, k, dim=1)
-    n = -(-cols // block)
-    padded = F.pad(score, (0, n * block - cols), value=float("-inf")).view(rows, n, block)
-    top1, idx1 = torch.topk(padded, k, dim=2)  # [rows, n, k]
-    idx1 = idx1 + (torch.arange(n, device=score.device) * block)[None, :, None]
-    top, pick = torch.topk(top1.reshape(rows, n * k), k, dim=1)
-    # a row with fewer than k finite scores may pick a padding column (-inf): point it at a real column
-    # (its confidence exp(-inf) = 0 never passes the selection)
-    return top, idx1.reshape(rows, n * k).gather(1, pick).clamp_(max=cols - 1)
+        top, cand_j = torch.topk(score, min(k, score.shape[2]), dim=2)
+        return cand_j, torch.exp(top - lse_row)
 
 
 def select_on_device(
