@@ -65,21 +65,25 @@ def pipeline_for(threshold: float) -> EloftrPipeline:
 _RUNS: dict[str, dict[str, Any]] = {}
 
 
+def forward_pair(net: EloftrNet, pair: str) -> dict[str, Any]:
+    """Preprocess a fixture pair's input images and run the network and the dual softmax once."""
+    ref = dict(np.load(REF / INDEX["pairs"][pair]["file"]))
+    pipe = pipeline_for(THR_MAIN)
+    inputs, meta = pipe.preprocess(ref["input_image0_rgb_u8"], ref["input_image1_rgb_u8"])
+    t = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    with torch.inference_mode():
+        feats = net.features(t["image0"], t["image1"], t["mask0"], t["mask1"])
+        conf = dual_softmax_confidence(feats["transformer0"], feats["transformer1"], t["mask0"], t["mask1"],
+                                       net.cfg.dsmax_temperature)
+    return {"pair": pair, "ref": ref, "pipe": pipe, "inputs": t, "meta": meta, "feats": feats, "conf": conf}
+
+
 @pytest.fixture
 def run(request: pytest.FixtureRequest, net: EloftrNet) -> dict[str, Any]:
-    """Preprocess the pair's input images and run the network once (cached per pair)."""
-    pair = request.param
-    if pair not in _RUNS:
-        ref = dict(np.load(REF / INDEX["pairs"][pair]["file"]))
-        pipe = pipeline_for(THR_MAIN)
-        inputs, meta = pipe.preprocess(ref["input_image0_rgb_u8"], ref["input_image1_rgb_u8"])
-        t = {k: torch.from_numpy(v) for k, v in inputs.items()}
-        with torch.inference_mode():
-            feats = net.features(t["image0"], t["image1"], t["mask0"], t["mask1"])
-            conf = dual_softmax_confidence(feats["transformer0"], feats["transformer1"], t["mask0"], t["mask1"],
-                                           net.cfg.dsmax_temperature)
-        _RUNS[pair] = {"pair": pair, "ref": ref, "pipe": pipe, "inputs": t, "meta": meta, "feats": feats, "conf": conf}
-    return _RUNS[pair]
+    """forward_pair, cached per pair for the module."""
+    if request.param not in _RUNS:
+        _RUNS[request.param] = forward_pair(net, request.param)
+    return _RUNS[request.param]
 
 
 parametrize_pairs = pytest.mark.parametrize("run", PAIRS, indirect=True)
@@ -201,18 +205,12 @@ def fine_margins_of_pair(pair: str) -> np.ndarray:
     """The fine argmax margin of every match of `pair` at the main threshold (for tests that only see final
     outputs, e.g. the CLI's): one forward with the seeded weights, outside the module cache."""
     state = seeded_weights().seeded_state_dict(REF / "manifest.json", INDEX["seed"])
-    pipe = pipeline_for(THR_MAIN)
-    net = pipe.build_net({k.removeprefix("matcher."): v for k, v in state.items()})
-    ref = np.load(REF / INDEX["pairs"][pair]["file"])
-    inputs, meta = pipe.preprocess(ref["input_image0_rgb_u8"], ref["input_image1_rgb_u8"])
-    t = {k: torch.from_numpy(v) for k, v in inputs.items()}
-    with torch.inference_mode():
-        feats = net.features(t["image0"], t["image1"], t["mask0"], t["mask1"])
-        conf = dual_softmax_confidence(feats["transformer0"], feats["transformer1"], t["mask0"], t["mask1"],
-                                       net.cfg.dsmax_temperature)
-    cm = select_coarse_matches({"conf": conf.numpy()}, meta.mask0, meta.mask1, pipe.threshold,
+    net = pipeline_for(THR_MAIN).build_net({k.removeprefix("matcher."): v for k, v in state.items()})
+    run = forward_pair(net, pair)
+    pipe, meta = run["pipe"], run["meta"]
+    cm = select_coarse_matches({"conf": run["conf"].numpy()}, meta.mask0, meta.mask1, pipe.threshold,
                                pipe.model_config.border_rm)
-    return _fine_margins(feats, torch.from_numpy(cm.i_ids), torch.from_numpy(cm.j_ids), pipe)
+    return _fine_margins(run["feats"], torch.from_numpy(cm.i_ids), torch.from_numpy(cm.j_ids), pipe)
 
 
 def _check_final(result: Any, ref: dict[str, np.ndarray], ri: np.ndarray, compared: np.ndarray, what: str) -> None:
