@@ -84,6 +84,7 @@ class TorchBackend:
         # (graph, output, shape, dtype) -> pinned host buffer
         self._pinned: dict[tuple[str, str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
         self._done: Any = torch.cuda.Event(blocking=True) if self.stream is not None else None
+        self._uploaded: Any = torch.cuda.Event(blocking=True) if self.stream is not None else None
         self._closed = False
 
     def _to_tensor(self, value: Any) -> torch.Tensor:
@@ -144,6 +145,24 @@ class TorchBackend:
         return (torch.autocast("cuda", dtype=torch.float16, cache_enabled=False) if self.precision == "fp16"
                 else contextlib.nullcontext())
 
+    def _upload(self, graph: str, static: list[torch.Tensor], names: list[str], inputs: dict[str, Any]) -> None:
+        """Host inputs into a captured graph's static buffers: through reused pinned buffers, so the copy to
+        the device is asynchronous (from pageable memory it would block the thread for its whole length)."""
+        self._uploaded.synchronize()  # the previous upload has left the pinned buffers (normally long since)
+        for buf, name in zip(static, names):
+            value = inputs[name]
+            if isinstance(value, torch.Tensor) and value.is_cuda:
+                buf.copy_(value, non_blocking=True)
+                continue
+            host = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+            key = (graph, "in:" + name, tuple(host.shape), host.dtype)
+            pinned = self._pinned.get(key)
+            if pinned is None:
+                pinned = self._pinned[key] = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+            pinned.copy_(host)
+            buf.copy_(pinned, non_blocking=True)
+        self._uploaded.record(torch.cuda.current_stream())
+
     def _run_captured(self, graph: str, module: Any, names: list[str], inputs: dict[str, Any]) -> Any:
         """Run `module` through a CUDA graph captured for these input shapes/masks (captured on first use).
 
@@ -163,11 +182,7 @@ class TorchBackend:
                 self._captured[key] = entry
             cuda_graph, static, outs = entry
             with torch.cuda.stream(self.stream):
-                for buf, name in zip(static, names):  # host arrays go straight into the static buffers
-                    value = inputs[name]
-                    if not isinstance(value, torch.Tensor):
-                        value = torch.from_numpy(np.ascontiguousarray(value))
-                    buf.copy_(value, non_blocking=True)
+                self._upload(graph, static, names, inputs)
                 cuda_graph.replay()
         return outs
 
@@ -208,11 +223,7 @@ class TorchBackend:
                 entry = (front_graph, static, (state, cap, header_host, no_backs))
             front_graph, static, (state, cap, header_host, backs) = entry
             with torch.cuda.stream(self.stream):
-                for buf, name in zip(static, names):
-                    value = inputs[name]
-                    if not isinstance(value, torch.Tensor):
-                        value = torch.from_numpy(np.ascontiguousarray(value))
-                    buf.copy_(value, non_blocking=True)
+                self._upload(graph, static, names, inputs)
                 front_graph.replay()
                 header_host.copy_(state[-1], non_blocking=True)
                 self._done.record(self.stream)
