@@ -261,7 +261,7 @@ def memory(ckpt: str, photos: list[np.ndarray]) -> dict[str, Any]:
 def stage_breakdown(m: Matcher, a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     """Device ms of the product graph's parts, each captured in its own CUDA graph (median of 20 replays)."""
     prod = m.backend.graphs["product"]
-    net, cfg = prod.net, prod.cfg
+    cfg = prod.cfg
     stream = m.backend.stream
     rgb0, rgb1 = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
     st: dict[str, Any] = {}
@@ -272,8 +272,8 @@ def stage_breakdown(m: Matcher, a: np.ndarray, b: np.ndarray) -> dict[str, float
         st["i1"], st["m1"] = prod.model_input(rgb1)
 
     def feats() -> None:
-        st["f"] = net.features(st["i0"], st["i1"], st["m0"], st["m1"],
-                               valid=prod.crop_sizes(tuple(rgb0.shape), tuple(rgb1.shape)))
+        st["f"] = prod._features(st["i0"], st["i1"], st["m0"], st["m1"],  # compiled where the product is
+                                 valid=prod.crop_sizes(tuple(rgb0.shape), tuple(rgb1.shape)))
 
     def head() -> None:
         from matchanything_ros.core.eloftr.model import exact_tf32_products

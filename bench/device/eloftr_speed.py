@@ -151,8 +151,7 @@ def profile(ckpt: str, photos: list[np.ndarray]) -> dict[str, str]:
     """Top CUDA kernels of the product forward, eager (no CUDA graph, so every kernel is its own row)."""
     a, b = square(photos[0], 832, 832), square(photos[1], 832, 832)
     out = {}
-    for label, prec, kw in (("fp32", "fp32", {}), ("fp32_cudnn_tf32", "fp32", {"fp32_cudnn_tf32": True}),
-                            ("fp16", "fp16", {})):
+    for label, prec, kw in (("fp32", "fp32", {}), ("fp16", "fp16", {})):
         configure(**kw)
         with matcher(ckpt, prec, "robot") as m:
             m.backend.cuda_graphs = False
