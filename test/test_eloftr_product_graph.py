@@ -213,14 +213,15 @@ def test_product_halves_run_only_the_rows_a_frame_needs(demo_model: Any, demo_pa
     assert product.rows_for(np.array([[cap + 5.0, 0, cap]]), cap) == cap
 
 
-def test_the_cuda_speed_form_keeps_the_matches_when_run_on_the_cpu(demo_model: Any, demo_pair: Any) -> None:
-    """The product graph as CUDA builds it (compiled feature stack, log-sum-exp head, compiled log-space
-    fine level, row buckets), run here on the CPU: the host path's match list,
-    keypoints to float rounding. The GPU timings of these parts are in bench/device/eloftr_speed.py."""
+@pytest.mark.parametrize("head", ["lse_compiled", "lse_nonzero"])
+def test_the_cuda_speed_form_keeps_the_matches_when_run_on_the_cpu(demo_model: Any, demo_pair: Any, head: str) -> None:
+    """The product graph as CUDA builds it (compiled feature stack, log-sum-exp head — top-K, or the mask and
+    a fixed-size nonzero —, compiled log-space fine level, row buckets), run here on the CPU: the host path's
+    match list, keypoints to float rounding. Their GPU timings are in bench/device/eloftr_speed.py."""
     cfg, state = demo_model
     params = {"threshold": 0.1, "resize_max": 256}
     pipe = EloftrPipeline(params, cfg)
-    speed = EloftrProduct(pipe.build_net(state), 0.1, pipe.max_matches, "lse_compiled", "fast_compiled", "features")
+    speed = EloftrProduct(pipe.build_net(state), 0.1, pipe.max_matches, head, "fast_compiled", "features")
     exact = EloftrProduct(pipe.build_net(state), 0.1, pipe.max_matches)
     a, b = (torch.from_numpy(stage2_rgb(x, pipe.settings)[0]) for x in demo_pair)
     with torch.inference_mode():
@@ -232,3 +233,5 @@ def test_the_cuda_speed_form_keeps_the_matches_when_run_on_the_cpu(demo_model: A
     assert int(fast[0, 0]) == n > 100
     torch.testing.assert_close(fast[1:1 + n, :2], ref[1:1 + n, :2], rtol=0, atol=0)  # same (i, j), same order
     torch.testing.assert_close(fast[1:1 + n, 2:6], ref[1:1 + n, 2:6], rtol=0, atol=1e-3)
+    torch.testing.assert_close(fast[1:1 + n, 6], ref[1:1 + n, 6], rtol=1e-4, atol=1e-6)  # confidences
+    assert (fast[1 + n:, 6] == 0).all()  # padding rows

@@ -38,7 +38,8 @@ from eloftr_gpu import reference_dir, seeded_checkpoint  # noqa: E402
 from matchanything_ros.core.backends import torch_backend  # noqa: E402
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline  # noqa: E402
 
-DEFAULTS = {"fine": EloftrPipeline.product_fine, "compiled": EloftrPipeline.product_compiled,
+DEFAULTS = {"head": EloftrPipeline.product_head, "fine": EloftrPipeline.product_fine,
+            "compiled": EloftrPipeline.product_compiled,
             "island": EloftrPipeline.fp32_island, "fp32_speed_form": EloftrPipeline.fp32_speed_form,
             "numerics": json.loads(json.dumps(torch_backend.CUDA_NUMERICS)),
             }
@@ -46,10 +47,10 @@ DEFAULTS = {"fine": EloftrPipeline.product_fine, "compiled": EloftrPipeline.prod
 
 def configure(fine: str | None = None, compiled: str | None = None, island: str | None = None,
               buckets: bool = True, fp32_speed_form: bool | None = None, fp16_benchmark: bool | None = None,
-              fp32_cudnn_tf32: bool | None = None) -> None:
+              fp32_cudnn_tf32: bool | None = None, head: str | None = None) -> None:
     """Set the knobs (None = default); every call starts from the defaults."""
     EloftrPipeline.use_product_graph = True
-    EloftrPipeline.product_head = "lse_compiled"
+    EloftrPipeline.product_head = head or DEFAULTS["head"]
     EloftrPipeline.max_matches_override = None
     EloftrPipeline.product_fine = fine or DEFAULTS["fine"]
     EloftrPipeline.product_compiled = compiled or DEFAULTS["compiled"]
@@ -70,12 +71,14 @@ def timing(ckpt: str, photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndarr
     p640 = [(square(photos[i], 640, 480), square(photos[i + 1], 640, 480)) for i in range(0, len(photos) - 1, 2)]
     d832 = [(square(demo[0], 832, 832), square(demo[1], 832, 832))]
     d = ("default", {})
+    nz = ("head_nonzero", {"head": "lse_nonzero"})
+    topk = ("head_topk", {"head": "lse_compiled"})
     plan = [
-        ("832x832 robot fp16", p832, ckpt, "fp16", "robot", [d, ("compiled_none", {"compiled": "none"})]),
-        ("832x832 robot fp32", p832, ckpt, "fp32", "robot", [d, ("cudnn_tf32", {"fp32_cudnn_tf32": True})]),
-        ("640x480 hf_space fp16", p640, ckpt, "fp16", "hf_space", [d]),
+        ("832x832 robot fp16", p832, ckpt, "fp16", "robot", [d, nz, topk, ("compiled_none", {"compiled": "none"})]),
+        ("832x832 robot fp32", p832, ckpt, "fp32", "robot", [d, nz, topk, ("cudnn_tf32", {"fp32_cudnn_tf32": True})]),
+        ("640x480 hf_space fp16", p640, ckpt, "fp16", "hf_space", [d, nz, topk]),
         ("640x480 hf_space fp32", p640, ckpt, "fp32", "hf_space", [d]),
-        ("demo model 832x832 fp16", d832, "", "fp16", "robot", [d]),
+        ("demo model 832x832 fp16", d832, "", "fp16", "robot", [d, nz, topk]),
         ("demo model 832x832 fp32", d832, "", "fp32", "robot", [d]),
     ]
     rows = []
@@ -117,6 +120,15 @@ def buckets(ckpt: str, photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndar
         row = {"case": name, **compare(*res[False], *res[True])}
         out.append(row)
         print("buckets", row, flush=True)
+    for name, path, prec, a, b in cases:  # the two CUDA heads: top-K + selection vs mask + nonzero
+        res = {}
+        for head in ("lse_compiled", "lse_nonzero"):
+            configure(head=head)
+            with matcher(path, prec, "robot") as m:
+                res[head] = keyed(m, a, b)
+        row = {"case": f"heads {name}", **compare(*res["lse_compiled"], *res["lse_nonzero"])}
+        out.append(row)
+        print("heads", row, flush=True)
     configure()
     return out
 

@@ -753,6 +753,40 @@ def lse_topk_candidates(
         return cand_j, torch.exp(top - lse_row)
 
 
+def lse_passing_mask(
+    t0: torch.Tensor, t1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor, temperature: float,
+    d_model: int, border: int, threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The matches of the dual softmax as a mask, in log space: conf > threshold <=> 2*sim - lse_row - lse_col
+    > log(threshold), inside the bordered valid regions. -> (sim [1,L0,L1], lse_row [1,L0,1], lse_col
+    [1,1,L1], passed [1,L0,L1] bool). Under torch.compile the comparison fuses into the reductions' passes:
+    no confidence matrix and no top-K (a radix select with several passes over L0 x L1 on CUDA).
+    """
+    with torch.autocast(t0.device.type, enabled=False):
+        sim = torch.einsum("nlc,nsc->nls", _flat_cells(t0).float(), _flat_cells(t1).float()) / (d_model * temperature)
+        valid = mask0.flatten(1)[:, :, None] & mask1.flatten(1)[:, None, :]
+        sim = sim.masked_fill(~valid, -1e9)
+        lse_row = torch.logsumexp(sim, 2, keepdim=True)
+        lse_col = torch.logsumexp(sim, 1, keepdim=True)
+        keep = border_valid_cells(mask0, border)[:, :, None] & border_valid_cells(mask1, border)[:, None, :]
+        passed = (2.0 * sim - lse_row - lse_col > math.log(threshold)) & keep
+        return sim, lse_row, lse_col, passed
+
+
+def select_passing(
+    sim: torch.Tensor, lse_row: torch.Tensor, lse_col: torch.Tensor, passed: torch.Tensor, max_matches: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`lse_passing_mask`'s matches -> `select_on_device`'s outputs: (i, j) in row-major order by a fixed-size
+    nonzero (no host sync), the first max_matches of them, padded with (0, 0, 0); no row is ever truncated
+    (there is no per-row K)."""
+    ij = torch.nonzero_static(passed[0], size=max_matches, fill_value=0)
+    i_ids, j_ids = ij[:, 0], ij[:, 1]
+    count = passed.sum()
+    used = torch.arange(max_matches, device=sim.device) < count
+    mconf = torch.exp(2.0 * sim[0, i_ids, j_ids] - lse_row[0, i_ids, 0] - lse_col[0, 0, j_ids])
+    return i_ids, j_ids, torch.where(used, mconf, torch.zeros_like(mconf)), count, torch.zeros_like(count)
+
+
 def select_on_device(
     cand_j: torch.Tensor, cand_conf: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor, threshold: float,
     border: int, max_matches: int,
@@ -798,6 +832,9 @@ def select_on_device(
 
 
 FINE_CHUNK = 4096  # fine-level rows per step of the product graph (bounds its memory)
+# matching heads of the product graph: the original's dual softmax + top-K (exact on the CPU; the export's);
+# its log-sum-exp form + top-K, eager or compiled; the log-sum-exp form as a mask + fixed-size nonzero
+PRODUCT_HEADS = ("dsmax", "lse", "lse_compiled", "lse_nonzero")
 PRODUCT_COLUMNS = ("i", "j", "x0", "y0", "x1", "y1", "conf")  # columns of EloftrProduct's `matches` rows
 
 
@@ -822,8 +859,10 @@ class EloftrProduct(nn.Module):
     def __init__(self, net: EloftrNet, threshold: float, max_matches: int, head: str = "dsmax",
                  fine: str = "exact", compiled: str = "none") -> None:
         super().__init__()
-        if head not in ("dsmax", "lse", "lse_compiled"):
-            raise ValueError(f"head must be dsmax, lse or lse_compiled, got {head!r}")
+        if head not in PRODUCT_HEADS:
+            raise ValueError(f"head must be one of {PRODUCT_HEADS}, got {head!r}")
+        if head == "lse_nonzero" and not threshold > 0:
+            raise ValueError("the lse_nonzero head compares log-confidences with log(threshold): threshold must be > 0")
         if fine not in ("exact", "fast", "fast_compiled"):
             raise ValueError(f"fine must be exact, fast or fast_compiled, got {fine!r}")
         if compiled not in ("none", "backbone", "features"):
@@ -847,6 +886,7 @@ class EloftrProduct(nn.Module):
         self._lse: Any = lse_topk_candidates
         if head == "lse_compiled":
             self._lse = CompiledOrEager(lse_topk_candidates, dynamic=False)
+        self._passing = CompiledOrEager(lse_passing_mask, dynamic=False) if head == "lse_nonzero" else None
 
     def canvas_geometry(self, h: int, w: int) -> tuple[int, int, int]:
         """-> (canvas side, valid coarse rows, valid coarse cols) of an h x w stage-2 image."""
@@ -903,17 +943,23 @@ class EloftrProduct(nn.Module):
         feats = self._features(image0, image1, mask0, mask1,
                                valid=self.crop_sizes(tuple(rgb0.shape), tuple(rgb1.shape)))
         t0, t1 = feats["transformer0"], feats["transformer1"]
-        if self.head_kind == "dsmax":  # the original's head (bit-exact on the CPU)
-            conf = dual_softmax_confidence(t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model)
-            cand_j, cand_conf = topk_candidates(conf, mask1, cfg.border_rm, cfg.candidates_per_cell)
-            del conf
-        else:
-            with exact_tf32_products(t0):
-                cand_j, cand_conf = self._lse(t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model,
-                                              cfg.border_rm, cfg.candidates_per_cell)
         cap = self.cap_of(tuple(rgb0.shape))
-        i_ids, j_ids, mconf, count, truncated = select_on_device(cand_j, cand_conf, mask0, mask1, self.threshold,
-                                                                 cfg.border_rm, cap)
+        if self._passing is not None:
+            with exact_tf32_products(t0):
+                sim, lse_row, lse_col, passed = self._passing(t0, t1, mask0, mask1, cfg.dsmax_temperature,
+                                                              cfg.d_model, cfg.border_rm, self.threshold)
+            i_ids, j_ids, mconf, count, truncated = select_passing(sim, lse_row, lse_col, passed, cap)
+        else:
+            if self.head_kind == "dsmax":  # the original's head (bit-exact on the CPU)
+                conf = dual_softmax_confidence(t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model)
+                cand_j, cand_conf = topk_candidates(conf, mask1, cfg.border_rm, cfg.candidates_per_cell)
+                del conf
+            else:
+                with exact_tf32_products(t0):
+                    cand_j, cand_conf = self._lse(t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model,
+                                                  cfg.border_rm, cfg.candidates_per_cell)
+            i_ids, j_ids, mconf, count, truncated = select_on_device(cand_j, cand_conf, mask0, mask1,
+                                                                     self.threshold, cfg.border_rm, cap)
         header = torch.stack([count.float(), truncated.float(), torch.full_like(count, cap, dtype=torch.float32)])
         header = F.pad(header, (0, len(PRODUCT_COLUMNS) - 3))[None]
         return feats["feat_f0"], feats["feat_f1"], i_ids, j_ids, mconf, header
