@@ -16,7 +16,7 @@ from test_export_onnx import REF, exported_eloftr, seeded_eloftr_state
 
 import parity_rules as pr
 
-from matchanything_ros.core.backends.onnxruntime_backend import OnnxRuntimeBackend, choose_provider
+from matchanything_ros.core.engines.onnxruntime_backend import OnnxRuntimeBackend, choose_provider
 from matchanything_ros.core.errors import BackendUnavailableError, ConfigError
 
 PARITY_SIZES = (416, 480, 512)  # canvas sides (resize_max of the robot preset); the fixtures' own is 640

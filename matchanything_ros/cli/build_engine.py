@@ -15,7 +15,7 @@ from ..core.params import names
 from . import add_param_args, param_values
 
 # coarse_res/upsample_res: which RoMa export to find when --model-file-path is empty (its graph is static);
-# every "engine"/"build" parameter, as the Matcher's engine lookup reads them (engine_build.engine_settings)
+# every "engine"/"build" parameter, as the Matcher's engine lookup reads them (engines.build.engine_settings)
 BUILD_PARAMS = ["variant", "checkpoint_path", "coarse_res", "upsample_res", "precision", *names("engine", "build")]
 
 
@@ -28,8 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.engine_build import build_engine_set, engine_settings
-    from ..core.export import resolve_onnx_dir
+    from ..core.engines.build import build_engine_set, engine_settings
+    from ..core.engines.export import resolve_onnx_dir
 
     params = param_values(args, BUILD_PARAMS)
     onnx_dir = str(resolve_onnx_dir(params))

@@ -42,7 +42,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..core.export import DEFAULT_OPSET, MIN_OPSET
+    from ..core.engines.export import DEFAULT_OPSET, MIN_OPSET
 
     parser = subparsers.add_parser("export", help="export the network to ONNX (checked against TensorRT's op list)",
                                    description=__doc__.splitlines()[0] if __doc__ else None)
@@ -63,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..core.checkpoint import load_state_dict
     from ..core.eloftr.pipeline import preprocess_settings
-    from ..core.engine_cache import sha256_file
-    from ..core.export import export_eloftr, resolve_onnx_dir
+    from ..core.engines.cache import sha256_file
+    from ..core.engines.export import export_eloftr, resolve_onnx_dir
     from ..core.matcher import resolve_eloftr_checkpoint
     from ..core.variants import pipeline_class
 
@@ -99,8 +99,8 @@ def run_product(args: argparse.Namespace, params: dict[str, Any], out_dir: Any, 
 
     from ..core.eloftr.pipeline import EloftrPipeline
     from ..core.eloftr.preprocess import stage2_rgb
-    from ..core.engine_cache import sha256_file
-    from ..core.export import export_eloftr_product
+    from ..core.engines.cache import sha256_file
+    from ..core.engines.export import export_eloftr_product
     from ..core.matcher import DATA_DIR
 
     if len(args.image_size) > 2:
@@ -129,8 +129,8 @@ def run_roma(args: argparse.Namespace, params: dict[str, Any]) -> int:
     """RoMa: one static `dense` graph for (coarse_res, upsample_res); --engine-*-size do not apply."""
     import torch
 
-    from ..core.engine_cache import sha256_file
-    from ..core.export import export_roma, resolve_onnx_dir
+    from ..core.engines.cache import sha256_file
+    from ..core.engines.export import export_roma, resolve_onnx_dir
     from ..core.roma.pipeline import RomaPipeline
 
     pipeline = RomaPipeline(params)  # validates coarse_res / upsample_res before the weights are read

@@ -31,33 +31,31 @@ from typing import Any, TextIO
 
 import onnx
 
-from .engine_cache import (
+from ..errors import ConfigError, EngineMismatchError, MatchAnythingError
+from .cache import (
     ENGINE_SUFFIX,
-    build_command,
     EXPORT_MANIFEST,
-    META_PREFIX,
+    META_DYNAMIC_DIMS,
+    META_FP32_PATTERNS,
+    META_GRAPH_CONSTANTS,
+    META_PRECISION,
     ONNX_SUFFIX,
+    build_command,
     cache_root,
     check_sidecar,
-    expected_sidecar_fields,
     default_engine_dir,
     engine_cache_key,
+    expected_sidecar_fields,
+    graph_paths,
     model_dir,
+    resolve_onnx_dir,
     sha256_file,
     shapes_tag,
     slug,
     write_atomic,
     write_sidecar,
 )
-from .backends.tensorrt_backend import import_tensorrt, trt
-from .errors import ConfigError, EngineMismatchError, MatchAnythingError
-
-# ONNX metadata_props written by core/export.py (read here without torch)
-META_DYNAMIC_DIMS = META_PREFIX + "dynamic_dims"  # JSON {dim_name: {"canvas_div": k} | {"matches": true}}
-META_FP32_PATTERNS = META_PREFIX + "fp32_layer_patterns"  # JSON [regex, ...] of node names kept in FP32
-# constants of a one-graph export (ELoFTR's product model) that the sidecar repeats for the runtime
-META_GRAPH_CONSTANTS = tuple(META_PREFIX + k for k in ("threshold", "max_matches", "image_shapes"))
-META_PRECISION = META_PREFIX + "precision"  # "fp16" for an fp16 export with explicit fp32 islands
+from .tensorrt_backend import import_tensorrt, trt
 
 # Always kept in FP32 under --precision fp16: softmax and the products that feed it
 # (activation x activation matmuls = similarity / attention; see _sensitive), reductions,
@@ -427,7 +425,7 @@ class TensorRTSystem:
 def this_system(device_index: int = 0) -> TensorRTSystem:
     """This machine's TensorRT version and GPU (BackendUnavailableError without TensorRT/pycuda/GPU)."""
     import_tensorrt()
-    from .backends.cuda_context import gpu_identity
+    from .cuda_context import gpu_identity
 
     gpu_name, cc = gpu_identity(device_index)
     return TensorRTSystem(gpu_name, cc, str(trt.__version__))
@@ -436,7 +434,7 @@ def this_system(device_index: int = 0) -> TensorRTSystem:
 def engine_settings(params: dict[str, Any]) -> dict[str, Any]:
     """plan_engine_set/build_engine_set keyword arguments from parameter values (defaults from
     core/params.py): the one mapping the CLI, the library and the node share."""
-    from .params import PARAMS_BY_NAME
+    from ..params import PARAMS_BY_NAME
 
     def p(name: str) -> Any:
         return params.get(name, PARAMS_BY_NAME[name].default)
@@ -582,9 +580,6 @@ def find_engines(params: dict[str, Any], pipeline: Any, system: TensorRTSystem) 
     (default: the checkpoint's export) with the engine profile of `params`; otherwise that path:
     a directory of `<graph>.engine`, a path with `{graph}`, or the engine of a single-graph variant.
     """
-    from .backends.factory import graph_paths
-    from .export import resolve_onnx_dir
-
     settings = engine_settings(params)
     precision = settings["precision"]
     variant = pipeline.name

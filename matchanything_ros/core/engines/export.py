@@ -25,18 +25,16 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 import onnx
 
-from .. import __version__
-from .engine_build import META_DYNAMIC_DIMS, META_FP32_PATTERNS, META_PREFIX
-from .engine_cache import EXPORT_MANIFEST, ONNX_SUFFIX, default_onnx_dir, sha256_file
-from .errors import ConfigError, MatchAnythingError
+from ... import __version__
+from ..errors import ConfigError, MatchAnythingError
+from .cache import DEFAULT_OPSET, EXPORT_MANIFEST, META_PREFIX, ONNX_SUFFIX, sha256_file
 
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_OPSET = 17
 MIN_OPSET = 17
 PROTOBUF_LIMIT = 2 << 30  # 2 GB: a single ONNX protobuf must be smaller; weights go to a .data file
-TRT_OPS_FILE = Path(__file__).resolve().parent.parent / "data" / "trt_onnx_ops.json"
+TRT_OPS_FILE = Path(__file__).resolve().parents[2] / "data" / "trt_onnx_ops.json"
 TOPK_MAX_K = 3840  # TensorRT restriction on TopK (see trt_onnx_ops.json)
 
 
@@ -370,7 +368,7 @@ def export_eloftr_product(pipeline: Any, state_dict: dict[str, "torch.Tensor"], 
     import onnxruntime as ort
     import torch
 
-    from .eloftr.model import EloftrProduct
+    from ..eloftr.model import EloftrProduct
 
     if opset < MIN_OPSET:
         raise ConfigError(f"opset {opset} is below the minimum {MIN_OPSET}")
@@ -433,15 +431,10 @@ ROMA_GP_NODES = r"/gps\.16/"  # node names of the GP (kept in FP32 by fp16 engin
 ROMA_VERIFY_TOL = {"warp": 1e-3, "certainty": 1e-2 / 4}
 
 
-def roma_static_tag(coarse_res: int, upsample_res: int) -> str:
-    """Name part of a RoMa export: its graph is static, one per (coarse_res, upsample_res)."""
-    return f"c{coarse_res}-u{upsample_res}"
-
-
 def roma_metadata(pipeline: Any, checkpoint_sha256: str, dinov2_sha256: str) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from .roma.gp import newton_schulz_iterations
+    from ..roma.gp import newton_schulz_iterations
 
     cfg = pipeline.config
     c, u = cfg.coarse_res, cfg.upsample_res
@@ -552,45 +545,5 @@ def export_roma(pipeline: Any, state_dict: dict[str, "torch.Tensor"], out_dir: s
     return {"dense": path}
 
 
-# --- factory hook ---------------------------------------------------------------------------------------
-
-def default_model_dir(params: dict[str, Any], variant: str) -> Path:
-    """The export directory used when `model_file_path` is empty: derived from the checkpoint's hash
-    (and, for RoMa's static graph, from coarse_res/upsample_res)."""
-    ckpt = params.get("checkpoint_path", "")
-    if not ckpt or not Path(ckpt).is_file():
-        raise ConfigError("checkpoint_path is needed to locate the default ONNX export")
-    tag = ""
-    if variant == "roma":
-        from .roma.config import RomaConfig
-
-        cfg = RomaConfig.from_params(params)
-        tag = roma_static_tag(cfg.coarse_res, cfg.upsample_res)
-    return default_onnx_dir(variant, sha256_file(ckpt), DEFAULT_OPSET, tag)
-
-
-def resolve_onnx_dir(params: dict[str, Any]) -> Path:
-    """The export directory of `params`: model_file_path, else the default one for its checkpoint
-    (ELoFTR's empty checkpoint_path = the bundled demo model; RoMa's by coarse_res/upsample_res)."""
-    if params.get("model_file_path"):
-        return Path(params["model_file_path"])
-    variant = params.get("variant", "eloftr")
-    if variant == "eloftr":
-        from .matcher import resolve_eloftr_checkpoint
-
-        params = {**params, "checkpoint_path": str(resolve_eloftr_checkpoint(params.get("checkpoint_path", ""))[0])}
-    return default_model_dir(params, variant)
-
-
-def default_model_paths(params: dict[str, Any], pipeline: Any) -> dict[str, Path]:
-    """{graph: default ONNX path} for core/backends/factory.py (files may not exist yet)."""
-    d = default_model_dir(params, pipeline.name)
-    single = getattr(pipeline, "product_graph", None)  # a one-graph export wins over the split graphs
-    if single and (d / f"{single}{ONNX_SUFFIX}").is_file():
-        return {single: d / f"{single}{ONNX_SUFFIX}"}
-    return {g: d / f"{g}{ONNX_SUFFIX}" for g in pipeline.graphs}
-
-
-__all__ = ["DEFAULT_OPSET", "ExportCheckError", "check_onnx_file", "default_model_paths", "export_eloftr",
-           "resolve_onnx_dir",
-           "export_roma", "needs_external_data", "trt_unsupported_ops", "META_DYNAMIC_DIMS", "META_FP32_PATTERNS"]
+__all__ = ["ExportCheckError", "check_onnx_file", "export_eloftr", "export_eloftr_product", "export_roma",
+           "needs_external_data", "trt_type_problems", "trt_unsupported_ops"]
