@@ -168,7 +168,8 @@ def network_typing(tensorrt_version: str, precision: str, onnx_precision: str) -
     if precision == onnx_precision:
         return NetworkTyping(True, f"the export is {onnx_precision}: strongly typed, built as exported")
     if precision == "fp32":
-        raise ConfigError("this export is fp16; an fp32 engine needs an fp32 export (`matchanything export`)")
+        raise ConfigError("this export is fp16: build it with --precision fp16 (an fp32 engine needs an fp32 export, "
+                          "`matchanything export` without --precision fp16)")
     if major >= 11:
         raise ConfigError(
             f"TensorRT {tensorrt_version} builds strongly typed networks only, so an fp16 engine needs an fp16 "
