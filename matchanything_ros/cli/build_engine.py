@@ -1,10 +1,12 @@
 """`matchanything build-engine`: TensorRT engines (+ JSON sidecars) from a `matchanything export` directory.
 
-Runs on the target machine (engines are bound to the GPU and TensorRT version). Optimisation
-profile from --engine-min/opt/max-size (canvas side) and --engine-max-matches; --precision fp16
-keeps softmax/similarity layers in FP32. With an empty --engine-file-path the engines go to the
-cache directory the tensorrt backend looks in by default. Existing engines that still match are
-reused unless --force-engine-update.
+Runs on the target machine (engines are bound to the GPU and TensorRT version). A one-graph export
+(`export --image-size WxH`, ELoFTR's product model) gives one engine with the export's fixed shapes; a
+--free-size export gives two, with the optimisation profile from --engine-min/opt/max-size (canvas side)
+and --engine-max-matches. --precision fp16 on an fp16 export builds it strongly typed (TensorRT 10 and
+11); on an fp32 export, weakly typed with softmax/similarity layers kept in FP32 (TensorRT 10 only). With
+an empty --engine-file-path the engines go to the cache directory the tensorrt backend looks in by
+default. Existing engines that still match are reused unless --force-engine-update.
 """
 from __future__ import annotations
 

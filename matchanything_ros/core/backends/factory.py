@@ -200,8 +200,10 @@ def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:
             log.info("backend: onnxruntime on %s (%s)", backend.device, ", ".join(map(str, models.values())))
             return BackendChoice(backend, skipped)
         if choice == "onnxruntime":
+            how = ("`matchanything export --image-size WxH` for your camera, --free-size for any image size"
+                   if pipeline.name == "eloftr" else f"`matchanything export --variant {pipeline.name}`")
             raise BackendUnavailableError("ONNX Runtime backend unavailable: no ONNX files for "
-                                          f"{pipeline.name} (export them with `matchanything export`)")
+                                          f"{pipeline.name} (export them with {how})")
     backend = create_torch_backend(params, pipeline, device)
     log.info("backend: torch on %s, %s", backend.device, backend.precision)
     return BackendChoice(backend, skipped)

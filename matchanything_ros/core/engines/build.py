@@ -607,8 +607,9 @@ def find_engines(params: dict[str, Any], pipeline: Any, system: TensorRTSystem) 
     else:
         export_hint = f" at {onnx_dir}" if onnx_dir is not None else ""
         return EngineLookup({}, {}, f"no ONNX export{export_hint} to build an engine from, and no "
-                            "engine_file_path: export first (`matchanything export`), then build "
-                            "(`matchanything build-engine`)", "matchanything build-engine")
+                            "engine_file_path: export first (`matchanything export --image-size WxH` for your "
+                            "camera; --free-size for any image size), then build (`matchanything build-engine`)",
+                            "matchanything build-engine")
     build_params = dict(plan.build_params) if plan is not None else {
         "variant": variant, "precision": precision, "model_file_path": str(onnx_dir or "")}
     build_params["engine_file_path"] = str(next(iter(engines.values())).parent) if given else build_params.get(
