@@ -27,7 +27,7 @@ from matchanything_ros.core.engines.build import network_typing, onnx_precision
 from matchanything_ros.core.engines.export import (FP16_MAX_COUNT_DIFF, FP16_MIN_WITHIN_1PX, compare_product_outputs,
                                                    export_eloftr_product)
 from matchanything_ros.core.errors import ConfigError
-from matchanything_ros.core.matcher import resolve_eloftr_checkpoint
+from matchanything_ros.core.matcher import Matcher, MatcherConfig, resolve_eloftr_checkpoint
 from reference import REFERENCE_ROOT
 
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
@@ -71,6 +71,29 @@ def test_onnxruntime_runs_the_fp16_model_within_the_fp16_rule_of_torch_fp32(fp16
         assert cmp["count_expected"] > 100, name  # real matches, not an empty comparison
         assert cmp["within_1px"] >= FP16_MIN_WITHIN_1PX, (name, cmp)
         assert cmp["count_diff"] <= FP16_MAX_COUNT_DIFF, (name, cmp)
+
+
+def test_the_matcher_runs_it_with_precision_fp16_and_refuses_fp32(fp16_export: tuple) -> None:
+    """Through the Matcher (as the node runs it): the export's precision is the run's, said in MatcherInfo."""
+    folder = fp16_export[0].parent
+    _, im0, im1 = _fixture_pairs_512()[1]
+    params = {"device": "cpu", "threshold": 0.1}
+    with Matcher(MatcherConfig.from_params({**params, "backend": "onnxruntime", "precision": "fp16",
+                                            "model_file_path": str(folder)})) as m, \
+            Matcher(MatcherConfig.from_params({**params, "backend": "torch"})) as ref_m:
+        assert m.info["precision"] == "fp16" and m.info["engine_file"].startswith("product=")
+        got, ref = m.match(im0, im1), ref_m.match(im0, im1)
+        got_ij = list(zip(m.pipeline.last_coarse.i_ids.tolist(), m.pipeline.last_coarse.j_ids.tolist()))
+        ref_ij = list(zip(ref_m.pipeline.last_coarse.i_ids.tolist(), ref_m.pipeline.last_coarse.j_ids.tolist()))
+    assert got.extras["graph"] == "product" and len(ref) > 100
+    assert abs(len(got) - len(ref)) <= FP16_MAX_COUNT_DIFF * len(ref)
+    ref_at = {ij: k for k, ij in enumerate(ref_ij)}
+    common = [(k, ref_at[ij]) for k, ij in enumerate(got_ij) if ij in ref_at]
+    err = np.array([max(np.abs(got.keypoints0[a] - ref.keypoints0[b]).max(),
+                        np.abs(got.keypoints1[a] - ref.keypoints1[b]).max()) for a, b in common])
+    assert len(common) >= 0.95 * len(ref) and (err <= 1.0).mean() >= FP16_MIN_WITHIN_1PX
+    with pytest.raises(ConfigError, match="is an fp16 export, and precision 'fp32' was asked for"):
+        Matcher(MatcherConfig.from_params({**params, "backend": "onnxruntime", "model_file_path": str(folder)}))
 
 
 def test_the_graph_has_fp16_weights_and_fp32_islands_where_said(fp16_export: tuple) -> None:
