@@ -51,8 +51,10 @@ def fp16_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EloftrP
     pipeline = EloftrPipeline({"threshold": 0.1}, cfg)
     _, im0, im1 = _fixture_pairs_512()[0]
     out = tmp_path_factory.mktemp("fp16") / "product.onnx"
-    export_eloftr_product(pipeline, state, out, image0=im0, image1=im1, checkpoint_sha256="0" * 64,
-                          precision="fp16", log=io.StringIO(), manifest=True)
+    report = export_eloftr_product(pipeline, state, out, image0=im0, image1=im1, checkpoint_sha256="0" * 64,
+                                   precision="fp16", log=io.StringIO(), manifest=True)
+    # TensorRT's parser would take it: every operator, TopK's K and every operator's input type (fp16 included)
+    assert report["trt_unsupported_ops"] == [] and report["precision"] == "fp16"
     return out, pipeline, state
 
 

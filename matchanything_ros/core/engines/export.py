@@ -1,9 +1,11 @@
 """`matchanything export`: the variant's torch graphs -> ONNX files that work at every size they claim.
 
-ELoFTR exports two graphs (`coarse`, `fine`) with a dynamic canvas side (416..1664 by default,
-multiples of 32) and a dynamic match count M for `fine`. Outputs have shapes fixed by the inputs
-(no data-dependent shapes), so TensorRT needs no output allocator. RoMa exports one static graph
-(`dense`) per (coarse_res, upsample_res), with the Newton-Schulz GP solve (no Inverse op).
+ELoFTR for one camera size: the product model (`export_eloftr_product`), the whole frame as one
+fixed-shape graph, in fp32 or in fp16 with explicit fp32 islands. ELoFTR for any size: two graphs
+(`coarse`, `fine`, `export_eloftr`) with a dynamic canvas side (416..1664 by default, multiples of 32)
+and a dynamic match count M for `fine`. Outputs have shapes fixed by the inputs (no data-dependent
+shapes), so TensorRT needs no output allocator. RoMa exports one static graph (`dense`) per
+(coarse_res, upsample_res), with the Newton-Schulz GP solve (no Inverse op).
 
 Every export is checked before it is declared done, because peers ship exports that only work at
 the trace size: `onnx.checker`, ONNX shape inference, every operator against TensorRT's ONNX
