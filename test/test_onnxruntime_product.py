@@ -68,12 +68,19 @@ def test_export_without_a_size_says_which_export_to_choose(tmp_path: Path, capsy
     assert not list(tmp_path.iterdir())
 
 
-def test_free_size_writes_the_two_graphs(tmp_path: Path) -> None:
+def test_free_size_writes_the_two_graphs_and_the_directory_runs_the_last_export(
+        tmp_path: Path, camera_pair: tuple[np.ndarray, np.ndarray]) -> None:
+    assert main(documented_export_argv(tmp_path, f"{SIZE[0]}x{SIZE[1]}")) == 0  # first the one-graph export
     assert main(["export", "--free-size", "--no-verify", "--model-file-path", str(tmp_path),
-                 "--engine-min-size", "416", "--engine-max-size", "512"]) == 0
-    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["coarse.onnx", "fine.onnx"]
+                 "--engine-min-size", "416", "--engine-max-size", "512"]) == 0  # then, into the same folder, two
+    assert {"coarse.onnx", "fine.onnx"} <= {p.name for p in tmp_path.glob("*.onnx")}
     manifest = json.loads((tmp_path / "export.json").read_text())
     assert manifest["graphs"] == ["coarse", "fine"] and manifest["canvas_range"] == [416, 512]
+    # the folder's manifest says which export is current: the product.onnx left behind is not run
+    with Matcher(MatcherConfig.from_params({"device": "cpu", "backend": "onnxruntime",
+                                            "model_file_path": str(tmp_path)})) as m:
+        assert "product=" not in m.info["engine_file"] and "coarse=" in m.info["engine_file"]
+        assert m.match(*camera_pair).extras.get("graph") != "product"
 
 
 @pytest.fixture(scope="module")

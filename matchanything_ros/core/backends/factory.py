@@ -32,16 +32,13 @@ log = logging.getLogger(__name__)
 
 def _onnx_files(params: dict[str, Any], pipeline: Any) -> dict[str, Path] | None:
     """{graph: ONNX file} of `model_file_path` (default: the checkpoint's export); None unless all exist."""
-    from ..engines.cache import ONNX_SUFFIX, default_model_paths, graph_paths
+    from ..engines.cache import ONNX_SUFFIX, default_model_paths, export_graphs, graph_paths
 
     base = params.get("model_file_path", "")
     paths: dict[str, Path] | None
     if base and Path(base).expanduser().is_dir():  # an export directory: <dir>/<graph>.onnx
         folder = Path(base).expanduser()
-        paths = {g: folder / f"{g}{ONNX_SUFFIX}" for g in pipeline.graphs}
-        single = getattr(pipeline, "product_graph", None)  # a one-graph export wins over the split graphs
-        if single and (folder / f"{single}{ONNX_SUFFIX}").is_file():
-            paths = {single: folder / f"{single}{ONNX_SUFFIX}"}
+        paths = {g: folder / f"{g}{ONNX_SUFFIX}" for g in export_graphs(folder, pipeline)}
     elif base:
         paths = graph_paths(base, pipeline.graphs)
     else:

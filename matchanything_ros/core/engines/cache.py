@@ -292,13 +292,26 @@ def resolve_onnx_dir(params: dict[str, Any]) -> Path:
     return default_model_dir(params, variant)
 
 
+def export_graphs(folder: Path, pipeline: Any) -> list[str]:
+    """The graphs of the export in `folder`: those its manifest names (the last `matchanything export` into
+    it: a product export after a --free-size one, or the reverse, leaves the other's files behind), else the
+    one-graph model where its file is there, else the pipeline's split graphs."""
+    try:
+        graphs = json.loads((folder / EXPORT_MANIFEST).read_text()).get("graphs")
+    except (OSError, ValueError, AttributeError):
+        graphs = None
+    if isinstance(graphs, list) and graphs and all(isinstance(g, str) for g in graphs):
+        return graphs
+    single = getattr(pipeline, "product_graph", None)  # a one-graph export wins over the split graphs
+    if single and (folder / f"{single}{ONNX_SUFFIX}").is_file():
+        return [single]
+    return list(pipeline.graphs)
+
+
 def default_model_paths(params: dict[str, Any], pipeline: Any) -> dict[str, Path]:
     """{graph: default ONNX path} for core/backends/factory.py (files may not exist yet)."""
     d = default_model_dir(params, pipeline.name)
-    single = getattr(pipeline, "product_graph", None)  # a one-graph export wins over the split graphs
-    if single and (d / f"{single}{ONNX_SUFFIX}").is_file():
-        return {single: d / f"{single}{ONNX_SUFFIX}"}
-    return {g: d / f"{g}{ONNX_SUFFIX}" for g in pipeline.graphs}
+    return {g: d / f"{g}{ONNX_SUFFIX}" for g in export_graphs(d, pipeline)}
 
 
 def graph_paths(base: str, graphs: tuple[str, ...]) -> dict[str, Path]:
