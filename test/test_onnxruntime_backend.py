@@ -59,7 +59,7 @@ def test_cuda_without_cuda_provider_is_an_error_not_a_fallback() -> None:
 
 
 def test_precision_and_missing_files_are_clear_errors(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="fp16 is a TensorRT build option|precision 'fp16'"):
+    with pytest.raises(ConfigError, match="is an fp32 export, and precision 'fp16' was asked for"):
         OnnxRuntimeBackend({"coarse": exported_eloftr() / "coarse.onnx"}, "cpu", "fp16")
     with pytest.raises(ConfigError, match="matchanything export"):
         OnnxRuntimeBackend({"coarse": tmp_path / "nope.onnx"}, "cpu")
