@@ -3,8 +3,9 @@
     ros2 launch matchanything_ros build_engine.launch.py model_file_path:=/data/eloftr_onnx \
         engine_file_path:=/data/eloftr_fp16 precision:=fp16
 
-(model_file_path: the directory `matchanything export` wrote, which can run on a desktop with torch;
-engine_file_path: where `<graph>.engine` + `<graph>.engine.json` go; both empty = the cache defaults.)
+(model_file_path: the directory `matchanything export --image-size WxH` wrote for your camera — one graph,
+so one engine, `product.engine` — which can run on a desktop with torch; engine_file_path: where
+`<graph>.engine` + `<graph>.engine.json` go; both empty = the cache defaults.)
 The launch shuts down when the build process exits.
 
 Runs `matchanything build-engine` with a flag for every argument given; an argument left empty

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from matchanything_ros.core.checkpoint import load_state_dict
-from matchanything_ros.core.engine_cache import sha256_file
+from matchanything_ros.core.engines.cache import sha256_file
 from matchanything_ros.core.eloftr.config import EloftrConfig
 from matchanything_ros.core.eloftr.model import EloftrNet
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline

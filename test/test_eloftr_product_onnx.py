@@ -10,7 +10,7 @@ import onnx
 from matchanything_ros.core.backends.torch_backend import TorchBackend
 from matchanything_ros.core.checkpoint import load_state_dict
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
-from matchanything_ros.core.export import PRODUCT_INPUTS, PRODUCT_OUTPUTS, export_eloftr_product
+from matchanything_ros.core.engines.export import PRODUCT_INPUTS, PRODUCT_OUTPUTS, export_eloftr_product
 from matchanything_ros.core.matcher import DATA_DIR, resolve_eloftr_checkpoint, run_pipeline
 
 

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from matchanything_ros.core.checkpoint import load_state_dict
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
-from matchanything_ros.core.export import (TOPK_MAX_K, export_eloftr_product, trt_type_problems,
+from matchanything_ros.core.engines.export import (TOPK_MAX_K, export_eloftr_product, trt_type_problems,
                                            trt_unsupported_ops)
 from matchanything_ros.core.matcher import DATA_DIR, resolve_eloftr_checkpoint
 

@@ -7,7 +7,7 @@ import types
 
 import numpy as np
 
-from matchanything_ros.core.backends.cuda_context import BufferPool
+from matchanything_ros.core.engines.cuda_context import BufferPool
 
 
 class _Allocation:

@@ -22,9 +22,9 @@ from test_export_onnx import exported_eloftr
 
 from matchanything_ros.cli import build_parser, param_values
 from matchanything_ros.cli.build_engine import BUILD_PARAMS
-from matchanything_ros.core import engine_build
+from matchanything_ros.core.engines import build as engine_build
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
-from matchanything_ros.core.engine_build import (
+from matchanything_ros.core.engines.build import (
     LayerFacts,
     TensorRTSystem,
     engine_settings,
@@ -36,7 +36,7 @@ from matchanything_ros.core.engine_build import (
     plan_engine_set,
     save_timing_cache,
 )
-from matchanything_ros.core.engine_cache import (
+from matchanything_ros.core.engines.cache import (
     expected_sidecar_fields,
     sha256_file,
     write_sidecar,

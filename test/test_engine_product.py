@@ -14,11 +14,11 @@ import pytest
 
 from matchanything_ros.cli import build_parser, main, param_values
 from matchanything_ros.cli.build_engine import BUILD_PARAMS
-from matchanything_ros.core import engine_build
+from matchanything_ros.core.engines import build as engine_build
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
-from matchanything_ros.core.engine_build import (META_PREFIX, TensorRTSystem, build_engine_set, engine_settings,
-                                                 find_engines, plan_engine_set)
-from matchanything_ros.core.engine_cache import read_sidecar
+from matchanything_ros.core.engines.build import (TensorRTSystem, build_engine_set, engine_settings, find_engines,
+                                                 plan_engine_set)
+from matchanything_ros.core.engines.cache import META_PREFIX, read_sidecar
 from matchanything_ros.core.matcher import MatcherConfig
 
 ORIN = TensorRTSystem("Orin", "8.7", "10.3.0.30")

@@ -19,8 +19,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from matchanything_ros import __version__
-from matchanything_ros.core.engine_build import read_onnx_metadata
-from matchanything_ros.core.export import (
+from matchanything_ros.core.engines.build import read_onnx_metadata
+from matchanything_ros.core.engines.export import (
     TRT_OPS_FILE,
     ExportCheckError,
     check_onnx_file,
@@ -50,7 +50,7 @@ def exported_eloftr() -> Path:
         import torch
 
         from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
-        from matchanything_ros.core.export import export_eloftr
+        from matchanything_ros.core.engines.export import export_eloftr
 
         out = Path(tempfile.mkdtemp(prefix="ma_export_"))
         atexit.register(shutil.rmtree, out, True)
@@ -148,7 +148,7 @@ def test_export_is_checked_dynamic_and_carries_metadata() -> None:
 def test_export_refuses_bad_canvas_range(tmp_path: Path) -> None:
     from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
     from matchanything_ros.core.errors import ConfigError
-    from matchanything_ros.core.export import export_eloftr
+    from matchanything_ros.core.engines.export import export_eloftr
 
     with pytest.raises(ConfigError, match="multiples of 32"):
         export_eloftr(EloftrPipeline(), {}, tmp_path, checkpoint_sha256="0" * 64, sizes=(400, 1664))

@@ -25,11 +25,11 @@ import parity_rules as pr
 import roma_util as ru
 from matchanything_ros import __version__
 from matchanything_ros.cli import main as cli_main
-from matchanything_ros.core.backends.onnxruntime_backend import OnnxRuntimeBackend
-from matchanything_ros.core.engine_cache import sha256_file
-from matchanything_ros.core.engine_build import profile_shapes, read_onnx_metadata
+from matchanything_ros.core.engines.onnxruntime_backend import OnnxRuntimeBackend
+from matchanything_ros.core.engines.cache import sha256_file
+from matchanything_ros.core.engines.build import profile_shapes, read_onnx_metadata
 from matchanything_ros.core.errors import ConfigError
-from matchanything_ros.core.export import check_onnx_file, needs_external_data, save_model, trt_unsupported_ops
+from matchanything_ros.core.engines.export import check_onnx_file, needs_external_data, save_model, trt_unsupported_ops
 
 FLOW_TOL = 1e-3
 CERT_TOL = 1e-2 / 4  # the exporter's own check on random images (an intermediate tolerance)
@@ -205,7 +205,7 @@ def test_build_engine_looks_for_the_export_of_its_own_sizes() -> None:
     """RoMa's graph is static: without --model-file-path, build-engine must find the export made for the
     --coarse-res/--upsample-res it is given, as `export` wrote it, not the default sizes' one."""
     from matchanything_ros.cli.build_engine import BUILD_PARAMS
-    from matchanything_ros.core.export import resolve_onnx_dir, roma_static_tag
+    from matchanything_ros.core.engines.cache import resolve_onnx_dir, roma_static_tag
 
     ckpt, _ = ru.weight_files()
     params = {"variant": "roma", "checkpoint_path": str(ckpt), "coarse_res": 280, "upsample_res": 432}

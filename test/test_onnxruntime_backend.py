@@ -16,7 +16,7 @@ from test_export_onnx import REF, exported_eloftr, seeded_eloftr_state
 
 import parity_rules as pr
 
-from matchanything_ros.core.backends.onnxruntime_backend import OnnxRuntimeBackend, choose_provider
+from matchanything_ros.core.engines.onnxruntime_backend import OnnxRuntimeBackend, choose_provider
 from matchanything_ros.core.errors import BackendUnavailableError, ConfigError
 
 PARITY_SIZES = (416, 480, 512)  # canvas sides (resize_max of the robot preset); the fixtures' own is 640
@@ -59,7 +59,7 @@ def test_cuda_without_cuda_provider_is_an_error_not_a_fallback() -> None:
 
 
 def test_precision_and_missing_files_are_clear_errors(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="fp16 is a TensorRT build option|precision 'fp16'"):
+    with pytest.raises(ConfigError, match="is an fp32 export, and precision 'fp16' was asked for"):
         OnnxRuntimeBackend({"coarse": exported_eloftr() / "coarse.onnx"}, "cpu", "fp16")
     with pytest.raises(ConfigError, match="matchanything export"):
         OnnxRuntimeBackend({"coarse": tmp_path / "nope.onnx"}, "cpu")

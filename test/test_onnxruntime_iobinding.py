@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 from test_export_onnx import exported_eloftr
 
-from matchanything_ros.core.backends.onnxruntime_backend import OnnxRuntimeBackend
+from matchanything_ros.core.engines.onnxruntime_backend import OnnxRuntimeBackend
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
 from matchanything_ros.core.matcher import DATA_DIR, run_pipeline
 

@@ -1,8 +1,11 @@
-"""ELoFTR's one-graph product model, exported by `matchanything export --image-size`, run by the
-onnxruntime backend on the CPU through the Matcher: the torch host path's matches, the size, threshold
-and cap it was exported for, and a clear error for anything else."""
+"""ELoFTR's one-graph product model, exported by the command docs/engines.md gives a robot with a fixed
+camera (`matchanything export --image-size`), run by the onnxruntime backend on the CPU through the Matcher:
+the torch host path's matches, the size, threshold and cap it was exported for, and a clear error for
+anything else. `export` without a size says which export to choose; `--free-size` writes the two graphs."""
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 
 import cv2
@@ -16,12 +19,68 @@ from matchanything_ros.core.matcher import DATA_DIR, Matcher, MatcherConfig
 SIZE = (320, 256)  # camera W x H: 1600 image0 cells, quick on a CPU
 
 
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "engines.md"
+
+
+def documented_export_argv(model_dir: Path, size: str) -> list[str]:
+    """The `matchanything export` command of docs/engines.md's "Example session" (the Jetson user's path), run
+    with this test's output directory, the bundled model (its --checkpoint-path dropped) and a small camera."""
+    text = DOCS.read_text()
+    block = text[text.index("## Example session"):]
+    block = block[block.index("```bash") + 7:]
+    block = block[:block.index("```")]
+    command = next(ln for ln in block.replace("\\\n", " ").splitlines() if ln.startswith("matchanything export "))
+    argv = shlex.split(command.split("#")[0])[1:]
+    swap = {"--checkpoint-path": None, "--model-file-path": str(model_dir), "--image-size": size}
+    assert set(swap) <= set(argv), f"the documented export command changed: {command}"
+    out: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word in swap:
+            next(words)
+            value = swap[word]
+            if value is not None:
+                out += [word, value]
+        else:
+            out.append(word)
+    return out
+
+
 @pytest.fixture(scope="module")
 def product_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("product")
-    code = main(["export", "--model-file-path", str(d), "--image-size", f"{SIZE[0]}x{SIZE[1]}", "--threshold", "0.1"])
-    assert code == 0 and (d / "product.onnx").is_file()
+    assert main(documented_export_argv(d, f"{SIZE[0]}x{SIZE[1]}")) == 0
     return d
+
+
+def test_the_documented_export_writes_one_graph(product_dir: Path) -> None:
+    assert sorted(p.name for p in product_dir.glob("*.onnx")) == ["product.onnx"]  # no coarse/fine
+    manifest = json.loads((product_dir / "export.json").read_text())
+    assert manifest["graphs"] == ["product"] and manifest["dynamic"] is False and manifest["precision"] == "fp32"
+    assert manifest["image_shapes"] == [[SIZE[1], SIZE[0], 3]] * 2
+
+
+def test_export_without_a_size_says_which_export_to_choose(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    assert main(["export", "--model-file-path", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert "--image-size WxH" in err and "product.onnx" in err and "--free-size" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_free_size_writes_the_two_graphs_and_the_directory_runs_the_last_export(
+        tmp_path: Path, camera_pair: tuple[np.ndarray, np.ndarray]) -> None:
+    assert main(documented_export_argv(tmp_path, f"{SIZE[0]}x{SIZE[1]}")) == 0  # first the one-graph export
+    assert main(["export", "--free-size", "--no-verify", "--model-file-path", str(tmp_path),
+                 "--engine-min-size", "416", "--engine-max-size", "512"]) == 0  # then, into the same folder, two
+    assert {"coarse.onnx", "fine.onnx"} <= {p.name for p in tmp_path.glob("*.onnx")}
+    manifest = json.loads((tmp_path / "export.json").read_text())
+    assert manifest["graphs"] == ["coarse", "fine"] and manifest["canvas_range"] == [416, 512]
+    # the folder's manifest says which export is current: the product.onnx left behind is not run
+    with Matcher(MatcherConfig.from_params({"device": "cpu", "backend": "onnxruntime",
+                                            "model_file_path": str(tmp_path)})) as m:
+        assert "product=" not in m.info["engine_file"] and "coarse=" in m.info["engine_file"]
+        assert m.match(*camera_pair).extras.get("graph") != "product"
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from test_export_onnx import exported_eloftr
 
 from matchanything_ros import __version__
 from matchanything_ros.cli import build_parser
-from matchanything_ros.core.engine_build import profile_shapes, read_export_manifest
-from matchanything_ros.core.engine_cache import (
+from matchanything_ros.core.engines.build import profile_shapes, read_export_manifest
+from matchanything_ros.core.engines.cache import (
     check_sidecar,
     engine_cache_key,
     expected_sidecar_fields,
@@ -131,12 +131,12 @@ def _tensorrt_runtime_installed() -> bool:
 
 
 def test_tensorrt_backend_imports_no_torch_and_reports_missing_tensorrt(tmp_path: Path) -> None:
-    code = ("import sys; import matchanything_ros.core.backends.tensorrt_backend as t; "
+    code = ("import sys; import matchanything_ros.core.engines.tensorrt_backend as t; "
             "bad = [m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules]; "
             "assert not bad, bad; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
-    from matchanything_ros.core.backends.tensorrt_backend import TensorRTBackend, import_tensorrt
+    from matchanything_ros.core.engines.tensorrt_backend import TensorRTBackend, import_tensorrt
     from matchanything_ros.core.errors import ConfigError
 
     missing = tmp_path / "coarse.engine"
@@ -188,8 +188,8 @@ def test_tensorrt_code_type_checks_against_tensorrt_stubs(tmp_path: Path) -> Non
                       "[mypy-tensorrt,tensorrt.*,tensorrt_bindings,tensorrt_bindings.*]\nignore_errors = True\n"
                       "[mypy-tensorrt_libs,tensorrt_libs.*,pycuda,pycuda.*,onnxruntime,onnxruntime.*]\n"
                       "ignore_missing_imports = True\n")
-    files = ["matchanything_ros/core/backends/tensorrt_backend.py", "matchanything_ros/core/engine_build.py",
-             "matchanything_ros/core/backends/cuda_context.py", "matchanything_ros/core/engine_cache.py",
+    files = ["matchanything_ros/core/engines/tensorrt_backend.py", "matchanything_ros/core/engines/build.py",
+             "matchanything_ros/core/engines/cuda_context.py", "matchanything_ros/core/engines/cache.py",
              "matchanything_ros/core/backends/factory.py"]
     env = {"MYPYPATH": str(stubs), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir",

@@ -34,11 +34,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from matchanything_ros.cli import main as cli  # noqa: E402
-from matchanything_ros.core.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
+from matchanything_ros.core.engines.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from matchanything_ros.core.backends.torch_backend import TorchBackend  # noqa: E402
 from matchanything_ros.core.benchmark import format_table, plot_latencies  # noqa: E402
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline  # noqa: E402
-from matchanything_ros.core.export import export_eloftr  # noqa: E402
+from matchanything_ros.core.engines.export import export_eloftr  # noqa: E402
 from matchanything_ros.core.validate import format_table as validate_table  # noqa: E402
 from matchanything_ros.core.validate import load_pairs, validate_pairs  # noqa: E402
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The TensorRT backend's CUDA plumbing on a real GPU, with a CUDA kernel standing in for the engine.
 
-Exercises `matchanything_ros.core.backends.cuda_context.CudaWorker` exactly as `TensorRTBackend` uses
+Exercises `matchanything_ros.core.engines.cuda_context.CudaWorker` exactly as `TensorRTBackend` uses
 it: the worker thread retains the primary context and pushes/pops it per task, one non-blocking
 stream, pinned host + device buffers from `BufferPool` (allocated once per shape, reused), async
 H2D copy -> kernel on that stream -> async D2H copy -> stream sync. Checks:
@@ -35,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from matchanything_ros.core.backends.cuda_context import CudaWorker  # noqa: E402
+from matchanything_ros.core.engines.cuda_context import CudaWorker  # noqa: E402
 
 KERNEL = r"""
 extern "C" __global__ void affine(const float* x, float* y, float a, float b, int n)

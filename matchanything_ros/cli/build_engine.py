@@ -1,10 +1,12 @@
 """`matchanything build-engine`: TensorRT engines (+ JSON sidecars) from a `matchanything export` directory.
 
-Runs on the target machine (engines are bound to the GPU and TensorRT version). Optimisation
-profile from --engine-min/opt/max-size (canvas side) and --engine-max-matches; --precision fp16
-keeps softmax/similarity layers in FP32. With an empty --engine-file-path the engines go to the
-cache directory the tensorrt backend looks in by default. Existing engines that still match are
-reused unless --force-engine-update.
+Runs on the target machine (engines are bound to the GPU and TensorRT version). A one-graph export
+(`export --image-size WxH`, ELoFTR's product model) gives one engine with the export's fixed shapes; a
+--free-size export gives two, with the optimisation profile from --engine-min/opt/max-size (canvas side)
+and --engine-max-matches. --precision fp16 on an fp16 export builds it strongly typed (TensorRT 10 and
+11); on an fp32 export, weakly typed with softmax/similarity layers kept in FP32 (TensorRT 10 only). With
+an empty --engine-file-path the engines go to the cache directory the tensorrt backend looks in by
+default. Existing engines that still match are reused unless --force-engine-update.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from ..core.params import names
 from . import add_param_args, param_values
 
 # coarse_res/upsample_res: which RoMa export to find when --model-file-path is empty (its graph is static);
-# every "engine"/"build" parameter, as the Matcher's engine lookup reads them (engine_build.engine_settings)
+# every "engine"/"build" parameter, as the Matcher's engine lookup reads them (engines.build.engine_settings)
 BUILD_PARAMS = ["variant", "checkpoint_path", "coarse_res", "upsample_res", "precision", *names("engine", "build")]
 
 
@@ -28,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.engine_build import build_engine_set, engine_settings
-    from ..core.export import resolve_onnx_dir
+    from ..core.engines.build import build_engine_set, engine_settings
+    from ..core.engines.export import resolve_onnx_dir
 
     params = param_values(args, BUILD_PARAMS)
     onnx_dir = str(resolve_onnx_dir(params))

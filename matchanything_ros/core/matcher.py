@@ -146,7 +146,7 @@ class Matcher:
 
     @property
     def info(self) -> dict[str, Any]:
-        from .engine_cache import sha256_file
+        from .engines.cache import sha256_file
 
         if self._sha256 is None:
             self._sha256 = sha256_file(self.checkpoint)

@@ -5,7 +5,7 @@ pair still waiting when a newer one arrives is overwritten and counted as droppe
 never grows and latency stays bounded by about two inference times. One worker thread creates
 the matcher, takes pairs, runs them, and rebuilds the matcher when the configuration changes, so
 the executor stays free for `/clock`, parameter services and diagnostics whatever the inference
-time (the TensorRT backend does its CUDA work on a thread of its own, core/backends/cuda_context.py).
+time (the TensorRT backend does its CUDA work on a thread of its own, core/engines/cuda_context.py).
 No ROS imports.
 """
 from __future__ import annotations

@@ -5,6 +5,10 @@ then "fine"; RoMa: "dense"). Pre- and post-processing are shared numpy code outs
 backends; a backend only runs graphs: named numpy arrays in, named numpy arrays out, except the
 outputs a pipeline names in `device_outputs` (the next graph's inputs), which a backend on a device
 hands back as its own device object (torch tensor, OrtValue, DeviceTensor) for that next graph.
+
+Implemented by `torch_backend.TorchBackend` (beside this file: it runs the model code) and by the two
+runtimes of exported files in core/engines/: `onnxruntime_backend.OnnxRuntimeBackend` and
+`tensorrt_backend.TensorRTBackend`.
 """
 from __future__ import annotations
 

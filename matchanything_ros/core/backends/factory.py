@@ -11,7 +11,9 @@ stale engine (with the command that rebuilds it). `force_engine_update` builds t
 Per-graph file paths come from `model_file_path` / `engine_file_path`: a path containing
 `{graph}` is formatted per graph; a single-graph variant uses the path as is; otherwise
 `<stem>.<graph><suffix>` beside it. With an empty path, the default location is derived
-(`export.default_model_paths`; TensorRT: `engine_build.find_engines`, the cache-key directory).
+(`engines.cache.default_model_paths`; TensorRT: `engines.build.find_engines`, the cache-key directory).
+The runtimes that run exported files (ONNX Runtime, TensorRT) live in core/engines/ and are imported
+only when chosen.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import BackendUnavailableError, ConfigError, EngineMismatchError, MatchAnythingError
 from .base import Backend
@@ -28,44 +30,23 @@ from .base import Backend
 log = logging.getLogger(__name__)
 
 
-def graph_paths(base: str, graphs: tuple[str, ...]) -> dict[str, Path]:
-    """One file path per graph from a user-given path (see module doc)."""
-    if "{graph}" in base:
-        return {g: Path(base.format(graph=g)) for g in graphs}
-    p = Path(base)
-    if len(graphs) == 1:
-        return {graphs[0]: p}
-    return {g: p.with_name(f"{p.stem}.{g}{p.suffix}") for g in graphs}
+def _onnx_files(params: dict[str, Any], pipeline: Any) -> dict[str, Path] | None:
+    """{graph: ONNX file} of `model_file_path` (default: the checkpoint's export); None unless all exist."""
+    from ..engines.cache import ONNX_SUFFIX, default_model_paths, export_graphs, graph_paths
 
-
-def _default_paths(module: str, func: str, params: dict[str, Any], pipeline: Any) -> dict[str, Path] | None:
-    try:
-        mod = importlib.import_module(f"matchanything_ros.core.{module}")
-    except ImportError:
-        return None
-    fn: Callable[..., Any] | None = getattr(mod, func, None)
-    if fn is None:
-        return None
-    try:
-        return {g: Path(p) for g, p in fn(params, pipeline).items()}
-    except MatchAnythingError as exc:  # e.g. no GPU/TensorRT to derive the engine cache key: not available
-        log.debug("no default %s paths: %s", module, exc)
-        return None
-
-
-def _files(params: dict[str, Any], pipeline: Any, key: str, module: str, func: str) -> dict[str, Path] | None:
-    base = params.get(key, "")
+    base = params.get("model_file_path", "")
     paths: dict[str, Path] | None
-    if base and Path(base).expanduser().is_dir():  # an export / engine directory: <dir>/<graph>.onnx|.engine
-        suffix = ".onnx" if key == "model_file_path" else ".engine"
-        paths = {g: Path(base).expanduser() / f"{g}{suffix}" for g in pipeline.graphs}
-        single = getattr(pipeline, "product_graph", None)  # a one-graph export wins over the split graphs
-        if single and suffix == ".onnx" and (Path(base).expanduser() / f"{single}{suffix}").is_file():
-            paths = {single: Path(base).expanduser() / f"{single}{suffix}"}
+    if base and Path(base).expanduser().is_dir():  # an export directory: <dir>/<graph>.onnx
+        folder = Path(base).expanduser()
+        paths = {g: folder / f"{g}{ONNX_SUFFIX}" for g in export_graphs(folder, pipeline)}
+    elif base:
+        paths = graph_paths(base, pipeline.graphs)
     else:
-        paths = graph_paths(base, pipeline.graphs) if base else _default_paths(module, func, params, pipeline)
-    if paths is None:
-        return None
+        try:
+            paths = default_model_paths(params, pipeline)
+        except MatchAnythingError as exc:  # e.g. no checkpoint to derive the default export directory from
+            log.debug("no default ONNX paths: %s", exc)
+            return None
     return paths if all(p.is_file() for p in paths.values()) else None
 
 
@@ -81,8 +62,9 @@ def resolve_device(device: str) -> str:
 
 
 def _import_backend(module: str, cls: str) -> Any:
+    """A runtime class from core/engines/ (imported only when asked for: onnxruntime, tensorrt)."""
     try:
-        return getattr(importlib.import_module(f"matchanything_ros.core.backends.{module}"), cls)
+        return getattr(importlib.import_module(f"matchanything_ros.core.engines.{module}"), cls)
     except ImportError as exc:
         raise BackendUnavailableError(f"backend module {module} cannot be imported: {exc}") from exc
     except AttributeError as exc:
@@ -91,8 +73,8 @@ def _import_backend(module: str, cls: str) -> Any:
 
 def tensorrt_runtime_problem() -> str | None:
     """Why TensorRT cannot run in this process (None: `tensorrt` >= 10 and `pycuda` import)."""
-    from .cuda_context import import_pycuda
-    from .tensorrt_backend import import_tensorrt
+    from ..engines.cuda_context import import_pycuda
+    from ..engines.tensorrt_backend import import_tensorrt
 
     try:
         import_tensorrt()
@@ -105,8 +87,8 @@ def tensorrt_runtime_problem() -> str | None:
 def _tensorrt_backend(params: dict[str, Any], pipeline: Any, device: str, precision: str
                       ) -> tuple[Backend | None, str]:
     """(the TensorRT backend, "") or (None, why not) for `params`."""
-    from ..engine_build import build_engine_set, engine_settings, find_engines, this_system
-    from ..export import resolve_onnx_dir
+    from ..engines.build import build_engine_set, engine_settings, find_engines, this_system
+    from ..engines.cache import resolve_onnx_dir
 
     problem = tensorrt_runtime_problem()
     if problem is not None:
@@ -143,7 +125,7 @@ def _tensorrt_backend(params: dict[str, Any], pipeline: Any, device: str, precis
 def _bind_single_graph(pipeline: Any, backend: Any, models: dict[str, Path]) -> None:
     """A one-graph export (ELoFTR's product model) runs with the threshold and cap it was exported for:
     the pipeline checks them against its own and switches to that graph (closing the backend if not)."""
-    from ..engine_cache import META_PREFIX
+    from ..engines.cache import META_PREFIX
 
     single = getattr(pipeline, "product_graph", None)
     if single is None or single not in backend.graphs:
@@ -207,7 +189,7 @@ def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:
             log.warning("backend auto: not using TensorRT: %s", skipped)
     device = resolve_device(asked_device)
     if choice in ("auto", "onnxruntime"):
-        models = _files(params, pipeline, "model_file_path", "export", "default_model_paths")
+        models = _onnx_files(params, pipeline)
         if models is not None:
             backend = _import_backend("onnxruntime_backend", "OnnxRuntimeBackend")(
                 models, device, precision, keep_on_device=getattr(pipeline, "device_outputs", ()))
@@ -215,8 +197,10 @@ def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:
             log.info("backend: onnxruntime on %s (%s)", backend.device, ", ".join(map(str, models.values())))
             return BackendChoice(backend, skipped)
         if choice == "onnxruntime":
+            how = ("`matchanything export --image-size WxH` for your camera, --free-size for any image size"
+                   if pipeline.name == "eloftr" else f"`matchanything export --variant {pipeline.name}`")
             raise BackendUnavailableError("ONNX Runtime backend unavailable: no ONNX files for "
-                                          f"{pipeline.name} (export them with `matchanything export`)")
+                                          f"{pipeline.name} (export them with {how})")
     backend = create_torch_backend(params, pipeline, device)
     log.info("backend: torch on %s, %s", backend.device, backend.precision)
     return BackendChoice(backend, skipped)

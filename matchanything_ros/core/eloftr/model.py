@@ -344,31 +344,54 @@ class EloftrNet(nn.Module):
     # CUDA fp16: the parts kept in fp32 (weights and arithmetic) for the fine level's sake, see FP32_ISLANDS
     fp32_island = "none"
 
-    def store_half_weights(self, fp32_island: str = "fpn") -> "EloftrNet":
+    def store_half_weights(self, fp32_island: str = "fpn", explicit_casts: bool = False) -> "EloftrNet":
         """fp16 runs: convolution/linear weights stored in fp16 once, so autocast casts nothing per run.
 
         Normalisation parameters stay fp32 (autocast runs layer norm in fp32). The modules of
         `fp32_island` keep fp32 weights and run in fp32 under autocast: the fine-level argmax compares
         near-equal similarities of the maps they produce.
+
+        `explicit_casts`: for a run without autocast (an fp16 ONNX export, traced on the CPU), the graph
+        itself casts into and out of the fp32 islands (`_backbone`, `features`, `_fine_maps`), and each
+        layer norm casts its input to fp32 and its output back to fp16, as autocast runs it.
         """
         if fp32_island not in FP32_ISLANDS:
             raise ValueError(f"fp32_island must be one of {tuple(FP32_ISLANDS)}, got {fp32_island!r}")
         self.fp32_island = fp32_island
+        self.explicit_casts = explicit_casts
+        if explicit_casts:  # the exporter folds an unfused BatchNorm into its conv with an fp32 bias, which an
+            fuse_repvgg(self.backbone)  # fp16 conv cannot take: fuse in fp32 first, then store in fp16
         keep = FP32_ISLANDS[fp32_island]
         for name, module in self.named_modules():
             if any(name == k or name.startswith(k + ".") for k in keep):
                 continue
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 module.half()
+            elif explicit_casts and isinstance(module, nn.LayerNorm):
+                module.register_forward_pre_hook(lambda _m, args: (args[0].float(),))
+                module.register_forward_hook(lambda _m, _args, out: out.half())
         return self
 
+    # no autocast (fp16 export): the casts at the fp32 islands' borders are in the graph (store_half_weights)
+    explicit_casts = False
+
     def _in_fp32(self, part: str, x: torch.Tensor) -> bool:
-        return x.is_cuda and part in FP32_ISLANDS[self.fp32_island]
+        return (x.is_cuda or self.explicit_casts) and part in FP32_ISLANDS[self.fp32_island]
+
+    def _as_for(self, part: str, x: torch.Tensor) -> torch.Tensor:
+        """Without autocast: `x` in the dtype of `part`'s weights (fp32 in an island, else fp16)."""
+        if not self.explicit_casts:
+            return x
+        return x.float() if part in FP32_ISLANDS[self.fp32_island] else x.half()
 
     def _backbone(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b = self.backbone
+        if self.explicit_casts:  # each layer's input cast to its weights' dtype: one Cast per island border
+            x1 = b.layer1(self._as_for("backbone.layer1", b.layer0(self._as_for("backbone.layer0", x))))
+            x2 = b.layer2(self._as_for("backbone.layer2", x1))
+            return b.layer3(self._as_for("backbone.layer3", x2)), x2, x1
         if not self._in_fp32("backbone.layer0", x):
             return self.backbone(x)
-        b = self.backbone
         with torch.autocast("cuda", enabled=False):
             x1 = b.layer1(b.layer0(x.float()))
             x2 = b.layer2(x1)
@@ -408,6 +431,8 @@ class EloftrNet(nn.Module):
         else:
             c0, x2_0, x1_0 = self._backbone(image0)
             c1, x2_1, x1_1 = self._backbone(image1)
+        if self.explicit_casts:  # the transformer is never an fp32 island: fp16 in, fp16 out
+            c0, c1 = c0.half(), c1.half()
         t0, t1 = self.loftr_coarse(c0, c1, mask0, mask1, valid)
         norm = self.cfg.d_model**0.5  # the original's norm_fpnfeat (a Python constant: exports cleanly)
         if self._in_fp32("fine_preprocess", t0):
@@ -422,6 +447,9 @@ class EloftrNet(nn.Module):
 
     def _fine_maps(self, t0: torch.Tensor, t1: torch.Tensor, x2_0: torch.Tensor, x2_1: torch.Tensor,
                    x1_0: torch.Tensor, x1_1: torch.Tensor, norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.explicit_casts:  # the FPN's inputs in its weights' dtype (fp32 when it is an island)
+            t0, t1, x2_0, x2_1, x1_0, x1_1 = (self._as_for("fine_preprocess", x)
+                                              for x in (t0, t1, x2_0, x2_1, x1_0, x1_1))
         if t0.shape == t1.shape:
             f = self.fine_preprocess(_fpn_input(t0, t1, scale=norm), torch.cat([x2_0, x2_1], 0),
                                      torch.cat([x1_0, x1_1], 0))

@@ -96,7 +96,7 @@ class EloftrPipeline:
     fp32_island = "fpn_backbone12"
     max_matches_override: int | None = None  # benchmarks: a cap other than engine_max_matches
 
-    # the one-graph export (export.export_eloftr_product): ONNX Runtime runs it instead of coarse + fine
+    # the one-graph export (engines.export.export_eloftr_product): ONNX Runtime runs it instead of coarse + fine
     product_graph = "product"
 
     def bind_product_model(self, threshold: Any, max_matches: Any, source: str) -> None:

@@ -1,9 +1,11 @@
 """`matchanything export`: the variant's torch graphs -> ONNX files that work at every size they claim.
 
-ELoFTR exports two graphs (`coarse`, `fine`) with a dynamic canvas side (416..1664 by default,
-multiples of 32) and a dynamic match count M for `fine`. Outputs have shapes fixed by the inputs
-(no data-dependent shapes), so TensorRT needs no output allocator. RoMa exports one static graph
-(`dense`) per (coarse_res, upsample_res), with the Newton-Schulz GP solve (no Inverse op).
+ELoFTR for one camera size: the product model (`export_eloftr_product`), the whole frame as one
+fixed-shape graph, in fp32 or in fp16 with explicit fp32 islands. ELoFTR for any size: two graphs
+(`coarse`, `fine`, `export_eloftr`) with a dynamic canvas side (416..1664 by default, multiples of 32)
+and a dynamic match count M for `fine`. Outputs have shapes fixed by the inputs (no data-dependent
+shapes), so TensorRT needs no output allocator. RoMa exports one static graph (`dense`) per
+(coarse_res, upsample_res), with the Newton-Schulz GP solve (no Inverse op).
 
 Every export is checked before it is declared done, because peers ship exports that only work at
 the trace size: `onnx.checker`, ONNX shape inference, every operator against TensorRT's ONNX
@@ -25,18 +27,16 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 import onnx
 
-from .. import __version__
-from .engine_build import META_DYNAMIC_DIMS, META_FP32_PATTERNS, META_PREFIX
-from .engine_cache import EXPORT_MANIFEST, ONNX_SUFFIX, default_onnx_dir, sha256_file
-from .errors import ConfigError, MatchAnythingError
+from ... import __version__
+from ..errors import ConfigError, MatchAnythingError
+from .cache import DEFAULT_OPSET, EXPORT_MANIFEST, META_PREFIX, ONNX_SUFFIX, sha256_file
 
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_OPSET = 17
 MIN_OPSET = 17
 PROTOBUF_LIMIT = 2 << 30  # 2 GB: a single ONNX protobuf must be smaller; weights go to a .data file
-TRT_OPS_FILE = Path(__file__).resolve().parent.parent / "data" / "trt_onnx_ops.json"
+TRT_OPS_FILE = Path(__file__).resolve().parents[2] / "data" / "trt_onnx_ops.json"
 TOPK_MAX_K = 3840  # TensorRT restriction on TopK (see trt_onnx_ops.json)
 
 
@@ -355,13 +355,46 @@ PRODUCT_INPUTS = ("rgb0", "rgb1")  # uint8 [H,W,3] stage-2 RGB images (see model
 PRODUCT_OUTPUTS = ("matches",)  # float32 [1 + cap, 7]: header row + model.PRODUCT_COLUMNS rows
 
 
+# An fp16 product export against the torch fp32 product (ONNX Runtime, the export's own check): at least this
+# share of the common (i, j) matches within 1 px, and match counts within FP16_MAX_COUNT_DIFF. Measured with the
+# bundled model (test_export_fp16.py): the reference fixtures' two 512² pairs 99.92 % / 99.94 % within 1 px
+# (a few fine-level argmax flips, up to 7 px), counts 3546/3546 and 3549/3547; the demo photos at 320x256
+# 100 %, 929/929. ONNX Runtime's CPU provider computes most fp16 nodes in fp32 (it inserts casts), so on the
+# CPU this checks the graph and its fp16 weights; TensorRT computes in fp16 (validate on the GPU).
+FP16_MIN_WITHIN_1PX = 0.95
+FP16_MAX_COUNT_DIFF = 0.05
+
+
+def compare_product_outputs(got: np.ndarray, expected: np.ndarray) -> dict[str, Any]:
+    """Two `matches` outputs of the product graph (header row + rows of i, j, x0, y0, x1, y1, conf):
+    counts, the common (i, j) matches, their keypoint/confidence differences."""
+    def rows(m: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
+        n = min(int(m[0, 0]), int(m[0, 2]))
+        return {(int(r[0]), int(r[1])): r[2:] for r in m[1:n + 1]}
+
+    a, b = rows(expected), rows(got)
+    common = sorted(set(a) & set(b))
+    kp = np.array([np.abs(a[k][:4] - b[k][:4]).max() for k in common]) if common else np.zeros(0)
+    conf = np.array([abs(float(a[k][4] - b[k][4])) for k in common]) if common else np.zeros(0)
+    n_ref = len(a)
+    return {"count": len(b), "count_expected": n_ref, "common": len(common),
+            "count_diff": abs(len(b) - n_ref) / max(n_ref, 1),
+            "within_1px": float((kp <= 1.0).mean()) if len(kp) else 1.0,
+            "kp_max": float(kp.max()) if len(kp) else 0.0, "conf_max": float(conf.max()) if len(conf) else 0.0}
+
+
 def export_eloftr_product(pipeline: Any, state_dict: dict[str, "torch.Tensor"], path: str | Path, *,
                           image0: np.ndarray, image1: np.ndarray, checkpoint_sha256: str,
-                          opset: int = DEFAULT_OPSET, log: TextIO = sys.stderr, manifest: bool = False
-                          ) -> dict[str, Any]:
+                          opset: int = DEFAULT_OPSET, precision: str = "fp32", log: TextIO = sys.stderr,
+                          manifest: bool = False) -> dict[str, Any]:
     """The ELoFTR product graph (one model: uint8 images in, padded matches out) for the sizes of
-    `image0`/`image1`, fixed-shape, verified with ONNX Runtime against torch on those images.
+    `image0`/`image1`, fixed-shape, verified with ONNX Runtime against torch fp32 on those images.
 
+    `precision` "fp16": fp16 weights, the pipeline's fp32 islands (`pipeline.fp32_island`, see
+    model.FP32_ISLANDS) with explicit Cast nodes at their borders, the matching head, selection and fine level
+    in fp32, metadata `matchanything.precision` = "fp16" (TensorRT then builds it strongly typed, on 10 and
+    11); verified against torch fp32 within FP16_MIN_WITHIN_1PX / FP16_MAX_COUNT_DIFF. "fp32": the same
+    (i, j) list as torch.
     `manifest`: also write the directory's export manifest naming this file's graph (`out.stem`, "product"
     for the CLI), which `build-engine` and the engine lookup follow.
     Returns a report: the verification and what TensorRT's parser would refuse (`trt_unsupported_ops`:
@@ -370,14 +403,21 @@ def export_eloftr_product(pipeline: Any, state_dict: dict[str, "torch.Tensor"], 
     import onnxruntime as ort
     import torch
 
-    from .eloftr.model import EloftrProduct
+    from ..eloftr.model import FP32_ISLANDS, EloftrProduct
 
     if opset < MIN_OPSET:
         raise ConfigError(f"opset {opset} is below the minimum {MIN_OPSET}")
-    module = EloftrProduct(pipeline.build_net(state_dict), pipeline.threshold, pipeline.max_matches, "dsmax").eval()
+    if precision not in ("fp32", "fp16"):
+        raise ConfigError(f"export precision must be fp32 or fp16, got {precision!r}")
+    reference = EloftrProduct(pipeline.build_net(state_dict), pipeline.threshold, pipeline.max_matches,
+                              "dsmax").eval()
     rgb0, rgb1 = torch.from_numpy(np.ascontiguousarray(image0)), torch.from_numpy(np.ascontiguousarray(image1))
     with torch.inference_mode():
-        expected = module(rgb0, rgb1).numpy()
+        expected = reference(rgb0, rgb1).numpy()
+    module = reference
+    if precision == "fp16":  # no autocast in an export: the casts into/out of the fp32 islands are in the graph
+        net = pipeline.build_net(state_dict).store_half_weights(pipeline.fp32_island, explicit_casts=True)
+        module = EloftrProduct(net, pipeline.threshold, pipeline.max_matches, "dsmax").eval()
     out = Path(path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -390,7 +430,10 @@ def export_eloftr_product(pipeline: Any, state_dict: dict[str, "torch.Tensor"], 
         model = onnx.load(str(raw))
     meta = eloftr_metadata(pipeline, "product", checkpoint_sha256, (max(image0.shape[:2]), max(image1.shape[:2])))
     meta.update(dynamic_dims={}, image_shapes=[list(image0.shape), list(image1.shape)],
-                threshold=pipeline.threshold, max_matches=pipeline.max_matches)
+                threshold=pipeline.threshold, max_matches=pipeline.max_matches, precision=precision)
+    if precision == "fp16":
+        meta.update(fp32_island=pipeline.fp32_island, fp32_modules=list(FP32_ISLANDS[pipeline.fp32_island]),
+                    fp32_parts=["matching head (similarity, dual softmax, top-k)", "selection", "fine level"])
     set_metadata(model, meta)
     save_model(model, out)
     try:
@@ -406,22 +449,34 @@ def export_eloftr_product(pipeline: Any, state_dict: dict[str, "torch.Tensor"], 
     got = session.run(None, {"rgb0": np.ascontiguousarray(image0), "rgb1": np.ascontiguousarray(image1)})[0]
     n = int(expected[0, 0])
     rows = min(n, int(expected[0, 2]))
-    same_header = bool(np.array_equal(got[0, :3], expected[0, :3]))
-    same_pairs = bool(np.array_equal(got[1:rows + 1, :2], expected[1:rows + 1, :2]))
-    err = float(np.abs(got[1:rows + 1, 2:] - expected[1:rows + 1, 2:]).max()) if rows else 0.0
-    print(f"product: exported {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.monotonic() - t0:.0f} s; "
-          f"ONNX Runtime: {rows} matches, same list {same_pairs}, max keypoint/conf difference {err:.2e}", file=log)
-    if not (same_header and same_pairs and err < 1e-2):
-        raise ExportCheckError(f"ONNX Runtime disagrees with torch on the product graph: same count {same_header}, "
-                               f"same (i, j) list {same_pairs}, max difference {err:.3g}")
+    if precision == "fp16":
+        cmp = compare_product_outputs(got, expected)
+        err = cmp["kp_max"]
+        print(f"product (fp16): exported {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.monotonic() - t0:.0f} "
+              f"s; ONNX Runtime vs torch fp32: {cmp['count']} vs {cmp['count_expected']} matches, "
+              f"{cmp['within_1px']:.1%} of {cmp['common']} common within 1 px (max {err:.2e} px)", file=log)
+        if cmp["within_1px"] < FP16_MIN_WITHIN_1PX or cmp["count_diff"] > FP16_MAX_COUNT_DIFF:
+            raise ExportCheckError(f"the fp16 product graph disagrees with torch fp32 beyond the fp16 rule "
+                                   f"(>= {FP16_MIN_WITHIN_1PX:.0%} within 1 px, counts within "
+                                   f"{FP16_MAX_COUNT_DIFF:.0%}): {cmp}")
+    else:
+        same_header = bool(np.array_equal(got[0, :3], expected[0, :3]))
+        same_pairs = bool(np.array_equal(got[1:rows + 1, :2], expected[1:rows + 1, :2]))
+        err = float(np.abs(got[1:rows + 1, 2:] - expected[1:rows + 1, 2:]).max()) if rows else 0.0
+        print(f"product: exported {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.monotonic() - t0:.0f} s; "
+              f"ONNX Runtime: {rows} matches, same list {same_pairs}, max keypoint/conf difference {err:.2e}",
+              file=log)
+        if not (same_header and same_pairs and err < 1e-2):
+            raise ExportCheckError(f"ONNX Runtime disagrees with torch on the product graph: same count "
+                                   f"{same_header}, same (i, j) list {same_pairs}, max difference {err:.3g}")
     saved = onnx.load(str(out), load_external_data=False)
     if manifest:  # the directory's export: `build-engine` builds this one graph (static profile)
         (out.parent / EXPORT_MANIFEST).write_text(json.dumps({
             "variant": "eloftr", "graphs": [out.stem], "dynamic": False, "opset": opset,
             "image_shapes": meta["image_shapes"], "threshold": pipeline.threshold,
-            "max_matches": pipeline.max_matches, "checkpoint_sha256": checkpoint_sha256,
+            "max_matches": pipeline.max_matches, "precision": precision, "checkpoint_sha256": checkpoint_sha256,
             "package_version": __version__, "config": pipeline.model_config.to_dict()}, indent=1) + "\n")
-    return {"file": str(out), "matches": rows, "max_abs_diff": err,
+    return {"file": str(out), "matches": rows, "max_abs_diff": err, "precision": precision,
             "trt_unsupported_ops": trt_unsupported_ops(saved) + trt_type_problems(saved)}
 
 
@@ -433,15 +488,10 @@ ROMA_GP_NODES = r"/gps\.16/"  # node names of the GP (kept in FP32 by fp16 engin
 ROMA_VERIFY_TOL = {"warp": 1e-3, "certainty": 1e-2 / 4}
 
 
-def roma_static_tag(coarse_res: int, upsample_res: int) -> str:
-    """Name part of a RoMa export: its graph is static, one per (coarse_res, upsample_res)."""
-    return f"c{coarse_res}-u{upsample_res}"
-
-
 def roma_metadata(pipeline: Any, checkpoint_sha256: str, dinov2_sha256: str) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from .roma.gp import newton_schulz_iterations
+    from ..roma.gp import newton_schulz_iterations
 
     cfg = pipeline.config
     c, u = cfg.coarse_res, cfg.upsample_res
@@ -552,45 +602,5 @@ def export_roma(pipeline: Any, state_dict: dict[str, "torch.Tensor"], out_dir: s
     return {"dense": path}
 
 
-# --- factory hook ---------------------------------------------------------------------------------------
-
-def default_model_dir(params: dict[str, Any], variant: str) -> Path:
-    """The export directory used when `model_file_path` is empty: derived from the checkpoint's hash
-    (and, for RoMa's static graph, from coarse_res/upsample_res)."""
-    ckpt = params.get("checkpoint_path", "")
-    if not ckpt or not Path(ckpt).is_file():
-        raise ConfigError("checkpoint_path is needed to locate the default ONNX export")
-    tag = ""
-    if variant == "roma":
-        from .roma.config import RomaConfig
-
-        cfg = RomaConfig.from_params(params)
-        tag = roma_static_tag(cfg.coarse_res, cfg.upsample_res)
-    return default_onnx_dir(variant, sha256_file(ckpt), DEFAULT_OPSET, tag)
-
-
-def resolve_onnx_dir(params: dict[str, Any]) -> Path:
-    """The export directory of `params`: model_file_path, else the default one for its checkpoint
-    (ELoFTR's empty checkpoint_path = the bundled demo model; RoMa's by coarse_res/upsample_res)."""
-    if params.get("model_file_path"):
-        return Path(params["model_file_path"])
-    variant = params.get("variant", "eloftr")
-    if variant == "eloftr":
-        from .matcher import resolve_eloftr_checkpoint
-
-        params = {**params, "checkpoint_path": str(resolve_eloftr_checkpoint(params.get("checkpoint_path", ""))[0])}
-    return default_model_dir(params, variant)
-
-
-def default_model_paths(params: dict[str, Any], pipeline: Any) -> dict[str, Path]:
-    """{graph: default ONNX path} for core/backends/factory.py (files may not exist yet)."""
-    d = default_model_dir(params, pipeline.name)
-    single = getattr(pipeline, "product_graph", None)  # a one-graph export wins over the split graphs
-    if single and (d / f"{single}{ONNX_SUFFIX}").is_file():
-        return {single: d / f"{single}{ONNX_SUFFIX}"}
-    return {g: d / f"{g}{ONNX_SUFFIX}" for g in pipeline.graphs}
-
-
-__all__ = ["DEFAULT_OPSET", "ExportCheckError", "check_onnx_file", "default_model_paths", "export_eloftr",
-           "resolve_onnx_dir",
-           "export_roma", "needs_external_data", "trt_unsupported_ops", "META_DYNAMIC_DIMS", "META_FP32_PATTERNS"]
+__all__ = ["ExportCheckError", "check_onnx_file", "export_eloftr", "export_eloftr_product", "export_roma",
+           "needs_external_data", "trt_type_problems", "trt_unsupported_ops"]

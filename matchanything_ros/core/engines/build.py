@@ -31,33 +31,31 @@ from typing import Any, TextIO
 
 import onnx
 
-from .engine_cache import (
+from ..errors import ConfigError, EngineMismatchError, MatchAnythingError
+from .cache import (
     ENGINE_SUFFIX,
-    build_command,
     EXPORT_MANIFEST,
-    META_PREFIX,
+    META_DYNAMIC_DIMS,
+    META_FP32_PATTERNS,
+    META_GRAPH_CONSTANTS,
+    META_PRECISION,
     ONNX_SUFFIX,
+    build_command,
     cache_root,
     check_sidecar,
-    expected_sidecar_fields,
     default_engine_dir,
     engine_cache_key,
+    expected_sidecar_fields,
+    graph_paths,
     model_dir,
+    resolve_onnx_dir,
     sha256_file,
     shapes_tag,
     slug,
     write_atomic,
     write_sidecar,
 )
-from .backends.tensorrt_backend import import_tensorrt, trt
-from .errors import ConfigError, EngineMismatchError, MatchAnythingError
-
-# ONNX metadata_props written by core/export.py (read here without torch)
-META_DYNAMIC_DIMS = META_PREFIX + "dynamic_dims"  # JSON {dim_name: {"canvas_div": k} | {"matches": true}}
-META_FP32_PATTERNS = META_PREFIX + "fp32_layer_patterns"  # JSON [regex, ...] of node names kept in FP32
-# constants of a one-graph export (ELoFTR's product model) that the sidecar repeats for the runtime
-META_GRAPH_CONSTANTS = tuple(META_PREFIX + k for k in ("threshold", "max_matches", "image_shapes"))
-META_PRECISION = META_PREFIX + "precision"  # "fp16" for an fp16 export with explicit fp32 islands
+from .tensorrt_backend import import_tensorrt, trt
 
 # Always kept in FP32 under --precision fp16: softmax and the products that feed it
 # (activation x activation matmuls = similarity / attention; see _sensitive), reductions,
@@ -170,7 +168,8 @@ def network_typing(tensorrt_version: str, precision: str, onnx_precision: str) -
     if precision == onnx_precision:
         return NetworkTyping(True, f"the export is {onnx_precision}: strongly typed, built as exported")
     if precision == "fp32":
-        raise ConfigError("this export is fp16; an fp32 engine needs an fp32 export (`matchanything export`)")
+        raise ConfigError("this export is fp16: build it with --precision fp16 (an fp32 engine needs an fp32 export, "
+                          "`matchanything export` without --precision fp16)")
     if major >= 11:
         raise ConfigError(
             f"TensorRT {tensorrt_version} builds strongly typed networks only, so an fp16 engine needs an fp16 "
@@ -427,7 +426,7 @@ class TensorRTSystem:
 def this_system(device_index: int = 0) -> TensorRTSystem:
     """This machine's TensorRT version and GPU (BackendUnavailableError without TensorRT/pycuda/GPU)."""
     import_tensorrt()
-    from .backends.cuda_context import gpu_identity
+    from .cuda_context import gpu_identity
 
     gpu_name, cc = gpu_identity(device_index)
     return TensorRTSystem(gpu_name, cc, str(trt.__version__))
@@ -436,7 +435,7 @@ def this_system(device_index: int = 0) -> TensorRTSystem:
 def engine_settings(params: dict[str, Any]) -> dict[str, Any]:
     """plan_engine_set/build_engine_set keyword arguments from parameter values (defaults from
     core/params.py): the one mapping the CLI, the library and the node share."""
-    from .params import PARAMS_BY_NAME
+    from ..params import PARAMS_BY_NAME
 
     def p(name: str) -> Any:
         return params.get(name, PARAMS_BY_NAME[name].default)
@@ -582,9 +581,6 @@ def find_engines(params: dict[str, Any], pipeline: Any, system: TensorRTSystem) 
     (default: the checkpoint's export) with the engine profile of `params`; otherwise that path:
     a directory of `<graph>.engine`, a path with `{graph}`, or the engine of a single-graph variant.
     """
-    from .backends.factory import graph_paths
-    from .export import resolve_onnx_dir
-
     settings = engine_settings(params)
     precision = settings["precision"]
     variant = pipeline.name
@@ -611,8 +607,9 @@ def find_engines(params: dict[str, Any], pipeline: Any, system: TensorRTSystem) 
     else:
         export_hint = f" at {onnx_dir}" if onnx_dir is not None else ""
         return EngineLookup({}, {}, f"no ONNX export{export_hint} to build an engine from, and no "
-                            "engine_file_path: export first (`matchanything export`), then build "
-                            "(`matchanything build-engine`)", "matchanything build-engine")
+                            "engine_file_path: export first (`matchanything export --image-size WxH` for your "
+                            "camera; --free-size for any image size), then build (`matchanything build-engine`)",
+                            "matchanything build-engine")
     build_params = dict(plan.build_params) if plan is not None else {
         "variant": variant, "precision": precision, "model_file_path": str(onnx_dir or "")}
     build_params["engine_file_path"] = str(next(iter(engines.values())).parent) if given else build_params.get(

@@ -22,15 +22,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from .errors import EngineMismatchError
+from ... import __version__
+from ..errors import ConfigError, EngineMismatchError
 
 SIDECAR_SCHEMA = 1
 ENGINE_SUFFIX = ".engine"
 SIDECAR_SUFFIX = ".engine.json"
 ONNX_SUFFIX = ".onnx"
 EXPORT_MANIFEST = "export.json"  # written by `matchanything export` beside the graph files
-META_PREFIX = "matchanything."  # ONNX metadata keys of the export (here: no onnx import for the runtimes)
+DEFAULT_OPSET = 17  # the opset `matchanything export` writes; it names the default export directory
+
+# ONNX metadata keys (metadata_props) that export.py writes and build.py and the runtimes read
+META_PREFIX = "matchanything."
+META_DYNAMIC_DIMS = META_PREFIX + "dynamic_dims"  # JSON {dim_name: {"canvas_div": k} | {"matches": true}}
+META_FP32_PATTERNS = META_PREFIX + "fp32_layer_patterns"  # JSON [regex, ...] of node names kept in FP32
+# constants of a one-graph export (ELoFTR's product model) that the sidecar repeats for the runtime
+META_GRAPH_CONSTANTS = tuple(META_PREFIX + k for k in ("threshold", "max_matches", "image_shapes"))
+META_PRECISION = META_PREFIX + "precision"  # "fp16" for an fp16 export with explicit fp32 islands
 
 # sidecar field -> what a mismatch means for the user (each one makes the engine unusable here)
 CHECKED_FIELDS = {
@@ -247,3 +255,71 @@ def expected_sidecar_fields(variant: str | None, graph: str, precision: str, onn
     return {"variant": variant, "graph": graph, "precision": precision, "onnx_sha256": onnx_sha256,
             "gpu_name": gpu_name, "compute_capability": compute_capability,
             "tensorrt_version": tensorrt_version, "package_version": __version__}
+
+
+# --- where an export is ----------------------------------------------------------------------------------
+
+def roma_static_tag(coarse_res: int, upsample_res: int) -> str:
+    """Name part of a RoMa export: its graph is static, one per (coarse_res, upsample_res)."""
+    return f"c{coarse_res}-u{upsample_res}"
+
+
+def default_model_dir(params: dict[str, Any], variant: str) -> Path:
+    """The export directory used when `model_file_path` is empty: derived from the checkpoint's hash
+    (and, for RoMa's static graph, from coarse_res/upsample_res)."""
+    ckpt = params.get("checkpoint_path", "")
+    if not ckpt or not Path(ckpt).is_file():
+        raise ConfigError("checkpoint_path is needed to locate the default ONNX export")
+    tag = ""
+    if variant == "roma":
+        from ..roma.config import RomaConfig
+
+        cfg = RomaConfig.from_params(params)
+        tag = roma_static_tag(cfg.coarse_res, cfg.upsample_res)
+    return default_onnx_dir(variant, sha256_file(ckpt), DEFAULT_OPSET, tag)
+
+
+def resolve_onnx_dir(params: dict[str, Any]) -> Path:
+    """The export directory of `params`: model_file_path, else the default one for its checkpoint
+    (ELoFTR's empty checkpoint_path = the bundled demo model; RoMa's by coarse_res/upsample_res)."""
+    if params.get("model_file_path"):
+        return Path(params["model_file_path"])
+    variant = params.get("variant", "eloftr")
+    if variant == "eloftr":
+        from ..matcher import resolve_eloftr_checkpoint
+
+        params = {**params, "checkpoint_path": str(resolve_eloftr_checkpoint(params.get("checkpoint_path", ""))[0])}
+    return default_model_dir(params, variant)
+
+
+def export_graphs(folder: Path, pipeline: Any) -> list[str]:
+    """The graphs of the export in `folder`: those its manifest names (the last `matchanything export` into
+    it: a product export after a --free-size one, or the reverse, leaves the other's files behind), else the
+    one-graph model where its file is there, else the pipeline's split graphs."""
+    try:
+        graphs = json.loads((folder / EXPORT_MANIFEST).read_text()).get("graphs")
+    except (OSError, ValueError, AttributeError):
+        graphs = None
+    if isinstance(graphs, list) and graphs and all(isinstance(g, str) for g in graphs):
+        return graphs
+    single = getattr(pipeline, "product_graph", None)  # a one-graph export wins over the split graphs
+    if single and (folder / f"{single}{ONNX_SUFFIX}").is_file():
+        return [single]
+    return list(pipeline.graphs)
+
+
+def default_model_paths(params: dict[str, Any], pipeline: Any) -> dict[str, Path]:
+    """{graph: default ONNX path} for core/backends/factory.py (files may not exist yet)."""
+    d = default_model_dir(params, pipeline.name)
+    return {g: d / f"{g}{ONNX_SUFFIX}" for g in export_graphs(d, pipeline)}
+
+
+def graph_paths(base: str, graphs: tuple[str, ...]) -> dict[str, Path]:
+    """One file path per graph from a user-given path: a path containing `{graph}` is formatted per
+    graph; a single-graph variant uses the path as is; otherwise `<stem>.<graph><suffix>` beside it."""
+    if "{graph}" in base:
+        return {g: Path(base.format(graph=g)) for g in graphs}
+    p = Path(base)
+    if len(graphs) == 1:
+        return {graphs[0]: p}
+    return {g: p.with_name(f"{p.stem}.{g}{p.suffix}") for g in graphs}

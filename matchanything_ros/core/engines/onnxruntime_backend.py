@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailableError, ConfigError
+from .cache import META_PRECISION
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -69,10 +70,9 @@ class OnnxRuntimeBackend:
     def __init__(self, model_paths: dict[str, str | Path], device: str = "cpu", precision: str = "fp32", *,
                  intra_op_threads: int = 0, keep_on_device: Iterable[str] = (), io_binding: bool | None = None
                  ) -> None:
-        if precision != "fp32":
-            raise ConfigError(f"the onnxruntime backend runs the fp32 export; precision {precision!r} is a TensorRT "
-                              "build option (use --backend tensorrt --precision fp16)")
-        self.precision = precision
+        if precision not in ("fp32", "fp16"):
+            raise ConfigError(f"precision must be fp32 or fp16, got {precision!r}")
+        self.precision = precision  # the export's own: checked against each model's metadata below
         ort = _import_ort()
         provider, device_id = choose_provider(device, list(ort.get_available_providers()))
         self._sessions: dict[str, Any] = {}
@@ -115,6 +115,14 @@ class OnnxRuntimeBackend:
                                        for i in sess.get_inputs()}
             self._output_names[graph] = [o.name for o in sess.get_outputs()]
             self._metadata[graph] = dict(sess.get_modelmeta().custom_metadata_map)
+            exported = self._metadata[graph].get(META_PRECISION, "fp32")
+            if exported != precision:  # ONNX Runtime runs a model in the types it was exported with
+                raise ConfigError(
+                    f"{path} is an {exported} export, and precision {precision!r} was asked for: ONNX Runtime runs "
+                    "an export in its own precision. " + (
+                        "For fp16: `matchanything export --image-size WxH --precision fp16` (the product model), or "
+                        "--backend tensorrt --precision fp16" if precision == "fp16" else
+                        "Run it with precision fp16, or export without --precision fp16 for fp32"))
         self.provider = provider
         self.device = provider if provider == CPU else f"{provider}:{device_id}"
         self.io_binding = provider != CPU if io_binding is None else bool(io_binding)

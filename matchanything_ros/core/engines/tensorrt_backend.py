@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ..engine_cache import check_sidecar, expected_sidecar_fields, read_sidecar, sha256_file
 from ..errors import BackendUnavailableError, ConfigError, MatchAnythingError
+from .cache import check_sidecar, expected_sidecar_fields, read_sidecar, sha256_file
 from .cuda_context import CudaWorker
 
 
