@@ -30,6 +30,7 @@ PARAMETER_ARGUMENTS: dict[str, str] = {
     "checkpoint_path": "checkpoint_path",
     "engine_file_path": "engine_file_path",
     "model_file_path": "model_file_path",
+    "precision": "precision",
     "use_sim_time": "use_sim_time",
 }
 # launch argument -> the node's topic it remaps (default = the topic name itself)
@@ -50,6 +51,7 @@ ARGUMENT_HELP: dict[str, str] = {
     "checkpoint_path": "model checkpoint (empty: params file; there empty = bundled demo model)",
     "engine_file_path": "TensorRT engine file (empty: params file)",
     "model_file_path": "ONNX model file (empty: params file)",
+    "precision": "fp32 | fp16: an fp16 engine or export needs fp16 (empty: params file)",
     "use_sim_time": "true when replaying a bag with --clock (empty: params file, else false)",
     "image0": "first image topic (left camera / current frame)",
     "image1": "second image topic (right camera; unused in sequential mode)",
