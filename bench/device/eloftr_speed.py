@@ -74,7 +74,7 @@ def timing(ckpt: str, photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndarr
     nz = ("head_nonzero", {"head": "lse_nonzero"})
     topk = ("head_topk", {"head": "lse_compiled"})
     plan = [
-        ("832x832 robot fp16", p832, ckpt, "fp16", "robot", [d, nz, topk, ("compiled_none", {"compiled": "none"})]),
+        ("832x832 robot fp16", p832, ckpt, "fp16", "robot", [d, nz, topk]),
         ("832x832 robot fp32", p832, ckpt, "fp32", "robot", [d, nz, topk, ("cudnn_tf32", {"fp32_cudnn_tf32": True})]),
         ("640x480 hf_space fp16", p640, ckpt, "fp16", "hf_space", [d, nz, topk]),
         ("640x480 hf_space fp32", p640, ckpt, "fp32", "hf_space", [d]),
@@ -105,13 +105,15 @@ def timing(ckpt: str, photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndarr
 
 
 @section("buckets")
-def buckets(ckpt: str, photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndarray]) -> list[dict[str, Any]]:
-    """Row buckets vs all rows on the same frames: the same lists, keypoints to float rounding."""
+def buckets(ckpt: str, photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndarray], with_buckets: bool = True
+            ) -> list[dict[str, Any]]:
+    """Row buckets vs all rows on the same frames (the same lists, keypoints to float rounding); the two
+    CUDA heads on the same frames."""
     out = []
     cases = [("demo 832 fp16", "", "fp16", square(demo[0], 832, 832), square(demo[1], 832, 832)),
              ("demo 600x400 fp32", "", "fp32", demo[0], demo[1]),
              ("seeded 832 fp32", ckpt, "fp32", square(photos[0], 832, 832), square(photos[1], 832, 832))]
-    for name, path, prec, a, b in cases:
+    for name, path, prec, a, b in cases if with_buckets else []:
         res = {}
         for on in (True, False):
             configure(buckets=on)
@@ -120,7 +122,7 @@ def buckets(ckpt: str, photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndar
         row = {"case": name, **compare(*res[False], *res[True])}
         out.append(row)
         print("buckets", row, flush=True)
-    for name, path, prec, a, b in cases:  # the two CUDA heads: top-K + selection vs mask + nonzero
+    for name, path, prec, a, b in cases[:2]:  # the two CUDA heads: top-K + selection vs mask + nonzero
         res = {}
         for head in ("lse_compiled", "lse_nonzero"):
             configure(head=head)
@@ -140,7 +142,7 @@ def fp16_promise(pairs: list[tuple[str, np.ndarray, np.ndarray]]) -> dict[str, A
     res: dict[str, Any] = {}
     with matcher("", "fp32", "robot") as m:
         ref32 = {name: keyed(m, a, b) for name, a, b in pairs}
-    for label, kw in (("default", {}), ("fine_exact", {"fine": "exact"})):
+    for label, kw in (("default", {}),):
         configure(**kw)
         with matcher("", "fp16", "robot") as m:
             res[label] = {name: compare(*ref32[name], *keyed(m, a, b)) for name, a, b in pairs}
@@ -163,7 +165,7 @@ def profile(ckpt: str, photos: list[np.ndarray]) -> dict[str, str]:
     """Top CUDA kernels of the product forward, eager (no CUDA graph, so every kernel is its own row)."""
     a, b = square(photos[0], 832, 832), square(photos[1], 832, 832)
     out = {}
-    for label, prec, kw in (("fp32", "fp32", {}), ("fp16", "fp16", {})):
+    for label, prec, kw in (("fp16", "fp16", {}),):
         configure(**kw)
         with matcher(ckpt, prec, "robot") as m:
             m.backend.cuda_graphs = False
@@ -218,8 +220,8 @@ def main() -> int:
     if "parity" in sections:  # CUDA fp32 vs the original's outputs (the fixtures), with the default knobs
         configure()
         e2e.parity(str(ckpt), index, ref)
-    if "buckets" in sections:
-        buckets(str(ckpt), photos, demo)
+    if "buckets" in sections or "heads" in sections:
+        buckets(str(ckpt), photos, demo, with_buckets="buckets" in sections)
     if "fp16" in sections and held:
         fp16_promise(held)
     if "profile" in sections:
