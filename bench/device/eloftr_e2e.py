@@ -279,13 +279,20 @@ def stage_breakdown(m: Matcher, a: np.ndarray, b: np.ndarray) -> dict[str, float
         from matchanything_ros.core.eloftr.model import exact_tf32_products
         f = st["f"]
         with exact_tf32_products(f["transformer0"]):
-            st["cj"], st["cc"] = prod._lse(f["transformer0"], f["transformer1"], st["m0"], st["m1"],
-                                           cfg.dsmax_temperature, cfg.d_model, cfg.border_rm,
-                                           cfg.candidates_per_cell)
+            if prod._passing is not None:  # the mask + nonzero head: its selection is part of it
+                st["mask"] = prod._passing(f["transformer0"], f["transformer1"], st["m0"], st["m1"],
+                                           cfg.dsmax_temperature, cfg.d_model, cfg.border_rm, prod.threshold)
+            else:
+                st["cj"], st["cc"] = prod._lse(f["transformer0"], f["transformer1"], st["m0"], st["m1"],
+                                               cfg.dsmax_temperature, cfg.d_model, cfg.border_rm,
+                                               cfg.candidates_per_cell)
 
     def select() -> None:
-        from matchanything_ros.core.eloftr.model import select_on_device
-        st["sel"] = select_on_device(st["cj"], st["cc"], st["m0"], st["m1"], prod.threshold, cfg.border_rm, cap)
+        from matchanything_ros.core.eloftr.model import select_on_device, select_passing
+        if prod._passing is not None:
+            st["sel"] = select_passing(*st["mask"], cap)
+        else:
+            st["sel"] = select_on_device(st["cj"], st["cc"], st["m0"], st["m1"], prod.threshold, cfg.border_rm, cap)
 
     def fine() -> None:
         from matchanything_ros.core.eloftr.model import FINE_CHUNK

@@ -71,14 +71,12 @@ def timing(ckpt: str, photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndarr
     p640 = [(square(photos[i], 640, 480), square(photos[i + 1], 640, 480)) for i in range(0, len(photos) - 1, 2)]
     d832 = [(square(demo[0], 832, 832), square(demo[1], 832, 832))]
     d = ("default", {})
-    nz = ("head_nonzero", {"head": "lse_nonzero"})
-    topk = ("head_topk", {"head": "lse_compiled"})
     plan = [
-        ("832x832 robot fp16", p832, ckpt, "fp16", "robot", [d, nz, topk]),
-        ("832x832 robot fp32", p832, ckpt, "fp32", "robot", [d, nz, topk, ("cudnn_tf32", {"fp32_cudnn_tf32": True})]),
-        ("640x480 hf_space fp16", p640, ckpt, "fp16", "hf_space", [d, nz, topk]),
+        ("832x832 robot fp16", p832, ckpt, "fp16", "robot", [d]),
+        ("832x832 robot fp32", p832, ckpt, "fp32", "robot", [d, ("cudnn_tf32", {"fp32_cudnn_tf32": True})]),
+        ("640x480 hf_space fp16", p640, ckpt, "fp16", "hf_space", [d]),
         ("640x480 hf_space fp32", p640, ckpt, "fp32", "hf_space", [d]),
-        ("demo model 832x832 fp16", d832, "", "fp16", "robot", [d, nz, topk]),
+        ("demo model 832x832 fp16", d832, "", "fp16", "robot", [d]),
         ("demo model 832x832 fp32", d832, "", "fp32", "robot", [d]),
     ]
     rows = []

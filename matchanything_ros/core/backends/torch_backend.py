@@ -47,6 +47,31 @@ def numeric_flags(device_type: str, precision: str) -> Iterator[None]:
          torch.backends.cuda.matmul.allow_tf32) = saved
 
 
+# GPU memory the warm-up of a capture may take beyond what the process holds (GiB). cuDNN picks each
+# convolution's algorithm at its first run, among those whose workspace the allocator grants, and keeps it
+# for the captures and replays. Unbounded, IEEE-fp32 convolutions on an H200 took an FFT algorithm with a
+# 34 GB workspace that runs 2.5x slower (130 vs 52 ms a frame at 832²); bounded, cuDNN takes the implicit
+# GEMM it takes on a device with less memory, such as a Jetson. Only the warm-up is bounded: the captures
+# after it allocate their pools freely.
+WARMUP_MEMORY_HEADROOM_GIB = 6.0
+
+
+@contextlib.contextmanager
+def warmup_memory_cap(device: torch.device) -> Iterator[None]:
+    if device.type != "cuda" or not WARMUP_MEMORY_HEADROOM_GIB:
+        yield
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    saved = torch.cuda.get_per_process_memory_fraction(index)
+    total = torch.cuda.get_device_properties(index).total_memory
+    allowed = (torch.cuda.memory_reserved(index) + WARMUP_MEMORY_HEADROOM_GIB * 2**30) / total
+    torch.cuda.set_per_process_memory_fraction(min(saved, allowed), index)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(saved, index)
+
+
 def graph_input_names(module: torch.nn.Module) -> list[str]:
     """A graph's input names: its `input_names` attribute, else its forward() parameters."""
     names = getattr(module, "input_names", None)
@@ -159,7 +184,9 @@ class TorchBackend:
             pinned = self._pinned.get(key)
             if pinned is None:
                 pinned = self._pinned[key] = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-            pinned.copy_(host)
+            # numpy's single-threaded copy: torch's CPU copy of a few MB runs on its OpenMP pool, whose
+            # threads then spin-wait for ~all cores x the frame time (89 ms of CPU per 11 ms frame, H200 host)
+            np.copyto(pinned.numpy(), host.numpy())
             buf.copy_(pinned, non_blocking=True)
         self._uploaded.record(torch.cuda.current_stream())
 
@@ -189,7 +216,7 @@ class TorchBackend:
     def _capture(self, fn: Any, args: tuple[Any, ...], pool: Any = None) -> tuple[Any, Any]:
         """Warm `fn(*args)` up twice (cuDNN autotuning, compilation, lazy init), then capture it: (graph, outs)."""
         assert self.stream is not None
-        with torch.cuda.stream(self.stream), self._autocast():
+        with warmup_memory_cap(self.torch_device), torch.cuda.stream(self.stream), self._autocast():
             for _ in range(2):
                 fn(*args)
         self.stream.synchronize()

@@ -84,7 +84,9 @@ class EloftrPipeline:
 
     # product-graph choices (class-wide; the device benchmark compares them)
     use_product_graph = True  # torch on CUDA runs the one-graph path
-    product_head = "lse_compiled"  # CUDA matching head of the product graph (see EloftrProduct)
+    # CUDA matching head of the product graph (model.PRODUCT_HEADS): the log-space mask + fixed-size nonzero,
+    # the same lists as top-K + selection and 0.4-0.8 ms faster a frame (H200, bench/device/eloftr_speed.py)
+    product_head = "lse_nonzero"
     product_fine = "fast_compiled"  # CUDA fine level of the product graph (the CPU keeps "exact")
     # CUDA: torch.compile of backbone + transformer + FPN ("features"; or "backbone", "none"): fuses the
     # bias/activation/cast kernels between cuDNN's convolutions (H200, 832² fp16: 15.9 -> 11.2 ms a frame)
