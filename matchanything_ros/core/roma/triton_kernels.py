@@ -48,7 +48,8 @@ def kde(x_ptr, out_ptr, n, neg_scale,  # type: ignore[no-untyped-def]
     a2 = tl.load(x_ptr + i * 4 + 2, mask=mi, other=0.0)
     a3 = tl.load(x_ptr + i * 4 + 3, mask=mi, other=0.0)
     acc = tl.zeros([BLOCK_I], dtype=tl.float32)
-    for j0 in range(0, n, BLOCK_J):
+    j0 = n * 0  # a while loop over a run-time int: Triton's interpreter cannot range() over a scalar argument
+    while j0 < n:
         j = j0 + tl.arange(0, BLOCK_J)
         mj = j < n
         d = a0[:, None] - tl.load(x_ptr + j * 4, mask=mj, other=0.0)[None, :]
@@ -60,4 +61,5 @@ def kde(x_ptr, out_ptr, n, neg_scale,  # type: ignore[no-untyped-def]
         d = a3[:, None] - tl.load(x_ptr + j * 4 + 3, mask=mj, other=0.0)[None, :]
         d2 += d * d
         acc += tl.sum(tl.where(mj[None, :], tl.exp(d2 * neg_scale), 0.0), axis=1)
+        j0 += BLOCK_J
     tl.store(out_ptr + i, acc, mask=mi)
