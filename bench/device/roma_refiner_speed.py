@@ -9,8 +9,11 @@ Sections (each guarded: a failure prints its traceback, the next one runs; JSON 
    35²/108²/216²/432²/864²), fp16 and fp32: max |delta| of the Triton kernel (and the shift-and-add
    form) vs F.conv2d + biases + ReLU in fp32; median GPU time (CUDA events, 25 x 2 calls after warm-up)
    of cuDNN NCHW, cuDNN channels_last and the Triton kernel, alone and as a whole block (+ the 1x1 conv).
+   Also cls_to_flow_refine's softmax over dim 1 (the original's order) vs the last dimension (CUDA's form).
 2. end to end: `Matcher.match` on two 640x480 photos (roma_e2e.e2e: wall median/p90, stage split, host
-   CPU, peak memory): fp16 with the Triton kernel (the speed form's default) and with cuDNN; fp32 strict
+   CPU, peak memory): fp16 as the speed form now is (Triton kernel, channels padded to multiples of 8), with
+   cuDNN's depthwise conv instead, and the previous form (cuDNN, unpadded); fp16 inference-only variants
+   (each switch on its own, CUDA graph, roma_e2e.time_backend); fp32 strict
    (cuDNN TF32 off, the parity form) and fp32 with cuDNN TF32 allowed (torch's default, the hypothesis
    for the original's 259 ms), plus the TF32 run's warp/certainty deviation from the strict one, and the
    fp16 Triton graph's deviation from fp16 cuDNN and from fp32 strict.
@@ -53,7 +56,7 @@ import matchanything_ros.core.roma.device_graph as device_graph  # noqa: E402
 import matchanything_ros.core.roma.pipeline as roma_pipeline  # noqa: E402
 from matchanything_ros.core.roma import refiner_kernel, sampling  # noqa: E402
 from matchanything_ros.core.roma.config import BALANCED_EXPANSION, SAMPLE_THRESH  # noqa: E402
-from matchanything_ros.core.roma.model import REFINER_DIMS  # noqa: E402
+from matchanything_ros.core.roma.model import REFINER_DIMS, cls_to_flow_refine  # noqa: E402
 from matchanything_ros.core.roma.pipeline import RomaPipeline  # noqa: E402
 
 # (scale, channels, side) of each refiner's largest input (pass 2 at 864, scale 16 in pass 1 at 560)
@@ -320,6 +323,22 @@ def main() -> int:
             return kernel_rows(shapes, dtype, device, modes, reps)
         report["kernels"] += section(f"kernels {dtype}", kernels) or []
 
+    def class_softmax() -> list[dict[str, Any]]:
+        """cls_to_flow_refine over dim 1 (the original's order, the CPU's) vs over the last dimension (CUDA)."""
+        rows = []
+        side = 5 if dry else 35  # 560 / 16
+        for dtype in ((torch.float32,) if dry else (torch.float16, torch.float32)):
+            cls = (torch.randn(2, 4096, side, side, generator=torch.Generator().manual_seed(1)) * 3).to(device, dtype)
+            with torch.inference_mode():
+                a = cls_to_flow_refine(cls, classes_last=False)
+                b = cls_to_flow_refine(cls, classes_last=True)
+                rows.append({"dtype": str(dtype), "max_abs_delta": float((a.float() - b.float()).abs().max()),
+                             "ms_dim1": time_ms(lambda: cls_to_flow_refine(cls, classes_last=False), device, reps),
+                             "ms_last_dim": time_ms(lambda: cls_to_flow_refine(cls, classes_last=True), device, reps)})
+            say(f"  {rows[-1]}")
+        return rows
+    report["class_softmax"] = section("class softmax (cls_to_flow_refine)", class_softmax)
+
     # --- weights, photos, matcher files (as roma_e2e's main)
     ref = reference_dir()
     meta = json.loads((ref / "roma" / "fixtures_meta.json").read_text())
@@ -499,6 +518,9 @@ def main() -> int:
                                      for k, v in report["sampling"].items()))
     for name, r in (report.get("fp32_fused_inference") or {}).items():
         say(f"{name}: inference {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}), peak {r['peak_mb_timed']:.0f} MB")
+    for r in report.get("class_softmax") or []:
+        say(f"cls_to_flow_refine {r['dtype']}: dim 1 {r['ms_dim1']:.3f} ms, last dim {r['ms_last_dim']:.3f} ms, "
+            f"|d| {r['max_abs_delta']:.1e}")
     say(f"before: {BEFORE}")
     say(f"section seconds: {report['section_s']}")
     for e in report["errors"]:
