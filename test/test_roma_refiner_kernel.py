@@ -143,3 +143,18 @@ def test_padded_channels_change_nothing(scale: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert chain[:, in_dim:].abs().max() == 0  # the extra channels stay exactly zero
     torch.testing.assert_close(chain, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_classes_last_flow_equals_the_original_order() -> None:
+    """cls_to_flow_refine's CUDA form (softmax/argmax/gather over the last dimension) gives the original's
+    flows, also where the argmax cell sits at either end of the 4096 classes (the clamped neighbours)."""
+    from matchanything_ros.core.roma.model import cls_to_flow_refine
+
+    g = torch.Generator().manual_seed(4)
+    cls = torch.randn(2, 4096, 6, 7, generator=g) * 3
+    cls[0, 0, 0, 0] = cls[1, 4095, 2, 3] = cls[0, 64, 5, 6] = 40.0  # argmax at both ends and next to a row end
+    want = cls_to_flow_refine(cls, classes_last=False)
+    got = cls_to_flow_refine(cls, classes_last=True)
+    assert got.shape == want.shape == (2, 2, 6, 7)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert torch.equal(cls_to_flow_refine(cls), want)  # the CPU default keeps the original's order
