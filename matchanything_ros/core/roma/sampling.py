@@ -14,12 +14,15 @@ confidence > 0 and x <= W-1, y <= H-1 on both images (no lower-bound test).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .config import BALANCED_EXPANSION, KDE_STD, SAMPLE_THRESH
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,7 +88,13 @@ def _device_kde(x: torch.Tensor) -> torch.Tensor:
         from .refiner_kernel import triton_available
 
         _use_triton_kde = triton_available()
-    return kde_density_triton(x) if _use_triton_kde else kde_density(x)
+    if _use_triton_kde:
+        try:
+            return kde_density_triton(x)
+        except Exception as exc:  # noqa: BLE001 - e.g. Triton present but no kernel for this GPU
+            log.warning("RoMa sampling: the Triton KDE failed (%s: %s); using cdist", type(exc).__name__, exc)
+            _use_triton_kde = False
+    return kde_density(x)
 
 
 def balanced_sample(warp: torch.Tensor, certainty: torch.Tensor, num: int,
