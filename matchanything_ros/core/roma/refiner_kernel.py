@@ -95,7 +95,8 @@ def depthwise_bias_relu_inductor(x: torch.Tensor, weight: torch.Tensor, bias: to
     import torch._dynamo as dynamo
 
     # the limit only for these calls: the process's own torch.compile settings stay as they are
-    with dynamo.config.patch(recompile_limit=INDUCTOR_RECOMPILE_LIMIT):
+    name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"  # older torch
+    with dynamo.config.patch(name, INDUCTOR_RECOMPILE_LIMIT):
         return _inductor_fn(x, weight, bias, input_bias)
 
 
