@@ -10,6 +10,7 @@ attenuation, sigmoid, out-of-range zeroing, clamp.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Any
 
@@ -19,6 +20,9 @@ from torch import nn
 
 from .dinov2 import Block, DinoV2ViTL14
 from .gp import GaussianProcessMatch, GpSolver
+from .refiner_kernel import fused_depthwise_bias_relu, resolve_mode
+
+log = logging.getLogger(__name__)
 
 CLS_RES = 64  # classification grid of the embedding decoder (64 x 64 cells)
 REFINE_INIT = 4.0
@@ -107,16 +111,29 @@ class EmbeddingDecoder(nn.Module):
         return out[:, :-1], out[:, -1:]
 
 
-def cls_to_flow_refine(cls: torch.Tensor) -> torch.Tensor:
+def cls_to_flow_refine(cls: torch.Tensor, classes_last: bool | None = None) -> torch.Tensor:
     """Class logits [B, 4096, H, W] -> flow [B, 2, H, W]: probability-weighted mean of the argmax cell and its
-    4 neighbours, indices clamped to [0, 4095] WITHOUT row-wrap handling (as the original)."""
+    4 neighbours, indices clamped to [0, 4095] WITHOUT row-wrap handling (as the original).
+
+    classes_last (default: on CUDA): softmax, argmax and gather over the last dimension of the transposed
+    logits — the same maths; CUDA's softmax over dim 1 of this shape took 3.8 ms (H200, fp16), over the last
+    dimension it is one fast pass. The CPU keeps the original's order of operations (parity)."""
     b, c, h, w = cls.shape
     res = CLS_RES
     g = pixel_centre_grid(res, res, cls.device, torch.float32).permute(1, 2, 0).reshape(c, 2).to(cls.dtype)
-    p = cls.softmax(dim=1)
-    mode = p.max(dim=1).indices
-    index = torch.stack((mode - 1, mode, mode + 1, mode - res, mode + res), dim=1).clamp(0, c - 1)
-    neighbours = torch.gather(p, dim=1, index=index)[..., None]  # [B, 5, H, W, 1]
+    if classes_last is None:
+        classes_last = cls.is_cuda
+    if classes_last:
+        p = cls.permute(0, 2, 3, 1).softmax(dim=-1)  # [B, H, W, 4096]
+        mode = p.max(dim=-1).indices
+        index = torch.stack((mode - 1, mode, mode + 1, mode - res, mode + res), dim=-1).clamp(0, c - 1)
+        neighbours = torch.gather(p, dim=-1, index=index).permute(0, 3, 1, 2)[..., None]  # [B, 5, H, W, 1]
+        index = index.permute(0, 3, 1, 2)
+    else:
+        p = cls.softmax(dim=1)
+        mode = p.max(dim=1).indices
+        index = torch.stack((mode - 1, mode, mode + 1, mode - res, mode + res), dim=1).clamp(0, c - 1)
+        neighbours = torch.gather(p, dim=1, index=index)[..., None]  # [B, 5, H, W, 1]
     coords = g[index]  # [B, 5, H, W, 2]
     flow = neighbours[:, 0] * coords[:, 0]
     for k in range(1, 5):
@@ -201,6 +218,10 @@ class ConvRefiner(nn.Module):
         self.radius = radius
         self.channels_last = False  # speed-form option: NHWC convolutions
         self.gathered_correlation = False  # speed form: local_correlation_gathered
+        # speed form on CUDA: "triton" / "inductor" = each block's depthwise conv + bias + ReLU (+ the previous
+        # 1x1 conv's bias) as one fused kernel (refiner_kernel.py); None = cuDNN. Needs folded BatchNorms.
+        self.fused_depthwise: str | None = None
+        self.channel_pad = 0  # speed form: zero channels appended to the blocks' input (pad_channels)
         self.block1 = _refiner_block(in_dim)
         self.hidden_blocks = nn.Sequential(*[_refiner_block(in_dim) for _ in range(hidden_blocks)])
         self.out_conv = nn.Conv2d(in_dim, 3, 1, 1, 0)
@@ -217,13 +238,77 @@ class ConvRefiner(nn.Module):
         if self.radius:
             corr = local_correlation_gathered if self.gathered_correlation else local_correlation
             parts.append(corr(f1, f2, flow, self.radius).to(f1.dtype))
+        if self.channel_pad:
+            parts.append(f1.new_zeros(b, self.channel_pad, h, w))
         x = torch.cat(parts, dim=1)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        d = self.hidden_blocks(self.block1(x))
+        d = None
+        if self.fused_depthwise is not None and x.is_cuda:
+            try:
+                d = self._fused_blocks(x, self.fused_depthwise)
+            except Exception as exc:  # noqa: BLE001 - e.g. Triton present but no kernel for this GPU
+                log.warning("RoMa refiners: the fused depthwise kernel (%s) failed (%s: %s); using cuDNN's",
+                            self.fused_depthwise, type(exc).__name__, exc)
+                self.fused_depthwise = None
+        if d is None:
+            d = self.hidden_blocks(self.block1(x))
         with fp32_region(d):  # the original runs out_conv outside autocast, in fp32
             d = self.out_conv(d.float())
         return d[:, :-1], d[:, -1:]
+
+    def blocks(self) -> list[nn.Sequential]:
+        return [self.block1, *self.hidden_blocks]  # type: ignore[list-item]
+
+    def pad_channels(self, multiple: int) -> int:
+        """Speed form (folded BatchNorms): round the blocks' channel count up to `multiple` with zero channels,
+        so the 1x1 convs get aligned GEMMs (1377/1137/569 channels give cuDNN/cuBLAS unaligned, slower kernels).
+        The extra channels stay exactly 0 (zero weights and biases; ReLU(0) = 0) and add exact zeros to the
+        real ones. Returns the number of channels added."""
+        blocks = self.blocks()
+        first = blocks[0][0]
+        assert isinstance(first, nn.Conv2d)
+        c = int(first.in_channels)
+        pad = (-c) % multiple
+        if pad == 0:
+            return 0
+        if not all(isinstance(blk[1], nn.Identity) for blk in blocks):
+            raise ValueError("pad_channels needs the BatchNorms folded (fold_batchnorms)")
+
+        def grown(t: torch.Tensor, dims: tuple[int, ...]) -> nn.Parameter:
+            sizes = list(t.shape)
+            for d in dims:
+                sizes[d] += pad
+            out = t.new_zeros(sizes)
+            out[tuple(slice(0, n) for n in t.shape)] = t.detach()
+            return nn.Parameter(out, requires_grad=False)
+
+        with torch.no_grad():
+            for blk in blocks:
+                dw, pw = blk[0], blk[3]
+                assert isinstance(dw, nn.Conv2d) and isinstance(pw, nn.Conv2d)
+                assert dw.bias is not None and pw.bias is not None
+                dw.weight, dw.bias = grown(dw.weight, (0,)), grown(dw.bias, (0,))
+                dw.in_channels = dw.out_channels = dw.groups = c + pad
+                pw.weight, pw.bias = grown(pw.weight, (0, 1)), grown(pw.bias, (0,))
+                pw.in_channels = pw.out_channels = c + pad
+            self.out_conv.weight = grown(self.out_conv.weight, (1,))
+            self.out_conv.in_channels = c + pad
+        self.channel_pad += pad
+        return pad
+
+    def _fused_blocks(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """The blocks with the fused depthwise kernel; each 1x1 conv's bias is added by the next block's
+        kernel (the last one keeps its own), which saves a broadcast pass over the tensor per block."""
+        blocks = self.blocks()
+        pending: torch.Tensor | None = None
+        for i, (dw, _, _, pw) in enumerate(blocks):
+            assert isinstance(dw, nn.Conv2d) and isinstance(pw, nn.Conv2d) and dw.bias is not None
+            x = fused_depthwise_bias_relu(mode, x, dw.weight, dw.bias, pending)
+            last = i == len(blocks) - 1
+            x = F.conv2d(x, pw.weight, pw.bias if last else None)
+            pending = None if last else pw.bias
+        return x
 
 
 class Decoder(nn.Module):
@@ -315,6 +400,28 @@ class RomaNet(nn.Module):
             assert isinstance(refiner, ConvRefiner)
             refiner.gathered_correlation = True
         return self
+
+    def pad_refiner_channels(self, multiple: int = 8) -> int:
+        """Speed form: every refiner's channels rounded up to `multiple` (ConvRefiner.pad_channels); after
+        `fold_batchnorms`. Returns the channels added in all."""
+        total = 0
+        for refiner in self.decoder.conv_refiner.values():
+            assert isinstance(refiner, ConvRefiner)
+            total += refiner.pad_channels(multiple)
+        return total
+
+    def use_fused_depthwise(self, mode: str | None = "triton") -> str | None:
+        """CUDA speed form: the refiner blocks' depthwise conv + bias + ReLU as one fused kernel (`mode`
+        "triton" or "inductor"; None = cuDNN). Call after `fold_batchnorms` and `.to(device)`. Falls back
+        to cuDNN (said once in the log) where the kernel cannot run; returns the mode in use."""
+        device = next(self.decoder.parameters()).device
+        mode = resolve_mode(mode, device)
+        for refiner in self.decoder.conv_refiner.values():
+            assert isinstance(refiner, ConvRefiner)
+            if mode is not None and not all(isinstance(blk[1], nn.Identity) for blk in refiner.blocks()):
+                raise ValueError("the fused depthwise kernel needs the BatchNorms folded (fold_batchnorms)")
+            refiner.fused_depthwise = mode
+        return mode
 
     def use_channels_last(self) -> "RomaNet":
         """GPU speed form: NHWC convolutions (4-D weights and the conv inputs in channels_last)."""

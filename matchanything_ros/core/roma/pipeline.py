@@ -36,6 +36,12 @@ def _to_numpy(a: Any) -> np.ndarray:
 DINOV2_KEY_PREFIX = "dinov2."  # DINOv2 keys inside the combined state dict of `load_weights`
 # GP solver of the CUDA speed form: fp32 Cholesky + triangular solves, no host sync (CUDA-graph capturable)
 GPU_GP_SOLVER: "GpSolver" = "cholesky"
+# refiner blocks of the CUDA fp16 speed form: depthwise conv + biases + ReLU fused (refiner_kernel.py: "triton",
+# "inductor"; None = cuDNN, also where Triton is missing). fp32 keeps cuDNN: its BatchNorms stay unfolded.
+GPU_FUSED_DEPTHWISE: str | None = "triton"
+# CUDA fp16 speed form: the refiners' channels (1377/1137/569) padded with zero channels to a multiple of this,
+# so the 1x1 convs run aligned GEMMs (None: unpadded)
+GPU_REFINER_CHANNEL_MULTIPLE: int | None = 8
 
 
 @dataclass
@@ -155,7 +161,9 @@ class RomaPipeline:
         preprocessing. On CUDA (`resize_on_device` None = on CUDA): `RomaImageGraph`, fed with the stage-1
         images, in the speed form — the refiners' local correlation gathered (`local_correlation_gathered`),
         the GP by Cholesky (GPU_GP_SOLVER), and for precision fp16 half weights stored once with the
-        BatchNorms folded into the convolutions. (channels_last convolutions measured slower: not used.)
+        BatchNorms folded into the convolutions, the refiners' channels padded to aligned counts
+        (GPU_REFINER_CHANNEL_MULTIPLE) and the refiner blocks' depthwise conv + biases + ReLU fused into
+        one kernel (GPU_FUSED_DEPTHWISE). (channels_last convolutions measured slower: not used.)
         gp_solver: None = the default of the device, "newton_schulz" for ONNX export."""
         import torch
 
@@ -172,6 +180,10 @@ class RomaPipeline:
         if on_gpu:
             net.use_gathered_correlation()
         net.to(device)
+        if on_gpu and precision == "fp16":
+            if GPU_REFINER_CHANNEL_MULTIPLE:
+                net.pad_refiner_channels(GPU_REFINER_CHANNEL_MULTIPLE)
+            net.use_fused_depthwise(GPU_FUSED_DEPTHWISE)
         grid = self.config.coarse_res // 14
         net.dinov2.freeze_pos_embed(grid, grid)  # a constant for this input size (and in exported graphs)
         if resize_on_device:

@@ -14,12 +14,15 @@ confidence > 0 and x <= W-1, y <= H-1 on both images (no lower-bound test).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .config import BALANCED_EXPANSION, KDE_STD, SAMPLE_THRESH
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +45,30 @@ def kde_density(x: torch.Tensor, std: float = KDE_STD, rows_per_chunk: int = 204
     return torch.cat(out)
 
 
+def kde_density_triton(x: torch.Tensor, std: float = KDE_STD) -> torch.Tensor:
+    """`kde_density` in one Triton kernel (`triton_kernels.kde`; CUDA): each program sums
+    exp(-|x_i - x_j|^2 / (2 std^2)) over all j for a block of rows in registers, so none of the N x N
+    distances is written to memory (cdist + square + exp + sum make ~6 passes over them). Rounds
+    differently from cdist (which squares a square root): 1e-7 relative from a float64 KDE."""
+    from .triton_kernels import kde
+
+    x = x.float().contiguous()
+    assert x.dim() == 2 and x.shape[1] == 4, x.shape
+    n = x.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    block_i = 64
+    kde[(-(-n // block_i),)](x, out, n, -1.0 / (2 * std**2), BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
+    return out
+
+
+def exponential_race(weights: torch.Tensor, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """torch.multinomial(weights, num, replacement=False) as torch computes it — the top `num` of
+    weights / Exp(1) draws, the same indices from the same generator state — without its host-side
+    checks of the weights (two waits for the GPU per call). Weights must be finite and >= 0."""
+    q = torch.empty_like(weights).exponential_(1, generator=generator)
+    return torch.topk(weights / q, num).indices
+
+
 def wait_without_spinning(device: torch.device) -> None:
     """On CUDA, wait for the queued work on a blocking event (the CPU sleeps; a synchronising copy or
     `.item()` would spin a core for the whole GPU time). Nothing to do on the CPU."""
@@ -51,25 +78,49 @@ def wait_without_spinning(device: torch.device) -> None:
         done.synchronize()
 
 
+# CUDA: the KDE by `kde_density_triton` (None: not decided yet; False: Triton missing, `kde_density`)
+_use_triton_kde: bool | None = None
+
+
+def _device_kde(x: torch.Tensor) -> torch.Tensor:
+    global _use_triton_kde
+    if _use_triton_kde is None:
+        from .refiner_kernel import triton_available
+
+        _use_triton_kde = triton_available()
+    if _use_triton_kde:
+        try:
+            return kde_density_triton(x)
+        except Exception as exc:  # noqa: BLE001 - e.g. Triton present but no kernel for this GPU
+            log.warning("RoMa sampling: the Triton KDE failed (%s: %s); using cdist", type(exc).__name__, exc)
+            _use_triton_kde = False
+    return kde_density(x)
+
+
 def balanced_sample(warp: torch.Tensor, certainty: torch.Tensor, num: int,
                     generator: torch.Generator | None = None) -> SparseMatches:
-    """The original threshold-balanced sampler on torch tensors (any device; CPU reproduces the fixtures)."""
+    """The original threshold-balanced sampler on torch tensors (any device; CPU reproduces the fixtures).
+
+    On CUDA nothing waits for the GPU before the final copy back: the draws by `exponential_race` (torch's
+    own algorithm without its host-side checks) and the KDE by `kde_density_triton` where Triton is."""
     # the original's masked assignments and `if c.sum() == 0`, written as selects: the same values, and no
     # wait for the GPU on CUDA (a boolean-mask write and a Python `if` on a device value each wait for it)
     c = certainty.reshape(-1)
     c = torch.where(c > SAMPLE_THRESH, torch.ones_like(c), c)
     c = torch.cat((torch.where(c.sum() == 0, torch.ones_like(c[:1]), c[:1]), c[1:]))
     m = warp.reshape(-1, 4)
+    on_gpu = m.is_cuda
     try:
-        idx1 = torch.multinomial(c, min(BALANCED_EXPANSION * num, c.numel()), replacement=False,
-                                 generator=generator)
+        n1 = min(BALANCED_EXPANSION * num, c.numel())
+        idx1 = (exponential_race(c, n1, generator) if on_gpu
+                else torch.multinomial(c, n1, replacement=False, generator=generator))
         m1, c1 = m[idx1], c[idx1]
-        density = kde_density(m1)
+        density = _device_kde(m1) if on_gpu else kde_density(m1)
         p = 1 / (density + 1)
         p = torch.where(density < 10, torch.full_like(p, 1e-7), p)
-        # torch.multinomial checks its weights on the host (.item()): let the KDE finish while the CPU sleeps
-        wait_without_spinning(p.device)
-        idx2 = torch.multinomial(p, min(num, c1.numel()), replacement=False, generator=generator)
+        n2 = min(num, c1.numel())
+        idx2 = (exponential_race(p, n2, generator) if on_gpu
+                else torch.multinomial(p, n2, replacement=False, generator=generator))
     except RuntimeError:
         # too few non-zero weights for a draw without replacement: the original keeps the first cell
         return SparseMatches(m[:1].cpu().numpy(), c[:1].cpu().numpy())

@@ -1,0 +1,128 @@
+"""The refiner blocks' depthwise 5x5 conv + bias + ReLU as one fused kernel on CUDA (speed form only).
+
+cuDNN runs the depthwise 5x5 conv of the ConvRefiners (channels 1377/1137/569/144/24, batch 2) far
+from the memory-traffic floor, and PyTorch adds each conv's bias in a separate broadcast pass. Here
+the conv, its bias, the ReLU after it and the bias of the 1x1 conv before it (`input_bias`: that conv
+then runs without bias) are one pass over the tensor, accumulated in fp32 and cast back:
+
+* "triton": a hand-written Triton kernel, one program per (batch x channel plane, tile of BLOCK
+  pixels), 25 masked loads per output pixel (neighbours come from L1/L2);
+* "inductor": the shift-and-add form below under `torch.compile(dynamic=False)`, which inductor fuses
+  into one kernel per shape.
+
+Both compile on their first call (the torch backend's eager warm-up), then launch on the current
+stream, so a CUDA graph captures them. Where neither is available (torch without Triton, e.g. some
+Jetson wheels) `resolve_mode` says so once in the log and the refiners keep cuDNN. The CPU path and
+the parity path never use this module.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+KERNEL = 5  # the refiner blocks' depthwise kernel size
+PAD = KERNEL // 2
+MODES = ("triton", "inductor", "shifted")  # "shifted": the eager reference form (slow; tests, benchmarks)
+TRITON_BLOCK = 1024  # output pixels per Triton program (a few rows of one channel plane)
+# dynamo keeps at most `recompile_limit` compiled shapes per function; the refiners have 9 (pass 1:
+# 5 scales, pass 2: 4), each in one dtype
+INDUCTOR_RECOMPILE_LIMIT = 32
+
+
+def depthwise_bias_relu_shifted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                input_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(depthwise_conv5x5(x + input_bias, zero padding 2) + bias) by shift and add, in fp32, cast back.
+
+    x [B, C, H, W]; weight [C, 1, 5, 5]; bias, input_bias [C]. The 25 taps are shifted slices of the
+    zero-padded input times one weight per channel (F.conv2d's cross-correlation order)."""
+    b, c, h, w = x.shape
+    xf = x.float()
+    if input_bias is not None:
+        xf = xf + input_bias.float().view(1, c, 1, 1)
+    xp = F.pad(xf, (PAD, PAD, PAD, PAD))
+    wf = weight.float().reshape(c, KERNEL * KERNEL)
+    acc = bias.float().view(1, c, 1, 1).expand(b, c, h, w)
+    for ky in range(KERNEL):
+        for kx in range(KERNEL):
+            acc = acc + xp[:, :, ky:ky + h, kx:kx + w] * wf[:, ky * KERNEL + kx].view(1, c, 1, 1)
+    return torch.relu(acc).to(x.dtype)
+
+
+_triton_ok: bool | None = None
+
+
+def triton_available() -> bool:
+    """Whether Triton imports and our kernels (triton_kernels.py) define; decided once per process."""
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            from . import triton_kernels  # noqa: F401
+            _triton_ok = True
+        except Exception:  # noqa: BLE001 - any failure to import means no Triton here
+            _triton_ok = False
+    return _triton_ok
+
+
+def depthwise_bias_relu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                               input_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`depthwise_bias_relu_shifted` by the Triton kernel (CUDA tensors; CPU ones under TRITON_INTERPRET=1)."""
+    from .triton_kernels import dw5_bias_relu
+
+    b, c, h, w = x.shape
+    assert weight.shape == (c, 1, KERNEL, KERNEL), weight.shape
+    x = x.contiguous()
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grid = (b * c, -(-(h * w) // TRITON_BLOCK))
+    dw5_bias_relu[grid](x, weight.contiguous(), bias.contiguous(), bias if input_bias is None else input_bias, y,
+                        c, h, w, HAS_INPUT_BIAS=input_bias is not None, BLOCK=TRITON_BLOCK, num_warps=4)
+    return y
+
+
+_inductor_fn: Callable[..., torch.Tensor] | None = None
+
+
+def depthwise_bias_relu_inductor(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                 input_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`depthwise_bias_relu_shifted` under torch.compile(dynamic=False): one fused kernel per shape."""
+    global _inductor_fn
+    if _inductor_fn is None:
+        _inductor_fn = torch.compile(depthwise_bias_relu_shifted, dynamic=False)
+    import torch._dynamo as dynamo
+
+    # the limit only for these calls: the process's own torch.compile settings stay as they are
+    name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"  # older torch
+    with dynamo.config.patch(name, INDUCTOR_RECOMPILE_LIMIT):
+        return _inductor_fn(x, weight, bias, input_bias)
+
+
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {"triton": depthwise_bias_relu_triton,
+                                                   "inductor": depthwise_bias_relu_inductor,
+                                                   "shifted": depthwise_bias_relu_shifted}
+
+_said: set[str] = set()
+
+
+def resolve_mode(mode: str | None, device: torch.device | str) -> str | None:
+    """The fused-kernel mode that can run on `device` (None: cuDNN). Says once in the log when a mode
+    asked for cannot run and the refiners fall back to cuDNN."""
+    if mode is None or torch.device(device).type != "cuda":
+        return None
+    if mode not in MODES:
+        raise ValueError(f"fused depthwise mode must be one of {MODES} or None, got {mode!r}")
+    if mode == "shifted" or triton_available():  # inductor emits Triton kernels on CUDA too
+        return mode
+    if mode not in _said:
+        _said.add(mode)
+        log.warning("RoMa refiners: the fused depthwise conv (%s) needs Triton, which this torch lacks; "
+                    "using cuDNN's depthwise conv", mode)
+    return None
+
+
+def fused_depthwise_bias_relu(mode: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                              input_bias: torch.Tensor | None = None) -> torch.Tensor:
+    return KERNELS[mode](x, weight, bias, input_bias)

@@ -1,0 +1,65 @@
+"""Triton kernels of RoMa's CUDA speed form. Imported only where Triton is (`refiner_kernel.triton_available`):
+importing this module imports Triton. Under TRITON_INTERPRET=1 they run on CPU tensors (checks by hand)."""
+from __future__ import annotations
+
+import triton  # type: ignore[import-not-found, unused-ignore]
+import triton.language as tl  # type: ignore[import-not-found, unused-ignore]
+
+
+@triton.jit  # type: ignore[untyped-decorator, unused-ignore]
+def dw5_bias_relu(x_ptr, w_ptr, b_ptr, ib_ptr, y_ptr, C, H, W,  # type: ignore[no-untyped-def]
+                  HAS_INPUT_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y = relu(depthwise_conv5x5(x + ib, zero padding 2) + b), fp32 accumulation; NCHW contiguous.
+    Program (plane = batch * C + channel, tile of BLOCK pixels of that plane)."""
+    plane = tl.program_id(0)
+    tile = tl.program_id(1)
+    c = plane % C
+    hw = H * W
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < hw
+    oy = offs // W
+    ox = offs % W
+    base = x_ptr + plane.to(tl.int64) * hw
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    ib = tl.load(ib_ptr + c).to(tl.float32)
+    for ky in tl.static_range(5):
+        iy = oy + (ky - 2)
+        row_ok = inside & (iy >= 0) & (iy < H)
+        for kx in tl.static_range(5):
+            ix = ox + (kx - 2)
+            m = row_ok & (ix >= 0) & (ix < W)
+            v = tl.load(base + iy * W + ix, mask=m, other=0.0).to(tl.float32)
+            if HAS_INPUT_BIAS:
+                v = tl.where(m, v + ib, 0.0)  # the bias belongs to the input, not to its zero padding
+            acc += v * tl.load(w_ptr + c * 25 + ky * 5 + kx).to(tl.float32)
+    acc += tl.load(b_ptr + c).to(tl.float32)
+    acc = tl.maximum(acc, 0.0)
+    tl.store(y_ptr + plane.to(tl.int64) * hw + offs, acc.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=["n"])  # type: ignore[untyped-decorator, unused-ignore]
+def kde(x_ptr, out_ptr, n, neg_scale,  # type: ignore[no-untyped-def]
+        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """out[i] = sum_j exp(neg_scale * |x_i - x_j|^2) for x [n, 4] fp32 contiguous; BLOCK_I rows a program."""
+    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mi = i < n
+    a0 = tl.load(x_ptr + i * 4, mask=mi, other=0.0)
+    a1 = tl.load(x_ptr + i * 4 + 1, mask=mi, other=0.0)
+    a2 = tl.load(x_ptr + i * 4 + 2, mask=mi, other=0.0)
+    a3 = tl.load(x_ptr + i * 4 + 3, mask=mi, other=0.0)
+    acc = tl.zeros([BLOCK_I], dtype=tl.float32)
+    j0 = n * 0  # a while loop over a run-time int: Triton's interpreter cannot range() over a scalar argument
+    while j0 < n:
+        j = j0 + tl.arange(0, BLOCK_J)
+        mj = j < n
+        d = a0[:, None] - tl.load(x_ptr + j * 4, mask=mj, other=0.0)[None, :]
+        d2 = d * d
+        d = a1[:, None] - tl.load(x_ptr + j * 4 + 1, mask=mj, other=0.0)[None, :]
+        d2 += d * d
+        d = a2[:, None] - tl.load(x_ptr + j * 4 + 2, mask=mj, other=0.0)[None, :]
+        d2 += d * d
+        d = a3[:, None] - tl.load(x_ptr + j * 4 + 3, mask=mj, other=0.0)[None, :]
+        d2 += d * d
+        acc += tl.sum(tl.where(mj[None, :], tl.exp(d2 * neg_scale), 0.0), axis=1)
+        j0 += BLOCK_J
+    tl.store(out_ptr + i, acc, mask=mi)
