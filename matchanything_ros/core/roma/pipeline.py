@@ -38,7 +38,9 @@ DINOV2_KEY_PREFIX = "dinov2."  # DINOv2 keys inside the combined state dict of `
 GPU_GP_SOLVER: "GpSolver" = "cholesky"
 # refiner blocks of the CUDA fp16 speed form: depthwise conv + biases + ReLU fused (refiner_kernel.py: "triton",
 # "inductor"; None = cuDNN, also where Triton is missing). fp32 keeps cuDNN: its BatchNorms stay unfolded.
-GPU_FUSED_DEPTHWISE: str | None = "triton"
+# cuDNN by default: on an H200 the Triton kernel measured slower end to end (85.3 vs 80.9 ms a pair,
+# bench/results/h200_2026-12-01/roma_refiner_speed.*); the option stays for other GPUs, measured by that bench.
+GPU_FUSED_DEPTHWISE: str | None = None
 # CUDA fp16 speed form: the refiners' channels (1377/1137/569) padded with zero channels to a multiple of this,
 # so the 1x1 convs run aligned GEMMs (None: unpadded)
 GPU_REFINER_CHANNEL_MULTIPLE: int | None = 8
