@@ -102,18 +102,25 @@ def test_stage2_rgb_resizes_on_the_host_exactly_as_stage_1_2(demo_model: Any, de
     assert (meta.orig_wh, meta.stage1_wh, meta.canvas) == (ref_meta.orig_wh, ref_meta.stage1_wh, ref_meta.canvas)
 
 
-def test_log_sum_exp_head_keeps_the_dual_softmax_candidates(demo_model: Any, demo_pair: Any) -> None:
+def _host_candidates(demo_model: Any, demo_pair: Any, params: dict[str, Any]) -> tuple[Any, ...]:
+    """The host path's features and dual-softmax top-K candidates of the demo pair: (feats, mask0, mask1, (j, conf))."""
     cfg, state = demo_model
-    pipe = EloftrPipeline({"resize_max": 416}, cfg)
+    pipe = EloftrPipeline(params, cfg)
     net = pipe.build_net(state)
     (c0, m0, _), (c1, m1, _) = (preprocess_image(x, pipe.settings) for x in demo_pair)
+    mask0, mask1 = torch.from_numpy(m0[None]), torch.from_numpy(m1[None])
     with torch.inference_mode():
-        f = net.features(torch.from_numpy(to_model_input(c0)), torch.from_numpy(to_model_input(c1)),
-                         torch.from_numpy(m0[None]), torch.from_numpy(m1[None]))
-        mask0, mask1 = torch.from_numpy(m0[None]), torch.from_numpy(m1[None])
+        f = net.features(torch.from_numpy(to_model_input(c0)), torch.from_numpy(to_model_input(c1)), mask0, mask1)
         conf = dual_softmax_confidence(f["transformer0"], f["transformer1"], mask0, mask1, cfg.dsmax_temperature,
                                        cfg.d_model)
-        ref_j, ref_c = topk_candidates(conf, mask1, cfg.border_rm, cfg.candidates_per_cell)
+        return f, m0, m1, topk_candidates(conf, mask1, cfg.border_rm, cfg.candidates_per_cell)
+
+
+def test_log_sum_exp_head_keeps_the_dual_softmax_candidates(demo_model: Any, demo_pair: Any) -> None:
+    cfg, _ = demo_model
+    f, m0, m1, (ref_j, ref_c) = _host_candidates(demo_model, demo_pair, {"resize_max": 416})
+    mask0, mask1 = torch.from_numpy(m0[None]), torch.from_numpy(m1[None])
+    with torch.inference_mode():
         lse_j, lse_c = lse_topk_candidates(f["transformer0"], f["transformer1"], mask0, mask1,
                                            cfg.dsmax_temperature, cfg.d_model, cfg.border_rm, cfg.candidates_per_cell)
     for thr in (0.01, 0.1, 0.5):
@@ -168,17 +175,9 @@ def test_a_frame_over_the_cap_says_so(demo_model: Any, demo_pair: Any, cap_overr
 
 def test_fast_fine_level_finds_the_original_fine_matches(demo_model: Any, demo_pair: Any) -> None:
     """The GPU's fine level (argmax in log space, one regression row per match) against the original's."""
-    cfg, state = demo_model
-    pipe = EloftrPipeline({"resize_max": 832, "threshold": 0.1}, cfg)
-    net = pipe.build_net(state)
-    (c0, m0, _), (c1, m1, _) = (preprocess_image(x, pipe.settings) for x in demo_pair)
+    cfg, _ = demo_model
+    f, m0, m1, (cj, cc) = _host_candidates(demo_model, demo_pair, {"resize_max": 832, "threshold": 0.1})
     with torch.inference_mode():
-        f = net.features(torch.from_numpy(to_model_input(c0)), torch.from_numpy(to_model_input(c1)),
-                         torch.from_numpy(m0[None]), torch.from_numpy(m1[None]))
-        mask0, mask1 = torch.from_numpy(m0[None]), torch.from_numpy(m1[None])
-        conf = dual_softmax_confidence(f["transformer0"], f["transformer1"], mask0, mask1, cfg.dsmax_temperature,
-                                       cfg.d_model)
-        cj, cc = topk_candidates(conf, mask1, cfg.border_rm, cfg.candidates_per_cell)
         cm = select_coarse_matches({"cand_j": cj.numpy(), "cand_conf": cc.numpy()}, m0, m1, 0.1, cfg.border_rm)
         i_ids, j_ids = torch.from_numpy(cm.i_ids), torch.from_numpy(cm.j_ids)
         ref0, ref1 = EloftrFine(cfg)(f["feat_f0"], f["feat_f1"], i_ids, j_ids)

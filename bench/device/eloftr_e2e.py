@@ -93,6 +93,13 @@ def square(img: np.ndarray, w: int, h: int) -> np.ndarray:
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if img.shape[1] >= w else cv2.INTER_LINEAR)
 
 
+def row_pairs(photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndarray]) -> tuple[list[Any], list[Any], list[Any]]:
+    """The issue's rows' inputs: the photos as 832x832 and 640x480 pairs, the demo pair at 832x832."""
+    p832 = [(square(photos[i], 832, 832), square(photos[i + 1], 832, 832)) for i in range(0, len(photos) - 1, 2)]
+    p640 = [(square(photos[i], 640, 480), square(photos[i + 1], 640, 480)) for i in range(0, len(photos) - 1, 2)]
+    return p832, p640, [(square(demo[0], 832, 832), square(demo[1], 832, 832))]
+
+
 def section(name: str):
     def wrap(fn):
         def run(*a, **kw):
@@ -124,9 +131,7 @@ def configure(product: bool = True, head: str = "lse_compiled", island: str = "f
 
 @section("timing")
 def timing(ckpt: str, photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndarray]) -> list[dict[str, Any]]:
-    p832 = [(square(photos[i], 832, 832), square(photos[i + 1], 832, 832)) for i in range(0, len(photos) - 1, 2)]
-    p640 = [(square(photos[i], 640, 480), square(photos[i + 1], 640, 480)) for i in range(0, len(photos) - 1, 2)]
-    d832 = [(square(demo[0], 832, 832), square(demo[1], 832, 832))]
+    p832, p640, d832 = row_pairs(photos, demo)
     rows = []
     # variant: (name, configure kwargs)
     host = ("host", {"product": False})
@@ -351,6 +356,26 @@ def memcap(ckpt: str) -> list[dict[str, Any]]:
     return out
 
 
+def load_inputs(pairs_path: str) -> tuple[Path, dict[str, Any], Path, list[np.ndarray], tuple[np.ndarray, np.ndarray],
+                                          list[tuple[str, np.ndarray, np.ndarray]]]:
+    """-> (fixtures folder, their index, seeded checkpoint, the fixtures' photos, the bundled demo pair,
+    held-out pairs from `pairs_path` (eloftr_heldout_pairs.py; none when empty))."""
+    ref = reference_dir()
+    index, ckpt = seeded_checkpoint(ref, Path(tempfile.mkdtemp()))
+    photos = []
+    for pair in index["pairs"].values():
+        d = np.load(ref / "eloftr" / pair["file"])
+        photos += [d["input_image0_rgb_u8"], d["input_image1_rgb_u8"]]
+    with np.load(Path(__file__).resolve().parents[2] / "matchanything_ros" / "data" / "demo_homography.npz") as z:
+        demo = (z["image0"], z["image1"])
+    held: list[tuple[str, np.ndarray, np.ndarray]] = []
+    if pairs_path:
+        with np.load(pairs_path) as z:
+            names = sorted({k.rsplit("_", 1)[0] for k in z.files})
+            held = [(n, z[f"{n}_0"], z[f"{n}_1"]) for n in names]
+    return ref, index, ckpt, photos, demo, held
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -364,19 +389,7 @@ def main() -> int:
     REPORT["environment"] = {"gpu": gpu_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
                              "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     print(REPORT["environment"], flush=True)
-    ref = reference_dir()
-    index, ckpt = seeded_checkpoint(ref, Path(tempfile.mkdtemp()))
-    photos = []
-    for pair in index["pairs"].values():
-        d = np.load(ref / "eloftr" / pair["file"])
-        photos += [d["input_image0_rgb_u8"], d["input_image1_rgb_u8"]]
-    with np.load(Path(__file__).resolve().parents[2] / "matchanything_ros" / "data" / "demo_homography.npz") as z:
-        demo = (z["image0"], z["image1"])
-    held: list[tuple[str, np.ndarray, np.ndarray]] = []
-    if args.pairs:
-        with np.load(args.pairs) as z:
-            names = sorted({k.rsplit("_", 1)[0] for k in z.files})
-            held = [(n, z[f"{n}_0"], z[f"{n}_1"]) for n in names]
+    ref, index, ckpt, photos, demo, held = load_inputs(args.pairs)
     sections = args.sections.split(",")
     if "memory" in sections:  # first: a fresh process, nothing cached by other sections
         memory(str(ckpt), photos)

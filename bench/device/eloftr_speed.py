@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eloftr_e2e as e2e  # noqa: E402
 from eloftr_e2e import REPORT, compare, keyed, matcher, section, square, stage_breakdown, time_matcher  # noqa: E402
-from eloftr_gpu import reference_dir, seeded_checkpoint  # noqa: E402
 
 from matchanything_ros.core.backends import torch_backend  # noqa: E402
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline  # noqa: E402
@@ -67,9 +65,7 @@ def configure(fine: str | None = None, compiled: str | None = None, island: str 
 
 @section("timing")
 def timing(ckpt: str, photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndarray]) -> list[dict[str, Any]]:
-    p832 = [(square(photos[i], 832, 832), square(photos[i + 1], 832, 832)) for i in range(0, len(photos) - 1, 2)]
-    p640 = [(square(photos[i], 640, 480), square(photos[i + 1], 640, 480)) for i in range(0, len(photos) - 1, 2)]
-    d832 = [(square(demo[0], 832, 832), square(demo[1], 832, 832))]
+    p832, p640, d832 = e2e.row_pairs(photos, demo)
     d = ("default", {})
     plan = [
         ("832x832 robot fp16", p832, ckpt, "fp16", "robot", [d]),
@@ -193,19 +189,7 @@ def main() -> int:
                              "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                              "defaults": DEFAULTS}
     print(REPORT["environment"], flush=True)
-    ref = reference_dir()
-    index, ckpt = seeded_checkpoint(ref, Path(tempfile.mkdtemp()))
-    photos = []
-    for pair in index["pairs"].values():
-        d = np.load(ref / "eloftr" / pair["file"])
-        photos += [d["input_image0_rgb_u8"], d["input_image1_rgb_u8"]]
-    with np.load(Path(__file__).resolve().parents[2] / "matchanything_ros" / "data" / "demo_homography.npz") as z:
-        demo = (z["image0"], z["image1"])
-    held: list[tuple[str, np.ndarray, np.ndarray]] = []
-    if args.pairs:
-        with np.load(args.pairs) as z:
-            names = sorted({k.rsplit("_", 1)[0] for k in z.files})
-            held = [(n, z[f"{n}_0"], z[f"{n}_1"]) for n in names]
+    ref, index, ckpt, photos, demo, held = e2e.load_inputs(args.pairs)
     sections = args.sections.split(",")
     t0 = time.time()
     if "memory" in sections:  # first: a fresh process, nothing cached by other sections

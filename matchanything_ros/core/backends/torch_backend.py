@@ -170,6 +170,17 @@ class TorchBackend:
         return (torch.autocast("cuda", dtype=torch.float16, cache_enabled=False) if self.precision == "fp16"
                 else contextlib.nullcontext())
 
+    def _entry(self, graph: str, module: Any, names: list[str], inputs: dict[str, Any], capture: Any) -> Any:
+        """The captures for these inputs' shapes: found, or made by `capture(static input buffers)` (a new
+        camera size drops the old ones: bounded memory)."""
+        key = (graph, module.capture_key(inputs))
+        entry = self._captured.get(key)
+        if entry is None:
+            if len(self._captured) >= 4:
+                self._captured.clear()
+            entry = self._captured[key] = capture([self._to_tensor(inputs[n]).clone() for n in names])
+        return entry
+
     def _upload(self, graph: str, static: list[torch.Tensor], names: list[str], inputs: dict[str, Any]) -> None:
         """Host inputs into a captured graph's static buffers: through reused pinned buffers, so the copy to
         the device is asynchronous (from pageable memory it would block the thread for its whole length)."""
@@ -196,18 +207,14 @@ class TorchBackend:
         The outputs are the graph's static buffers: valid until the next run of the same graph.
         """
         assert self.stream is not None
-        key = (graph, module.capture_key(inputs))
+
+        def capture(static: list[torch.Tensor]) -> tuple[Any, ...]:
+            with module.static_crop(inputs):
+                cuda_graph, outs = self._capture(module, tuple(static))
+            return cuda_graph, static, outs
+
         with torch.inference_mode():
-            entry = self._captured.get(key)
-            if entry is None:
-                if len(self._captured) >= 4:  # a new camera size: drop old captures, bound the memory
-                    self._captured.clear()
-                static = [self._to_tensor(inputs[n]).clone() for n in names]
-                with module.static_crop(inputs):
-                    cuda_graph, outs = self._capture(module, tuple(static))
-                entry = (cuda_graph, static, outs)
-                self._captured[key] = entry
-            cuda_graph, static, outs = entry
+            cuda_graph, static, outs = self._entry(graph, module, names, inputs, capture)
             with torch.cuda.stream(self.stream):
                 self._upload(graph, static, names, inputs)
                 cuda_graph.replay()
@@ -236,19 +243,17 @@ class TorchBackend:
         they run one at a time on one stream, and each keeps its own outputs alive.
         """
         assert self.stream is not None
-        key = (graph, module.capture_key(inputs))
+
+        def capture_front(static: list[torch.Tensor]) -> tuple[Any, ...]:
+            front_graph, state = self._capture(module.front, tuple(static))
+            cap = module.cap_of(tuple(static[0].shape))
+            header_host = torch.empty(state[-1].shape, dtype=state[-1].dtype, pin_memory=True)
+            no_backs: dict[int, tuple[Any, Any]] = {}  # rows -> (captured back, its matches): on the first frame
+            return front_graph, static, (state, cap, header_host, no_backs)
+
         with torch.inference_mode():
-            entry = self._captured.get(key)
-            if entry is None:
-                if len(self._captured) >= 4:  # a new camera size: drop old captures, bound the memory
-                    self._captured.clear()
-                static = [self._to_tensor(inputs[n]).clone() for n in names]
-                front_graph, state = self._capture(module.front, tuple(static))
-                cap = module.cap_of(tuple(static[0].shape))
-                header_host = torch.empty(state[-1].shape, dtype=state[-1].dtype, pin_memory=True)
-                no_backs: dict[int, tuple[Any, Any]] = {}  # rows -> (captured back, its matches)
-                entry = (front_graph, static, (state, cap, header_host, no_backs))
-            front_graph, static, (state, cap, header_host, backs) = entry
+            front_graph, static, (state, cap, header_host, backs) = self._entry(graph, module, names, inputs,
+                                                                                capture_front)
             with torch.cuda.stream(self.stream):
                 self._upload(graph, static, names, inputs)
                 front_graph.replay()
@@ -259,7 +264,6 @@ class TorchBackend:
                 pool = torch.cuda.graph_pool_handle()
                 for rows in module.row_buckets(cap):
                     backs[rows] = self._capture(lambda r=rows: module.back(state, r), (), pool)
-                self._captured[key] = entry
             back_graph, matches = backs[module.rows_for(header_host.numpy(), cap)]
             with torch.cuda.stream(self.stream):
                 back_graph.replay()

@@ -756,6 +756,20 @@ def _refined_keypoints(
 # ----------------------------------------------------------------------------------------------
 
 
+def _similarity_lse(
+    t0: torch.Tensor, t1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor, temperature: float, d_model: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (sim [1,L0,L1] float32, invalid pairs at -1e9; its row and column log-sum-exps), for the log-space heads.
+
+    The scales are applied after the product (the original scales each side by 1/sqrt(d) first): then the
+    product of fp16 maps is exact in TF32 (`exact_tf32_products`) whatever d_model.
+    """
+    sim = torch.einsum("nlc,nsc->nls", _flat_cells(t0).float(), _flat_cells(t1).float()) / (d_model * temperature)
+    valid = mask0.flatten(1)[:, :, None] & mask1.flatten(1)[:, None, :]
+    sim = sim.masked_fill(~valid, -1e9)
+    return sim, torch.logsumexp(sim, 2, keepdim=True), torch.logsumexp(sim, 1, keepdim=True)
+
+
 def lse_topk_candidates(
     t0: torch.Tensor, t1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor, temperature: float,
     d_model: int, border: int, k: int,
@@ -768,13 +782,7 @@ def lse_topk_candidates(
     column reductions fuse into a few passes over the similarity.
     """
     with torch.autocast(t0.device.type, enabled=False):
-        # the scales applied after the product (the original scales each side by 1/sqrt(d) first): then the
-        # product of fp16 maps is exact in TF32 (`exact_tf32_products`) whatever d_model
-        sim = torch.einsum("nlc,nsc->nls", _flat_cells(t0).float(), _flat_cells(t1).float()) / (d_model * temperature)
-        valid = mask0.flatten(1)[:, :, None] & mask1.flatten(1)[:, None, :]
-        sim = sim.masked_fill(~valid, -1e9)
-        lse_row = torch.logsumexp(sim, 2, keepdim=True)
-        lse_col = torch.logsumexp(sim, 1, keepdim=True)
+        sim, lse_row, lse_col = _similarity_lse(t0, t1, mask0, mask1, temperature, d_model)
         keep1 = border_valid_cells(mask1, border)[:, None, :]
         score = (2.0 * sim - lse_col).masked_fill(~keep1, float("-inf"))
         top, cand_j = torch.topk(score, min(k, score.shape[2]), dim=2)
@@ -791,11 +799,7 @@ def lse_passing_mask(
     no confidence matrix and no top-K (a radix select with several passes over L0 x L1 on CUDA).
     """
     with torch.autocast(t0.device.type, enabled=False):
-        sim = torch.einsum("nlc,nsc->nls", _flat_cells(t0).float(), _flat_cells(t1).float()) / (d_model * temperature)
-        valid = mask0.flatten(1)[:, :, None] & mask1.flatten(1)[:, None, :]
-        sim = sim.masked_fill(~valid, -1e9)
-        lse_row = torch.logsumexp(sim, 2, keepdim=True)
-        lse_col = torch.logsumexp(sim, 1, keepdim=True)
+        sim, lse_row, lse_col = _similarity_lse(t0, t1, mask0, mask1, temperature, d_model)
         keep = border_valid_cells(mask0, border)[:, :, None] & border_valid_cells(mask1, border)[:, None, :]
         passed = (2.0 * sim - lse_row - lse_col > math.log(threshold)) & keep
         return sim, lse_row, lse_col, passed
