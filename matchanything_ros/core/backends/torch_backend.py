@@ -249,21 +249,21 @@ class TorchBackend:
             cap = module.cap_of(tuple(static[0].shape))
             header_host = torch.empty(state[-1].shape, dtype=state[-1].dtype, pin_memory=True)
             no_backs: dict[int, tuple[Any, Any]] = {}  # rows -> (captured back, its matches): on the first frame
-            return front_graph, static, (state, cap, header_host, no_backs)
+            return front_graph, static, (state, cap, header_host, no_backs, torch.cuda.graph_pool_handle())
 
         with torch.inference_mode():
-            front_graph, static, (state, cap, header_host, backs) = self._entry(graph, module, names, inputs,
-                                                                                capture_front)
+            front_graph, static, (state, cap, header_host, backs, pool) = self._entry(graph, module, names, inputs,
+                                                                                      capture_front)
             with torch.cuda.stream(self.stream):
                 self._upload(graph, static, names, inputs)
                 front_graph.replay()
                 header_host.copy_(state[-1], non_blocking=True)
                 self._done.record(self.stream)
             self._done.synchronize()
-            if not backs:  # first frame of this size: front's outputs now hold real indices to warm up on
-                pool = torch.cuda.graph_pool_handle()
-                for rows in module.row_buckets(cap):
-                    backs[rows] = self._capture(lambda r=rows: module.back(state, r), (), pool)
+            # first frame of this size (or one whose captures failed part way): front's outputs now hold real
+            # indices for the warm-ups
+            for rows in [r for r in module.row_buckets(cap) if r not in backs]:
+                backs[rows] = self._capture(lambda r=rows: module.back(state, r), (), pool)
             back_graph, matches = backs[module.rows_for(header_host.numpy(), cap)]
             with torch.cuda.stream(self.stream):
                 back_graph.replay()
