@@ -2,17 +2,14 @@
 """ELoFTR speed on the GPU, second round (issue 12): what each remaining change buys, in one device call.
 
 Every figure is `Matcher.match` end to end (eloftr_e2e.time_matcher: uint8 arrays in, matches out, median
-and p90 of 30 after warm-up, host CPU ms, peak GPU memory, match count). Variants, one knob at a time
-against the new default (product graph, fine level on row buckets with the compiled log-space fine level,
-TF32 products of fp16 maps in the head):
-  no_buckets         the fine level on every row up to the cap (the previous behaviour)
-  fine_exact         the original fine-level formulation (the previous default) / fine_fast_eager
-  compiled_backbone  torch.compile of the backbone / compiled_features: of backbone+transformer+FPN
-  benchmark_off      fp16 without cuDNN autotuning (first-frame memory)
-  cudnn_tf32         fp32 with cuDNN's TF32 convolutions allowed: torch's default, so the original's "fp32"
-  speed_form         fp32 in the speed form (fused RepVGG, SDPA, channels-last)
-Sections: timing, buckets (row buckets vs all rows: same matches), fp16 (held-out pairs, the promise),
-profile (top CUDA kernels of fp32 and fp16 forwards, eager), memory (both orders, autotuning on/off), memcap.
+and p90 of 30 after warm-up, host CPU ms, peak GPU memory, match count). `configure()` sets one knob at a
+time against the defaults (the timing plan holds the defaults and fp32 with cuDNN's TF32 convolutions, torch's
+default, which the original's "fp32" ran with; the knobs measured in the day's earlier calls — row buckets,
+the fine-level form, compiled parts, cuDNN autotuning, fp32 islands, the heads — are in their logs under
+bench/results/h200_2026-12-01/eloftr_speed_*).
+Sections: memory (both orders of creation), memcap (a process capped at 2.5 GB), timing, parity (CUDA fp32 vs
+the fixtures), buckets / heads (row buckets vs all rows, top-K vs nonzero head: same matches), fp16 (held-out
+pairs, the promise), profile (top CUDA kernels of an eager fp16 forward).
 Usage (repo root, GPU machine): python3 bench/device/eloftr_speed.py --out DIR [--pairs heldout.npz]
 """
 from __future__ import annotations
@@ -38,13 +35,13 @@ from matchanything_ros.core.eloftr.pipeline import EloftrPipeline  # noqa: E402
 
 DEFAULTS = {"head": EloftrPipeline.product_head, "fine": EloftrPipeline.product_fine,
             "compiled": EloftrPipeline.product_compiled,
-            "island": EloftrPipeline.fp32_island, "fp32_speed_form": EloftrPipeline.fp32_speed_form,
+            "island": EloftrPipeline.fp32_island,
             "numerics": json.loads(json.dumps(torch_backend.CUDA_NUMERICS)),
             }
 
 
 def configure(fine: str | None = None, compiled: str | None = None, island: str | None = None,
-              buckets: bool = True, fp32_speed_form: bool | None = None, fp16_benchmark: bool | None = None,
+              buckets: bool = True, fp16_benchmark: bool | None = None,
               fp32_cudnn_tf32: bool | None = None, head: str | None = None) -> None:
     """Set the knobs (None = default); every call starts from the defaults."""
     EloftrPipeline.use_product_graph = True
@@ -53,8 +50,7 @@ def configure(fine: str | None = None, compiled: str | None = None, island: str 
     EloftrPipeline.product_fine = fine or DEFAULTS["fine"]
     EloftrPipeline.product_compiled = compiled or DEFAULTS["compiled"]
     EloftrPipeline.fp32_island = island or DEFAULTS["island"]
-    EloftrPipeline.fp32_speed_form = DEFAULTS["fp32_speed_form"] if fp32_speed_form is None else fp32_speed_form
-    torch_backend.TorchBackend.row_buckets = buckets
+    torch_backend.TorchBackend.use_row_buckets = buckets
     for prec, flags in DEFAULTS["numerics"].items():
         torch_backend.CUDA_NUMERICS[prec] = dict(flags)
     if fp16_benchmark is not None:

@@ -82,7 +82,7 @@ def graph_input_names(module: torch.nn.Module) -> list[str]:
 
 class TorchBackend:
     name = "torch"
-    row_buckets = True  # captured graphs with a `rows_for` run in two halves (benchmarks compare: False)
+    use_row_buckets = True  # captured graphs with a `rows_for` run in two halves (benchmarks compare: False)
 
     def __init__(self, graphs: dict[str, torch.nn.Module], device: str = "cpu", precision: str = "fp32",
                  cuda_graphs: bool = True, keep_on_device: Iterable[str] = ()) -> None:
@@ -126,7 +126,7 @@ class TorchBackend:
         autocast = (torch.autocast("cuda", dtype=torch.float16) if self.precision == "fp16"
                     else contextlib.nullcontext())
         with numeric_flags(self.torch_device.type, self.precision):
-            if self.cuda_graphs and self.row_buckets and hasattr(module, "rows_for"):
+            if self.cuda_graphs and self.use_row_buckets and hasattr(module, "rows_for"):
                 outs = self._run_row_bucketed(graph, module, names, inputs)
             elif self.cuda_graphs and hasattr(module, "capture_key"):
                 outs = self._run_captured(graph, module, names, inputs)

@@ -648,8 +648,7 @@ class EloftrFine(nn.Module):
     def __init__(self, cfg: EloftrConfig, fast: bool = False, compiled: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
-        self.fast = fast or compiled
-        self._keypoints: Any = fine_keypoints_fast if self.fast else fine_keypoints
+        self._keypoints: Any = fine_keypoints_fast if fast or compiled else fine_keypoints
         if compiled:
             # dynamic: one compilation serves every row bucket (a fixed-shape one would recompile per bucket)
             self._keypoints = CompiledOrEager(fine_keypoints_fast, dynamic=True)
@@ -897,8 +896,8 @@ class EloftrProduct(nn.Module):
             raise ValueError("the lse_nonzero head compares log-confidences with log(threshold): threshold must be > 0")
         if fine not in ("exact", "fast", "fast_compiled"):
             raise ValueError(f"fine must be exact, fast or fast_compiled, got {fine!r}")
-        if compiled not in ("none", "backbone", "features"):
-            raise ValueError(f"compiled must be none, backbone or features, got {compiled!r}")
+        if compiled not in ("none", "features"):
+            raise ValueError(f"compiled must be none or features, got {compiled!r}")
         self.net = net
         self.cfg = net.cfg
         self.threshold = float(threshold)
@@ -910,8 +909,6 @@ class EloftrProduct(nn.Module):
         self._features: Any = net.features
         if compiled == "features":
             self._features = CompiledOrEager(net.features, dynamic=False)
-        elif compiled == "backbone":
-            net._backbone = CompiledOrEager(net._backbone, dynamic=False)  # type: ignore[method-assign,assignment]
         # u8 / 255 as numpy computes it (a table: a device division by a scalar may round differently)
         self.register_buffer("u8_to_unit", torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(255.0)),
                              persistent=False)

@@ -88,10 +88,9 @@ class EloftrPipeline:
     # the same lists as top-K + selection and 0.4-0.8 ms faster a frame (H200, bench/device/eloftr_speed.py)
     product_head = "lse_nonzero"
     product_fine = "fast_compiled"  # CUDA fine level of the product graph (the CPU keeps "exact")
-    # CUDA: torch.compile of backbone + transformer + FPN ("features"; or "backbone", "none"): fuses the
+    # CUDA: torch.compile of backbone + transformer + FPN ("features", or "none"): fuses the
     # bias/activation/cast kernels between cuDNN's convolutions (H200, 832² fp16: 15.9 -> 11.2 ms a frame)
     product_compiled = "features"
-    fp32_speed_form = False  # fp32 in the speed form too (fused RepVGG, SDPA, channels-last): not the exact form
     # fp16: what stays fp32 (model.FP32_ISLANDS). Measured on an H200 (bench/results/h200_2026-12-01): with
     # "fpn_backbone12" fp16 reproduces 99.7-99.8 % of fp32's matches within 1 px on held-out real pairs,
     # with "fpn" or "none" 99.0-99.5 %, at the same speed
@@ -205,7 +204,7 @@ class EloftrPipeline:
         from .model import EloftrCoarse, EloftrFine, EloftrProduct
 
         net = self.build_net(state_dict).to(device)
-        if speed_form if speed_form is not None else (precision == "fp16" or self.fp32_speed_form):
+        if speed_form if speed_form is not None else precision == "fp16":
             net.to_speed_form()
         if precision == "fp16":
             net.store_half_weights(self.fp32_island)

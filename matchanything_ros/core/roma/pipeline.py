@@ -164,8 +164,9 @@ class RomaPipeline:
         images, in the speed form — the refiners' local correlation gathered (`local_correlation_gathered`),
         the GP by Cholesky (GPU_GP_SOLVER), and for precision fp16 half weights stored once with the
         BatchNorms folded into the convolutions, the refiners' channels padded to aligned counts
-        (GPU_REFINER_CHANNEL_MULTIPLE) and the refiner blocks' depthwise conv + biases + ReLU fused into
-        one kernel (GPU_FUSED_DEPTHWISE). (channels_last convolutions measured slower: not used.)
+        (GPU_REFINER_CHANNEL_MULTIPLE) and, where GPU_FUSED_DEPTHWISE names one (off by default: slower on an
+        H200), the refiner blocks' depthwise conv + biases + ReLU as one kernel. (channels_last convolutions
+        measured slower: not used.)
         gp_solver: None = the default of the device, "newton_schulz" for ONNX export."""
         import torch
 
