@@ -16,8 +16,9 @@ import torch
 
 from matchanything_ros.core.backends.torch_backend import TorchBackend
 from matchanything_ros.core.checkpoint import load_state_dict
-from matchanything_ros.core.eloftr.model import (EloftrFine, EloftrProduct, dual_softmax_confidence,
-                                                 lse_topk_candidates, select_on_device, topk_candidates)
+from matchanything_ros.core.eloftr.model import (EloftrFine, EloftrProduct, _tf32_split, dual_softmax_confidence,
+                                                 lse_passing_mask, lse_topk_candidates, select_on_device,
+                                                 topk_candidates)
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
 from matchanything_ros.core.eloftr.postprocess import select_coarse_matches
 from matchanything_ros.core.eloftr.preprocess import pil_gray, preprocess_image, stage2_rgb, to_model_input
@@ -130,6 +131,29 @@ def test_log_sum_exp_head_keeps_the_dual_softmax_candidates(demo_model: Any, dem
         np.testing.assert_array_equal(lse.i_ids, ref.i_ids)
         np.testing.assert_array_equal(lse.j_ids, ref.j_ids)
         np.testing.assert_allclose(lse.mconf, ref.mconf, rtol=1e-4, atol=1e-6)
+
+
+def test_split_tf32_head_keeps_the_dual_softmax_matches(demo_model: Any, demo_pair: Any) -> None:
+    """CUDA fp16's matching head multiplies fp32 features as TF32 splits (a_hi.b_hi + a_hi.b_lo + a_lo.b_hi in
+    one GEMM): the split is exact, and the head keeps the fp32 head's matches and counts. Here the products
+    run in fp32 (the CPU has no TF32): this checks the algebra; the tensor cores' share is the GPU run's
+    (bench/results/h200_2026-12-01/round3_*: fp16 keeps 99.7-99.8 % of fp32's matches)."""
+    cfg, _ = demo_model
+    f, m0, m1, _ = _host_candidates(demo_model, demo_pair, {"resize_max": 416})
+    t0, t1 = f["transformer0"], f["transformer1"]
+    hi, lo = _tf32_split(t0)
+    assert torch.equal(hi + lo, t0)
+    assert not (hi.view(torch.int32) & 0x1FFF).any()  # TF32 keeps 10 of fp32's 23 mantissa bits
+    assert (lo.abs() <= t0.abs() * 2.0**-10).all()
+    mask0, mask1 = torch.from_numpy(m0[None]), torch.from_numpy(m1[None])
+    args = (t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model, cfg.border_rm, 0.1)
+    with torch.inference_mode():
+        sim, lse_row, lse_col, passed, count = lse_passing_mask(*args)
+        sim_s, lse_row_s, lse_col_s, passed_s, count_s = lse_passing_mask(*args, split_tf32=True)
+    assert int(count) == int(passed.sum()) > 100
+    assert int(count_s) == int(count) and torch.equal(passed_s, passed)
+    torch.testing.assert_close(sim_s, sim, rtol=1e-5, atol=1e-5)  # fp32 rounding of values up to ~100
+    torch.testing.assert_close(lse_row_s, lse_row, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.05, 0.2])

@@ -168,9 +168,10 @@ def timing(ckpt: str, photos: list[np.ndarray], demo: tuple[np.ndarray, np.ndarr
 
 
 @section("parity")
-def parity(ckpt: str, index: dict[str, Any], ref: Path) -> list[dict[str, Any]]:
+def parity(ckpt: str, index: dict[str, Any], ref: Path, heads: tuple[str, ...] = ("dsmax", "lse_compiled")
+           ) -> list[dict[str, Any]]:
     out = []
-    for head in ("dsmax", "lse_compiled"):
+    for head in heads:
         configure(head=head)
         with matcher(ckpt, "fp32", "hf_space", threshold=index["threshold"]) as m:
             for name, pair in index["pairs"].items():
@@ -281,16 +282,16 @@ def stage_breakdown(m: Matcher, a: np.ndarray, b: np.ndarray) -> dict[str, float
                                  valid=prod.crop_sizes(tuple(rgb0.shape), tuple(rgb1.shape)))
 
     def head() -> None:
-        from matchanything_ros.core.eloftr.model import exact_tf32_products
+        from matchanything_ros.core.eloftr.model import tf32_head
         f = st["f"]
-        with exact_tf32_products(f["transformer0"]):
+        with tf32_head(f["transformer0"]) as split:
             if prod._passing is not None:  # the mask + nonzero head: its selection is part of it
                 st["mask"] = prod._passing(f["transformer0"], f["transformer1"], st["m0"], st["m1"],
-                                           cfg.dsmax_temperature, cfg.d_model, cfg.border_rm, prod.threshold)
+                                           cfg.dsmax_temperature, cfg.d_model, cfg.border_rm, prod.threshold, split)
             else:
                 st["cj"], st["cc"] = prod._lse(f["transformer0"], f["transformer1"], st["m0"], st["m1"],
                                                cfg.dsmax_temperature, cfg.d_model, cfg.border_rm,
-                                               cfg.candidates_per_cell)
+                                               cfg.candidates_per_cell, split)
 
     def select() -> None:
         from matchanything_ros.core.eloftr.model import select_on_device, select_passing

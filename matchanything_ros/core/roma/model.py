@@ -20,7 +20,7 @@ from torch import nn
 
 from .dinov2 import Block, DinoV2ViTL14
 from .gp import GaussianProcessMatch, GpSolver
-from .refiner_kernel import fused_depthwise_bias_relu, resolve_mode
+from .refiner_kernel import bias_relu_nhwc_, fused_depthwise_bias_relu, resolve_mode
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,8 @@ class ConvRefiner(nn.Module):
         if self.channel_pad:
             parts.append(f1.new_zeros(b, self.channel_pad, h, w))
         x = torch.cat(parts, dim=1)
-        if self.channels_last:
+        del parts, x_hat, emb  # the blocks' input holds them: one copy alive through the blocks (memory peak)
+        if self.channels_last or (self.fused_depthwise == "cudnn_nhwc" and x.is_cuda):
             x = x.contiguous(memory_format=torch.channels_last)
         d = None
         if self.fused_depthwise is not None and x.is_cuda:
@@ -255,6 +256,9 @@ class ConvRefiner(nn.Module):
             d = self.hidden_blocks(self.block1(x))
         with fp32_region(d):  # the original runs out_conv outside autocast, in fp32
             d = self.out_conv(d.float())
+        # NCHW (3 channels, small): the flow and certainty updates after it mix it with NCHW maps, which from
+        # channels-last memory runs torch's slow generic kernels
+        d = d.contiguous()
         return d[:, :-1], d[:, -1:]
 
     def blocks(self) -> list[nn.Sequential]:
@@ -298,9 +302,22 @@ class ConvRefiner(nn.Module):
         return pad
 
     def _fused_blocks(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        """The blocks with the fused depthwise kernel; each 1x1 conv's bias is added by the next block's
-        kernel (the last one keeps its own), which saves a broadcast pass over the tensor per block."""
+        """The blocks in a fused form. "cudnn_nhwc": channels-last, cuDNN's depthwise conv without bias, then
+        bias + BatchNorm (unfolded, as the fp32 form keeps it) + ReLU in one in-place pass, then the 1x1 conv
+        as a GEMM whose bias cuBLAS adds in its epilogue. Otherwise each block's depthwise conv + bias + ReLU
+        is one kernel, and each 1x1 conv's bias is added by the next block's kernel (the last one keeps its
+        own): a broadcast pass over the tensor saved per block."""
         blocks = self.blocks()
+        if mode == "cudnn_nhwc":
+            x = x.contiguous(memory_format=torch.channels_last)
+            for dw, bn, _, pw in blocks:
+                assert isinstance(dw, nn.Conv2d) and isinstance(pw, nn.Conv2d) and dw.bias is not None
+                scale, shift = self._bn_affine(bn)
+                # (cuDNN's fused conv + bias + ReLU, torch.cudnn_convolution_relu, measured 4x slower end to end)
+                y = F.conv2d(x, dw.weight, None, 1, dw.padding, 1, dw.groups)
+                bias_relu_nhwc_(y, dw.bias, scale, shift)
+                x = F.linear(y.permute(0, 2, 3, 1), pw.weight.flatten(1), pw.bias).permute(0, 3, 1, 2)
+            return x
         pending: torch.Tensor | None = None
         for i, (dw, _, _, pw) in enumerate(blocks):
             assert isinstance(dw, nn.Conv2d) and isinstance(pw, nn.Conv2d) and dw.bias is not None
@@ -309,6 +326,19 @@ class ConvRefiner(nn.Module):
             x = F.conv2d(x, pw.weight, pw.bias if last else None)
             pending = None if last else pw.bias
         return x
+
+    def _bn_affine(self, bn: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """An unfolded eval BatchNorm as fp32 (scale, shift), made once (on the eager warm-up before a capture);
+        (None, None) for a folded one."""
+        if not isinstance(bn, nn.BatchNorm2d):
+            return None, None
+        cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = self.__dict__.setdefault("_bn_affine_cache", {})
+        found = cache.get(id(bn))
+        if found is None or found[0].device != bn.weight.device:
+            assert bn.running_var is not None and bn.running_mean is not None
+            scale = (bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)).contiguous()
+            found = cache[id(bn)] = (scale, (bn.bias.float() - bn.running_mean.float() * scale).contiguous())
+        return found
 
 
 class Decoder(nn.Module):
@@ -411,16 +441,24 @@ class RomaNet(nn.Module):
         return total
 
     def use_fused_depthwise(self, mode: str | None = "triton") -> str | None:
-        """CUDA speed form: the refiner blocks' depthwise conv + bias + ReLU as one fused kernel (`mode`
-        "triton" or "inductor"; None = cuDNN). Call after `fold_batchnorms` and `.to(device)`. Falls back
-        to cuDNN (said once in the log) where the kernel cannot run; returns the mode in use."""
+        """CUDA speed form: the refiner blocks in a fused form (`mode`, refiner_kernel.MODES: "cudnn_nhwc"
+        channels-last with one bias + BatchNorm + ReLU pass, any BatchNorms; "triton" / "inductor" one fused
+        depthwise kernel, folded BatchNorms only; None = cuDNN's modules). Call after `.to(device)` (and
+        `fold_batchnorms` where needed). Falls back to cuDNN's modules (said once in the log) where Triton is
+        missing; returns the mode in use."""
         device = next(self.decoder.parameters()).device
         mode = resolve_mode(mode, device)
         for refiner in self.decoder.conv_refiner.values():
             assert isinstance(refiner, ConvRefiner)
-            if mode is not None and not all(isinstance(blk[1], nn.Identity) for blk in refiner.blocks()):
+            if mode not in (None, "cudnn_nhwc") and not all(isinstance(blk[1], nn.Identity)
+                                                             for blk in refiner.blocks()):
                 raise ValueError("the fused depthwise kernel needs the BatchNorms folded (fold_batchnorms)")
             refiner.fused_depthwise = mode
+            if mode == "cudnn_nhwc":  # cuDNN's NHWC depthwise kernels want their weights channels-last too
+                for blk in refiner.blocks():
+                    dw = blk[0]
+                    assert isinstance(dw, nn.Conv2d)
+                    dw.weight.data = dw.weight.data.contiguous(memory_format=torch.channels_last)
         return mode
 
     def use_channels_last(self) -> "RomaNet":

@@ -36,11 +36,12 @@ def _to_numpy(a: Any) -> np.ndarray:
 DINOV2_KEY_PREFIX = "dinov2."  # DINOv2 keys inside the combined state dict of `load_weights`
 # GP solver of the CUDA speed form: fp32 Cholesky + triangular solves, no host sync (CUDA-graph capturable)
 GPU_GP_SOLVER: "GpSolver" = "cholesky"
-# refiner blocks of the CUDA fp16 speed form: depthwise conv + biases + ReLU fused (refiner_kernel.py: "triton",
-# "inductor"; None = cuDNN, also where Triton is missing). fp32 keeps cuDNN: its BatchNorms stay unfolded.
-# cuDNN by default: on an H200 the Triton kernel measured slower end to end (85.3 vs 80.9 ms a pair,
-# bench/results/h200_2026-12-01/roma_refiner_speed.*); the option stays for other GPUs, measured by that bench.
-GPU_FUSED_DEPTHWISE: str | None = None
+# refiner blocks of the CUDA speed form (fp16 and fp32; refiner_kernel.MODES). "cudnn_nhwc": channels-last, cuDNN's
+# depthwise conv, its bias (+ the fp32 form's unfolded BatchNorm) + ReLU in one Triton pass, the 1x1 convs as
+# GEMMs with cuBLAS's bias epilogue. H200, 640x480 pair, one process (bench/results/h200_2026-12-01/round3_call5_*):
+# fp16 79.7 -> 61.9 ms, fp32 273.5 -> 229.6 ms (IEEE fp32 still, summation order aside: parity unchanged).
+# None = cuDNN's modules, NCHW (also where Triton is missing); "triton" / "inductor" (fp16) measured slower.
+GPU_FUSED_DEPTHWISE: str | None = "cudnn_nhwc"
 # CUDA fp16 speed form: the refiners' channels (1377/1137/569) padded with zero channels to a multiple of this,
 # so the 1x1 convs run aligned GEMMs (None: unpadded)
 GPU_REFINER_CHANNEL_MULTIPLE: int | None = 8
@@ -164,9 +165,8 @@ class RomaPipeline:
         images, in the speed form — the refiners' local correlation gathered (`local_correlation_gathered`),
         the GP by Cholesky (GPU_GP_SOLVER), and for precision fp16 half weights stored once with the
         BatchNorms folded into the convolutions, the refiners' channels padded to aligned counts
-        (GPU_REFINER_CHANNEL_MULTIPLE) and, where GPU_FUSED_DEPTHWISE names one (off by default: slower on an
-        H200), the refiner blocks' depthwise conv + biases + ReLU as one kernel. (channels_last convolutions
-        measured slower: not used.)
+        (GPU_REFINER_CHANNEL_MULTIPLE), and in both precisions the refiner blocks in the form GPU_FUSED_DEPTHWISE
+        names (channels-last "cudnn_nhwc" by default). (channels_last for the whole net measured slower.)
         gp_solver: None = the default of the device, "newton_schulz" for ONNX export."""
         import torch
 
@@ -183,10 +183,12 @@ class RomaPipeline:
         if on_gpu:
             net.use_gathered_correlation()
         net.to(device)
-        if on_gpu and precision == "fp16":
-            if GPU_REFINER_CHANNEL_MULTIPLE:
-                net.pad_refiner_channels(GPU_REFINER_CHANNEL_MULTIPLE)
-            net.use_fused_depthwise(GPU_FUSED_DEPTHWISE)
+        if on_gpu and precision == "fp16" and GPU_REFINER_CHANNEL_MULTIPLE:
+            net.pad_refiner_channels(GPU_REFINER_CHANNEL_MULTIPLE)
+        if on_gpu:
+            # fp32 keeps its BatchNorms unfolded: only "cudnn_nhwc" (or None) takes them
+            mode = GPU_FUSED_DEPTHWISE if precision == "fp16" or GPU_FUSED_DEPTHWISE == "cudnn_nhwc" else None
+            net.use_fused_depthwise(mode)
         grid = self.config.coarse_res // 14
         net.dinov2.freeze_pos_embed(grid, grid)  # a constant for this input size (and in exported graphs)
         if resize_on_device:

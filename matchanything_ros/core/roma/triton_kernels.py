@@ -38,6 +38,20 @@ def dw5_bias_relu(x_ptr, w_ptr, b_ptr, ib_ptr, y_ptr, C, H, W,  # type: ignore[n
 
 
 @triton.jit(do_not_specialize=["n"])  # type: ignore[untyped-decorator, unused-ignore]
+def bias_relu_nhwc(x_ptr, b_ptr, scale_ptr, shift_ptr, n, C,  # type: ignore[no-untyped-def]
+                   HAS_AFFINE: tl.constexpr, BLOCK: tl.constexpr):
+    """In place: x = relu(affine(x + b)) over channels-last memory (the channel of an element is its offset
+    mod C); affine = y * scale + shift (an unfolded eval BatchNorm) where HAS_AFFINE; fp32 arithmetic."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    c = offs % C
+    v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) + tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
+    if HAS_AFFINE:
+        v = v * tl.load(scale_ptr + c, mask=m, other=1.0) + tl.load(shift_ptr + c, mask=m, other=0.0)
+    tl.store(x_ptr + offs, tl.maximum(v, 0.0).to(x_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["n"])  # type: ignore[untyped-decorator, unused-ignore]
 def kde(x_ptr, out_ptr, n, neg_scale,  # type: ignore[no-untyped-def]
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """out[i] = sum_j exp(neg_scale * |x_i - x_j|^2) for x [n, 4] fp32 contiguous; BLOCK_I rows a program."""
