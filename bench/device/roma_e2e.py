@@ -214,6 +214,21 @@ def e2e(ckpt: Path, dino: Path, precision: str, images: tuple[np.ndarray, np.nda
             "matches_median": statistics.median(counts), "first_matches": len(first), "info": info}
 
 
+def weight_files_and_photos(roma: dict[str, torch.Tensor], dino: dict[str, torch.Tensor],
+                            npz: dict[str, dict[str, np.ndarray]]) -> tuple[Path, Path, tuple[np.ndarray, ...]]:
+    """The two weight files a user passes (Matcher reads files) and the timed pair: the rocket fixture's photos
+    at 640x480."""
+    import cv2
+
+    tmp = Path(tempfile.mkdtemp(prefix="roma_e2e_"))
+    ckpt, dino_file = tmp / "matchanything_roma.ckpt", tmp / "dinov2_vitl14_pretrain.pth"
+    torch.save({"state_dict": roma, "epoch": 0, "global_step": 0}, ckpt)
+    torch.save(dino, dino_file)
+    photo = npz["pair1_rocket_crossmodal"]
+    return ckpt, dino_file, tuple(np.ascontiguousarray(cv2.resize(photo[k], (640, 480), interpolation=cv2.INTER_AREA))
+                                  for k in ("img0_uint8", "img1_uint8"))
+
+
 # --- 4. where the fp16 time goes ------------------------------------------------------------------------
 
 def build_graph(roma: dict[str, torch.Tensor], dino: dict[str, torch.Tensor], device: torch.device, *,
@@ -419,16 +434,7 @@ def main() -> int:
                 if row:
                     report["parity"].append(row)
 
-    # the two weight files a user passes (Matcher reads files)
-    tmp = Path(tempfile.mkdtemp(prefix="roma_e2e_"))
-    ckpt, dino_file = tmp / "matchanything_roma.ckpt", tmp / "dinov2_vitl14_pretrain.pth"
-    torch.save({"state_dict": roma, "epoch": 0, "global_step": 0}, ckpt)
-    torch.save(dino, dino_file)
-    import cv2
-
-    photo = npz["pair1_rocket_crossmodal"]
-    images = tuple(np.ascontiguousarray(cv2.resize(photo[k], (640, 480), interpolation=cv2.INTER_AREA))
-                   for k in ("img0_uint8", "img1_uint8"))
+    ckpt, dino_file, images = weight_files_and_photos(roma, dino, npz)
     report["e2e"] = []
     if "e2e" not in skip:
         runs, warmup = (1, 0) if args.quick else (args.runs, args.warmup)

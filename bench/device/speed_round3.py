@@ -21,10 +21,10 @@ Usage (repo root, GPU machine): python3 bench/device/speed_round3.py --part elof
 from __future__ import annotations
 
 import argparse
-import logging
 import datetime
 import gzip
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -204,7 +204,6 @@ def eloftr(out: Path, pairs_path: str) -> None:
 # --- RoMa -----------------------------------------------------------------------------------------------
 
 def roma(out: Path) -> None:
-    import cv2
     import roma_e2e
     from roma_gpu import reference_dir, seeded_states
 
@@ -219,14 +218,8 @@ def roma(out: Path) -> None:
     for p in meta["pairs"]:
         with np.load(ref / "roma" / f"{p['name']}.npz") as zf:
             npz[p["name"]] = {k: zf[k] for k in zf.files}
-    tmp = Path(tempfile.mkdtemp(prefix="round3_"))
-    ckpt, dino_file = tmp / "matchanything_roma.ckpt", tmp / "dinov2_vitl14_pretrain.pth"
-    torch.save({"state_dict": roma_sd, "epoch": 0, "global_step": 0}, ckpt)
-    torch.save(dino, dino_file)
-    photo = npz["pair1_rocket_crossmodal"]
-    images = tuple(np.ascontiguousarray(cv2.resize(photo[k], (640, 480), interpolation=cv2.INTER_AREA))
-                   for k in ("img0_uint8", "img1_uint8"))
-    defaults = {k: getattr(rp, k) for k in ("GPU_FUSED_DEPTHWISE", "GPU_CUDNN_FUSED_RELU")}
+    ckpt, dino_file, images = roma_e2e.weight_files_and_photos(roma_sd, dino, npz)
+    defaults = {k: getattr(rp, k) for k in ("GPU_FUSED_DEPTHWISE",)}
 
     def knobs(**kw: Any) -> None:
         for k, v in defaults.items():
@@ -234,7 +227,7 @@ def roma(out: Path) -> None:
 
     variants = [
         ("fp16", "default (cudnn_nhwc blocks)", {}),
-        ("fp16", "cudnn_nhwc + cuDNN fused conv+bias+ReLU", {"GPU_CUDNN_FUSED_RELU": True}),
+        # (measured once and dropped: cuDNN's fused conv + bias + ReLU, 253 ms; round3_call5_roma.log)
         ("fp16", "previous form (cuDNN modules, NCHW)", {"GPU_FUSED_DEPTHWISE": None}),
         ("fp32", "default (cudnn_nhwc blocks)", {}),
         ("fp32", "previous form (cuDNN modules, NCHW)", {"GPU_FUSED_DEPTHWISE": None}),
