@@ -248,6 +248,8 @@ class ConvRefiner(nn.Module):
         if self.fused_depthwise is not None and x.is_cuda:
             try:
                 d = self._fused_blocks(x, self.fused_depthwise)
+            except torch.OutOfMemoryError:
+                raise  # not a kernel failure: cuDNN's modules would need the memory too
             except Exception as exc:  # noqa: BLE001 - e.g. Triton present but no kernel for this GPU
                 log.warning("RoMa refiners: the fused depthwise kernel (%s) failed (%s: %s); using cuDNN's",
                             self.fused_depthwise, type(exc).__name__, exc)

@@ -38,8 +38,8 @@ DINOV2_KEY_PREFIX = "dinov2."  # DINOv2 keys inside the combined state dict of `
 GPU_GP_SOLVER: "GpSolver" = "cholesky"
 # refiner blocks of the CUDA speed form (fp16 and fp32; refiner_kernel.MODES). "cudnn_nhwc": channels-last, cuDNN's
 # depthwise conv, its bias (+ the fp32 form's unfolded BatchNorm) + ReLU in one Triton pass, the 1x1 convs as
-# GEMMs with cuBLAS's bias epilogue. H200, 640x480 pair, one process (bench/results/h200_2026-12-01/round3_call5_*):
-# fp16 79.7 -> 61.9 ms, fp32 273.5 -> 229.6 ms (IEEE fp32 still, summation order aside: parity unchanged).
+# GEMMs with cuBLAS's bias epilogue. H200, 640x480 pair (bench/results/h200_2026-12-01/round3_call5_*, _call6_*):
+# fp16 79.7 -> 60.3 ms, fp32 273.5 -> 229.6 ms (IEEE fp32 still, summation order aside: parity unchanged).
 # None = cuDNN's modules, NCHW (also where Triton is missing); "triton" / "inductor" (fp16) measured slower.
 GPU_FUSED_DEPTHWISE: str | None = "cudnn_nhwc"
 # CUDA fp16 speed form: the refiners' channels (1377/1137/569) padded with zero channels to a multiple of this,

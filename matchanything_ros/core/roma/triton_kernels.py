@@ -37,18 +37,23 @@ def dw5_bias_relu(x_ptr, w_ptr, b_ptr, ib_ptr, y_ptr, C, H, W,  # type: ignore[n
     tl.store(y_ptr + plane.to(tl.int64) * hw + offs, acc.to(y_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.jit(do_not_specialize=["n"])  # type: ignore[untyped-decorator, unused-ignore]
-def bias_relu_nhwc(x_ptr, b_ptr, scale_ptr, shift_ptr, n, C,  # type: ignore[no-untyped-def]
-                   HAS_AFFINE: tl.constexpr, BLOCK: tl.constexpr):
-    """In place: x = relu(affine(x + b)) over channels-last memory (the channel of an element is its offset
-    mod C); affine = y * scale + shift (an unfolded eval BatchNorm) where HAS_AFFINE; fp32 arithmetic."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    c = offs % C
-    v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) + tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
+@triton.jit(do_not_specialize=["P"])  # type: ignore[untyped-decorator, unused-ignore]
+def bias_relu_nhwc(x_ptr, b_ptr, scale_ptr, shift_ptr, P, C,  # type: ignore[no-untyped-def]
+                   HAS_AFFINE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """In place: x = relu(affine(x + b)) over channels-last memory seen as [P pixels, C channels]; affine =
+    y * scale + shift (an unfolded eval BatchNorm) where HAS_AFFINE; fp32 arithmetic. Program (tile of
+    BLOCK_P pixels, tile of BLOCK_C channels): the channel vectors load once a program, no index division."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    m = (rows < P)[:, None] & c_ok[None, :]
+    ptrs = x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :]
+    bias = tl.load(b_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
+    v = tl.load(ptrs, mask=m, other=0.0).to(tl.float32) + bias[None, :]
     if HAS_AFFINE:
-        v = v * tl.load(scale_ptr + c, mask=m, other=1.0) + tl.load(shift_ptr + c, mask=m, other=0.0)
-    tl.store(x_ptr + offs, tl.maximum(v, 0.0).to(x_ptr.dtype.element_ty), mask=m)
+        v = v * tl.load(scale_ptr + cols, mask=c_ok, other=1.0)[None, :] + tl.load(shift_ptr + cols, mask=c_ok,
+                                                                                  other=0.0)[None, :]
+    tl.store(ptrs, tl.maximum(v, 0.0).to(x_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["n"])  # type: ignore[untyped-decorator, unused-ignore]
