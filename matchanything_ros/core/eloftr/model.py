@@ -591,6 +591,12 @@ def topk_candidates(conf: torch.Tensor, mask1: torch.Tensor, border: int, k: int
     return cand_j, cand_conf
 
 
+def _clamp_index(index: torch.Tensor, high: int) -> torch.Tensor:
+    """An integer index limited to [0, high], as Max and Min: TensorRT's Clip takes floating types only."""
+    low = torch.zeros((), dtype=index.dtype, device=index.device)
+    return torch.minimum(torch.maximum(index, low), torch.full((), high, dtype=index.dtype, device=index.device))
+
+
 def gather_windows(feat: torch.Tensor, cell_ids: torch.Tensor, window: int, ring: int, stride: int) -> torch.Tensor:
     """Windows of `window + 2*ring` pixels around coarse cells -> [M, ww, C] (pixels row-major).
 
@@ -606,7 +612,7 @@ def gather_windows(feat: torch.Tensor, cell_ids: torch.Tensor, window: int, ring
     offs = torch.arange(size, device=feat.device) - ring
     rows = (torch.div(cell_ids, wc, rounding_mode="floor") * stride)[:, None, None] + offs[None, :, None]
     cols = ((cell_ids % wc) * stride)[:, None, None] + offs[None, None, :]
-    flat = (rows.clamp(0, h - 1) * w + cols.clamp(0, w - 1)).reshape(-1)  # [M*size*size], clamped into the map
+    flat = (_clamp_index(rows, h - 1) * w + _clamp_index(cols, w - 1)).reshape(-1)  # [M*size*size], in the map
     windows = pixels.index_select(0, flat).reshape(-1, size * size, c)
     if ring:  # the ring may leave the map: zeros there (the clamped reads are discarded)
         inside = ((rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)).reshape(-1, size * size, 1)
