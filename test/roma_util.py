@@ -36,6 +36,11 @@ def pair_meta(name: str) -> dict[str, Any]:
     return next(p for p in meta()["pairs"] if p["name"] == name)
 
 
+def is_slow(name: str) -> bool:
+    """The pair's official CPU forward took longer than SLOW_FORWARD_SECONDS (its tests are marked slow)."""
+    return float(pair_meta(name).get("forward_seconds_cpu", 0)) > SLOW_FORWARD_SECONDS
+
+
 def pair_params(only_full_res: bool = False, mark_slow: bool = True) -> list[Any]:
     """pytest params of the fixture pairs; long ones marked slow (unless mark_slow is False: no forward needed).
 
@@ -45,7 +50,7 @@ def pair_params(only_full_res: bool = False, mark_slow: bool = True) -> list[Any
         strides = p.get("strides", {})
         if only_full_res and any(strides.get(k, 1) != 1 for k in ("final_warp_A_to_B", "final_certainty")):
             continue
-        slow = mark_slow and p.get("forward_seconds_cpu", 0) > SLOW_FORWARD_SECONDS
+        slow = mark_slow and is_slow(p["name"])
         marks = [pytest.mark.slow] if slow else []
         out.append(pytest.param(p["name"], marks=marks, id=p["name"]))
     return out
