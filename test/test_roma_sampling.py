@@ -12,7 +12,8 @@ from matchanything_ros.core.errors import CheckpointError, ConfigError, InputIma
 from matchanything_ros.core.roma.config import SAMPLE_THRESH, RomaConfig
 from matchanything_ros.core.roma.pipeline import RomaPipeline
 from matchanything_ros.core.roma.preprocess import model_to_original, prepare_image
-from matchanything_ros.core.roma.sampling import (balanced_sample, seeded_generator, to_pixels, topk_sample,
+from matchanything_ros.core.roma.sampling import (balanced_sample, device_draws, draw_counts, race_noise,
+                                                  seeded_generator, sparse_from_draws, to_pixels, topk_sample,
                                                   valid_mask)
 
 FULL_RES_PAIRS = ru.pair_params(only_full_res=True)
@@ -74,6 +75,27 @@ def test_topk_mode_matches_fixture(name: str) -> None:
     # deterministic: no RNG involved
     again = topk_sample(warp, cert, len(z["topk_flat_idx"]))
     np.testing.assert_array_equal(again.flat_index, s.flat_index)
+
+
+@pytest.mark.parametrize("name", FULL_RES_PAIRS)
+def test_the_capturable_device_half_draws_what_the_sampler_draws(name: str) -> None:
+    """The CUDA form of the sampler (`device_draws` on noise made beforehand: fixed shapes, no host wait, so
+    one CUDA graph replays it) is the same sampler: on a fixture's dense output and the noise of
+    `sample_seed`'s generator it gives the draws, density and matches of `balanced_sample` bit for bit."""
+    z = ru.npz(name)
+    warp, cert = ru.stored_dense(name)
+    w, c = torch.from_numpy(warp).reshape(-1, 4), torch.from_numpy(cert)
+    n = len(z["sample_stage2_idx"])
+    seed = int(z["sample_seed"])
+    expected = balanced_sample(w, c, n, seeded_generator(seed))
+    n1, n2 = draw_counts(w.shape[0], n)
+    q1, q2 = race_noise(w.shape[0], n1, seeded_generator(seed), w.device)
+    got = sparse_from_draws([t.numpy() for t in device_draws(w, c, n2, q1, q2)])
+    for key in ("stage1_index", "stage2_index", "density", "matches", "confidence"):
+        np.testing.assert_array_equal(getattr(got, key), getattr(expected, key), err_msg=key)
+    # other noise, other draws: the noise is what the draws follow
+    other = device_draws(w, c, n2, *race_noise(w.shape[0], n1, seeded_generator(seed + 1), w.device))
+    assert not np.array_equal(other[2].numpy(), got.stage1_index)
 
 
 def test_balanced_sampler_unseeded_differs_between_runs_and_all_zero_certainty_keeps_one() -> None:

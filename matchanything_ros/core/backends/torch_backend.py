@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailableError, ConfigError
+
+log = logging.getLogger(__name__)
 
 
 # torch's numeric switches per precision on CUDA, set for each run and restored after. fp32 is IEEE fp32
@@ -53,19 +56,20 @@ def numeric_flags(device_type: str, precision: str) -> Iterator[None]:
 # for the captures and replays. Unbounded, IEEE-fp32 convolutions on an H200 took an FFT algorithm with a
 # 34 GB workspace that runs 2.5x slower (130 vs 52 ms a frame at 832²); bounded, cuDNN takes the implicit
 # GEMM it takes on a device with less memory, such as a Jetson. Only the warm-up is bounded: the captures
-# after it allocate their pools freely.
+# after it allocate their pools freely. A graph may ask for less (`warmup_headroom_gib`, e.g. RoMa fp32, whose
+# cuDNN autotuning would otherwise take the memory): where its warm-up does not fit, it runs again with this.
 WARMUP_MEMORY_HEADROOM_GIB = 6.0
 
 
 @contextlib.contextmanager
-def warmup_memory_cap(device: torch.device) -> Iterator[None]:
-    if device.type != "cuda" or not WARMUP_MEMORY_HEADROOM_GIB:
+def warmup_memory_cap(device: torch.device, headroom_gib: float = WARMUP_MEMORY_HEADROOM_GIB) -> Iterator[None]:
+    if device.type != "cuda" or not headroom_gib:
         yield
         return
     index = device.index if device.index is not None else torch.cuda.current_device()
     saved = torch.cuda.get_per_process_memory_fraction(index)
     total = torch.cuda.get_device_properties(index).total_memory
-    allowed = (torch.cuda.memory_reserved(index) + WARMUP_MEMORY_HEADROOM_GIB * 2**30) / total
+    allowed = (torch.cuda.memory_reserved(index) + headroom_gib * 2**30) / total
     torch.cuda.set_per_process_memory_fraction(min(saved, allowed), index)
     try:
         yield
@@ -229,7 +233,8 @@ class TorchBackend:
 
         def capture(static: list[torch.Tensor]) -> tuple[Any, ...]:
             with module.static_crop(inputs):
-                cuda_graph, outs = self._capture(module, tuple(static))
+                cuda_graph, outs = self._capture(module, tuple(static),
+                                                 headroom_gib=getattr(module, "warmup_headroom_gib", None))
             return cuda_graph, static, outs
 
         with torch.inference_mode():
@@ -239,19 +244,34 @@ class TorchBackend:
                 cuda_graph.replay()
         return outs
 
-    def _capture(self, fn: Any, args: tuple[Any, ...], pool: Any = None) -> tuple[Any, Any]:
-        """Warm `fn(*args)` up twice (cuDNN autotuning, compilation, lazy init), then capture it: (graph, outs)."""
+    def _capture(self, fn: Any, args: tuple[Any, ...], pool: Any = None,
+                 headroom_gib: float | None = None) -> tuple[Any, Any]:
+        """Warm `fn(*args)` up twice (cuDNN autotuning, compilation, lazy init), then capture it: (graph, outs).
+        headroom_gib: the warm-up's memory bound beyond what the process holds (None: WARMUP_MEMORY_HEADROOM_GIB)."""
         assert self.stream is not None
-        with warmup_memory_cap(self.torch_device), torch.cuda.stream(self.stream), self._autocast():
-            for _ in range(2):
-                fn(*args)
-        self.stream.synchronize()
+        headroom = WARMUP_MEMORY_HEADROOM_GIB if headroom_gib is None else headroom_gib
+        try:
+            self._warm_up(fn, args, headroom)
+        except torch.OutOfMemoryError:
+            if headroom >= WARMUP_MEMORY_HEADROOM_GIB:
+                raise
+            log.warning("torch backend: the warm-up did not fit in %.2f GiB beyond what the process holds; "
+                        "again with %.1f GiB", headroom, WARMUP_MEMORY_HEADROOM_GIB)
+            torch.cuda.empty_cache()
+            self._warm_up(fn, args, WARMUP_MEMORY_HEADROOM_GIB)
         # the warm-up's cached blocks are not reused by the capture's private pool: release them
         torch.cuda.empty_cache()
         cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cuda_graph, stream=self.stream, pool=pool), self._autocast():
             outs = fn(*args)
         return cuda_graph, outs
+
+    def _warm_up(self, fn: Any, args: tuple[Any, ...], headroom_gib: float) -> None:
+        assert self.stream is not None
+        with warmup_memory_cap(self.torch_device, headroom_gib), torch.cuda.stream(self.stream), self._autocast():
+            for _ in range(2):
+                fn(*args)
+        self.stream.synchronize()
 
     def _run_row_bucketed(self, graph: str, module: Any, names: list[str], inputs: dict[str, Any]
                           ) -> dict[str, np.ndarray]:

@@ -27,6 +27,11 @@ from .preprocess import resize_matrix
 # fp32 forwards in true fp32 (the parity form). Benchmarks set True to measure TF32 convolutions: torch's
 # default for cuDNN (matmuls default to true fp32), which the original's fp32 timing ran with.
 FP32_CUDNN_TF32 = False
+# GPU memory (GiB) the fp32 graph's warm-up may take beyond what the process holds (the torch backend's bound,
+# `warmup_headroom_gib`): cuDNN's autotuning (on for fp32) tries algorithms with whatever workspace the allocator
+# grants, and with the backend's default bound (6 GiB) a process's first fp32 frame peaked at 6.8 GB (H200).
+# None: the backend's default.
+FP32_WARMUP_HEADROOM_GIB: float | None = 2.0
 
 
 @contextlib.contextmanager
@@ -86,11 +91,13 @@ class RomaImageGraph(nn.Module):
     input_names = ("image0", "image1")
     output_names = ("warp", "certainty")
 
-    def __init__(self, net: RomaNet, coarse_res: int, upsample_res: int, cudnn_benchmark: bool = False) -> None:
+    def __init__(self, net: RomaNet, coarse_res: int, upsample_res: int, cudnn_benchmark: bool = False,
+                 warmup_headroom_gib: float | None = None) -> None:
         super().__init__()
         self.net = net
         self.stretch = StretchResize((coarse_res, upsample_res))
         self.cudnn_benchmark = cudnn_benchmark
+        self.warmup_headroom_gib = warmup_headroom_gib  # read by the torch backend's capture
 
     def forward(self, image0: torch.Tensor, image1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(image0.device.type, enabled=False), fp32_math(self.cudnn_benchmark):

@@ -10,7 +10,6 @@ attenuation, sigmoid, out-of-range zeroing, clamp.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from typing import Any
 
@@ -18,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import refiner_kernel
 from .dinov2 import Block, DinoV2ViTL14
 from .gp import GaussianProcessMatch, GpSolver
-from .refiner_kernel import bias_relu_nhwc_, fused_depthwise_bias_relu, resolve_mode
+from .refiner_kernel import bias_relu_nhwc_, fused_depthwise_bias_relu, kernel_runs_here, resolve_mode
 
-log = logging.getLogger(__name__)
 
 CLS_RES = 64  # classification grid of the embedding decoder (64 x 64 cells)
 REFINE_INIT = 4.0
@@ -168,14 +167,16 @@ def local_correlation(f1: torch.Tensor, f2: torch.Tensor, flow: torch.Tensor, ra
 
 
 def local_correlation_gathered(f1: torch.Tensor, f2: torch.Tensor, flow: torch.Tensor, radius: int,
-                               max_chunk_elems: int = 1 << 24) -> torch.Tensor:
+                               max_chunk_elems: int = 1 << 24, fused: bool | None = None) -> torch.Tensor:
     """`local_correlation` computed the GPU-friendly way (speed form; same maths, other rounding).
 
     The window's offsets are whole feature pixels, so every sample of a pixel's window shares the
     bilinear fractions of its flow: correlate f1 with the (2r+2)^2 integer-position f2 vectors around
-    floor(flow) (gathered channels-last: contiguous, coalesced reads, zero outside the map as
-    grid_sample's zero padding), then blend neighbouring products with the bilinear weights. It never
-    materialises the C x h x w x (2r+1)^2 sampled window that grid_sample produces and re-reads."""
+    floor(flow) (channels-last rows: contiguous, coalesced reads, zero outside the map as grid_sample's
+    zero padding), then blend neighbouring products with the bilinear weights. It never materialises the
+    C x h x w x (2r+1)^2 sampled window that grid_sample produces and re-reads. fused (None: on CUDA where
+    refiner_kernel.FUSED_WINDOW_DOTS and Triton are): the products by one kernel (`window_dots`, fp32
+    accumulation) instead of gathered windows times f1 in chunks of `max_chunk_elems`."""
     b, c, h, w = f1.shape
     n = 2 * radius + 2
     flow = flow.float()
@@ -191,15 +192,22 @@ def local_correlation_gathered(f1: torch.Tensor, f2: torch.Tensor, flow: torch.T
     index = index + (h * w + 1) * torch.arange(b, device=f1.device)[:, None]  # rows of the flattened batch
     f2t = torch.cat((f2.permute(0, 2, 3, 1).reshape(b, h * w, c), f2.new_zeros(b, 1, c)), dim=1)  # + a zero row
     f2t = f2t.reshape(b * (h * w + 1), c)
-    f1t = (f1 / (c**0.5)).permute(0, 2, 3, 1).reshape(b, h * w, c, 1)
-    pixels = max(1, min(h * w, max_chunk_elems // max(1, b * n * n * c)))
-    products = []
-    for p0 in range(0, h * w, pixels):
-        p1 = min(h * w, p0 + pixels)
-        rows = index[:, p0 * n * n:p1 * n * n].reshape(-1)
-        window = f2t.index_select(0, rows).reshape(b, p1 - p0, n * n, c)
-        products.append((window @ f1t[:, p0:p1]).reshape(b, p1 - p0, n, n).float())
-    g = torch.cat(products, dim=1)  # [b, h*w, n, n]: <f1(p), f2(floor(flow(p)) + (my, mx))> / sqrt(C)
+    f1s = (f1 / (c**0.5)).permute(0, 2, 3, 1)
+    if fused is None:
+        fused = f1.is_cuda and refiner_kernel.FUSED_WINDOW_DOTS and refiner_kernel.triton_available()
+    if fused:
+        g = refiner_kernel.window_dots(f1s.reshape(b * h * w, c), f2t, index.reshape(b * h * w, n * n))
+        g = g.reshape(b, h * w, n, n)
+    else:
+        f1t = f1s.reshape(b, h * w, c, 1)
+        pixels = max(1, min(h * w, max_chunk_elems // max(1, b * n * n * c)))
+        products = []
+        for p0 in range(0, h * w, pixels):
+            p1 = min(h * w, p0 + pixels)
+            rows = index[:, p0 * n * n:p1 * n * n].reshape(-1)
+            window = f2t.index_select(0, rows).reshape(b, p1 - p0, n * n, c)
+            products.append((window @ f1t[:, p0:p1]).reshape(b, p1 - p0, n, n).float())
+        g = torch.cat(products, dim=1)  # [b, h*w, n, n]: <f1(p), f2(floor(flow(p)) + (my, mx))> / sqrt(C)
     corr = ((1 - ay) * ((1 - ax) * g[:, :, :-1, :-1] + ax * g[:, :, :-1, 1:])
             + ay * ((1 - ax) * g[:, :, 1:, :-1] + ax * g[:, :, 1:, 1:]))  # [b, h*w, 2r+1, 2r+1], y-major
     return corr.reshape(b, h, w, (n - 1) ** 2).permute(0, 3, 1, 2)
@@ -229,6 +237,11 @@ class ConvRefiner(nn.Module):
 
     def forward(self, f1: torch.Tensor, f2: torch.Tensor, flow: torch.Tensor,
                 scale_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.refine([self.blocks_input(f1, f2, flow, scale_factor)])
+
+    def blocks_input(self, f1: torch.Tensor, f2: torch.Tensor, flow: torch.Tensor,
+                     scale_factor: float) -> torch.Tensor:
+        """concat(f1, f2 warped by the flow, displacement embedding, local correlation) [B, C, h, w]."""
         b, _, h, w = f1.shape
         x_hat = F.grid_sample(f2, flow.permute(0, 2, 3, 1).to(f2.dtype), mode="bilinear", padding_mode="zeros",
                               align_corners=False)
@@ -241,21 +254,18 @@ class ConvRefiner(nn.Module):
         if self.channel_pad:
             parts.append(f1.new_zeros(b, self.channel_pad, h, w))
         x = torch.cat(parts, dim=1)
-        del parts, x_hat, emb  # the blocks' input holds them: one copy alive through the blocks (memory peak)
+        del parts, x_hat, emb  # before the channels-last copy: the memory peak of the scale
         if self.channels_last or (self.fused_depthwise == "cudnn_nhwc" and x.is_cuda):
             x = x.contiguous(memory_format=torch.channels_last)
-        d = None
-        if self.fused_depthwise is not None and x.is_cuda:
-            try:
-                d = self._fused_blocks(x, self.fused_depthwise)
-            except torch.OutOfMemoryError:
-                raise  # not a kernel failure: cuDNN's modules would need the memory too
-            except Exception as exc:  # noqa: BLE001 - e.g. Triton present but no kernel for this GPU
-                log.warning("RoMa refiners: the fused depthwise kernel (%s) failed (%s: %s); using cuDNN's",
-                            self.fused_depthwise, type(exc).__name__, exc)
-                self.fused_depthwise = None
-        if d is None:
-            d = self.hidden_blocks(self.block1(x))
+        return x
+
+    def refine(self, held: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks and the output conv on [blocks_input] -> (dflow, dcertainty). The list is emptied: the
+        input (the largest map of the scale) is freed as soon as the first block has read it (memory peak)."""
+        if self.fused_depthwise is not None and held[0].is_cuda:
+            d = self._fused_blocks(held, self.fused_depthwise)
+        else:
+            d = self.hidden_blocks(self.block1(held.pop()))
         with fp32_region(d):  # the original runs out_conv outside autocast, in fp32
             d = self.out_conv(d.float())
         # NCHW (3 channels, small): the flow and certainty updates after it mix it with NCHW maps, which from
@@ -303,12 +313,15 @@ class ConvRefiner(nn.Module):
         self.channel_pad += pad
         return pad
 
-    def _fused_blocks(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+    def _fused_blocks(self, x: torch.Tensor | list[torch.Tensor], mode: str) -> torch.Tensor:
         """The blocks in a fused form. "cudnn_nhwc": channels-last, cuDNN's depthwise conv without bias, then
         bias + BatchNorm (unfolded, as the fp32 form keeps it) + ReLU in one in-place pass, then the 1x1 conv
         as a GEMM whose bias cuBLAS adds in its epilogue. Otherwise each block's depthwise conv + bias + ReLU
         is one kernel, and each 1x1 conv's bias is added by the next block's kernel (the last one keeps its
-        own): a broadcast pass over the tensor saved per block."""
+        own): a broadcast pass over the tensor saved per block. x: the input, or [input] to hand it over (it is
+        freed once read). Each block's input is released before its 1x1 conv: two maps alive, not four."""
+        if isinstance(x, list):
+            x = x.pop()
         blocks = self.blocks()
         if mode == "cudnn_nhwc":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -317,8 +330,10 @@ class ConvRefiner(nn.Module):
                 scale, shift = self._bn_affine(bn)
                 # (cuDNN's fused conv + bias + ReLU, torch.cudnn_convolution_relu, measured 4x slower end to end)
                 y = F.conv2d(x, dw.weight, None, 1, dw.padding, 1, dw.groups)
+                del x
                 bias_relu_nhwc_(y, dw.bias, scale, shift)
                 x = F.linear(y.permute(0, 2, 3, 1), pw.weight.flatten(1), pw.bias).permute(0, 3, 1, 2)
+                del y
             return x
         pending: torch.Tensor | None = None
         for i, (dw, _, _, pw) in enumerate(blocks):
@@ -447,9 +462,11 @@ class RomaNet(nn.Module):
         channels-last with one bias + BatchNorm + ReLU pass, any BatchNorms; "triton" / "inductor" one fused
         depthwise kernel, folded BatchNorms only; None = cuDNN's modules). Call after `.to(device)` (and
         `fold_batchnorms` where needed). Falls back to cuDNN's modules (said once in the log) where Triton is
-        missing; returns the mode in use."""
+        missing or the kernel does not run on this device (`kernel_runs_here`); returns the mode in use."""
         device = next(self.decoder.parameters()).device
         mode = resolve_mode(mode, device)
+        if mode is not None and not kernel_runs_here(mode, device):
+            mode = None
         for refiner in self.decoder.conv_refiner.values():
             assert isinstance(refiner, ConvRefiner)
             if mode not in (None, "cudnn_nhwc") and not all(isinstance(blk[1], nn.Identity)
@@ -487,10 +504,15 @@ class RomaNet(nn.Module):
                 tag: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         dec = self.decoder
         h1, w1 = feats[1].shape[-2:]
+        sizes = {s: feats[int(s)].shape[-2:] for s in scales}
+        dino16 = feats.get(16)
+        # every scale projected up front, each feature map dropped once projected: the scale-1 and -2 maps
+        # shrink 7x and 2x, which lowers the memory peak at the fine refiners (same values)
+        projected = {s: dec.proj[s](feats.pop(int(s))) for s in scales}
         out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, s in enumerate(scales):
             ins = int(s)
-            f1 = dec.proj[s](feats[ins])
+            f1 = projected.pop(s)
             f2 = _swap_halves(f1)
             if s == "16":
                 with fp32_region(f1):  # GP in fp32 even under AMP, as the original
@@ -499,10 +521,14 @@ class RomaNet(nn.Module):
                 flow = cls_to_flow_refine(cls).float()
                 certainty = certainty.float()
                 if record is not None:
-                    record.update(dino_feat16=feats[16], proj16_f1=f1, gp_posterior16=gp_post,
+                    record.update(dino_feat16=dino16, proj16_f1=f1, gp_posterior16=gp_post,
                                   pass1_s16_gm_certainty=certainty, pass1_s16_gm_cls=cls)
             assert flow is not None and certainty is not None
-            d_flow, d_cert = dec.conv_refiner[s](f1, f2, flow, scale_factor)
+            refiner = dec.conv_refiner[s]
+            assert isinstance(refiner, ConvRefiner)
+            held = [refiner.blocks_input(f1, f2, flow, scale_factor)]
+            del f1, f2  # the blocks' input holds what they need: one map alive through the blocks
+            d_flow, d_cert = refiner.refine(held)
             flow = flow + ins * torch.stack((d_flow[:, 0] / (REFINE_INIT * w1), d_flow[:, 1] / (REFINE_INIT * h1)),
                                             dim=1)
             certainty = certainty + d_cert
@@ -511,7 +537,7 @@ class RomaNet(nn.Module):
                 record[f"{tag}_s{s}_flow"] = flow
                 record[f"{tag}_s{s}_certainty"] = certainty
             if i + 1 < len(scales):
-                size = feats[int(scales[i + 1])].shape[-2:]
+                size = sizes[scales[i + 1]]
                 flow = F.interpolate(flow, size=size, mode="bilinear", align_corners=False)
                 certainty = F.interpolate(certainty, size=size, mode="bilinear", align_corners=False)
         return out

@@ -106,6 +106,28 @@ def bias_relu_nhwc_(x: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | N
 
 NHWC_TILE = 4096  # elements per program of bias_relu_nhwc (64 channels x 64 pixels, 128 B rows in fp16)
 
+# CUDA: the local correlation's window products by the `window_dots` kernel (False: gathered windows and a
+# batched GEMM, which writes and re-reads ~5 GB of windows a pair at 864: 6.4 ms fp16, H200)
+FUSED_WINDOW_DOTS = True
+WINDOW_DOTS_TILE = 8192  # elements (pixels x window rows x channels) a program of window_dots loads per step
+
+
+def window_dots(f1: torch.Tensor, f2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """out[p, k] = <f1[p], f2[rows[p, k]]> in fp32: f1 [P, C], f2 [R, C], rows [P, K] int64 (CUDA tensors; CPU
+    ones under TRITON_INTERPRET=1)."""
+    from .triton_kernels import window_dots as kernel
+
+    f1, f2, rows = f1.contiguous(), f2.contiguous(), rows.contiguous()
+    p, c = f1.shape
+    k = rows.shape[1]
+    k_pow2 = 1 << (k - 1).bit_length()
+    block_c = min(32, 1 << (c - 1).bit_length())
+    block_p = max(1, WINDOW_DOTS_TILE // (k_pow2 * block_c))
+    out = torch.empty(p, k, dtype=torch.float32, device=f1.device)
+    kernel[(-(-p // block_p),)](f1, f2, rows, out, p, C=c, NN=k, NNP=k_pow2, BLOCK_P=block_p, BLOCK_C=block_c,
+                                num_warps=4)
+    return out
+
 
 _inductor_fn: Callable[..., torch.Tensor] | None = None
 
@@ -145,6 +167,32 @@ def resolve_mode(mode: str | None, device: torch.device | str) -> str | None:
         log.warning("RoMa refiners: the fused depthwise conv (%s) needs Triton, which this torch lacks; "
                     "using cuDNN's depthwise conv", mode)
     return None
+
+
+def kernel_runs_here(mode: str, device: torch.device | str) -> bool:
+    """Run `mode`'s kernel once on a small tensor of `device` against the eager form (said once in the log
+    where it fails: Triton may import yet have no kernel for this GPU). Decided when the refiners take the
+    mode, so a forward never has to fall back half way (the refiners hand their input over, freed once read)."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 16, 6, 6, generator=g).to(device)
+        bias = torch.randn(16, generator=g).to(device)
+        if mode == "cudnn_nhwc":
+            got = bias_relu_nhwc_(x.contiguous(memory_format=torch.channels_last), bias)
+            want = torch.relu(x + bias.view(1, -1, 1, 1))
+        else:
+            weight = torch.randn(16, 1, KERNEL, KERNEL, generator=g).to(device)
+            got = fused_depthwise_bias_relu(mode, x, weight, bias)
+            want = depthwise_bias_relu_shifted(x, weight, bias)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"max deviation {float((got - want).abs().max()):.3g} from the eager form")
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure means: not this kernel on this device
+        if mode not in _said:
+            _said.add(mode)
+            log.warning("RoMa refiners: the fused kernel (%s) does not run here (%s: %s); using cuDNN's modules",
+                        mode, type(exc).__name__, exc)
+        return False
 
 
 def fused_depthwise_bias_relu(mode: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -82,3 +82,28 @@ def kde(x_ptr, out_ptr, n, neg_scale,  # type: ignore[no-untyped-def]
         acc += tl.sum(tl.where(mj[None, :], tl.exp(d2 * neg_scale), 0.0), axis=1)
         j0 += BLOCK_J
     tl.store(out_ptr + i, acc, mask=mi)
+
+
+@triton.jit(do_not_specialize=["P"])  # type: ignore[untyped-decorator, unused-ignore]
+def window_dots(f1_ptr, f2_ptr, rows_ptr, out_ptr, P,  # type: ignore[no-untyped-def]
+                C: tl.constexpr, NN: tl.constexpr, NNP: tl.constexpr, BLOCK_P: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """out[p, k] = sum_c f1[p, c] * f2[rows[p, k], c] for p < P, k < NN, fp32 accumulation: each pixel's
+    dot products with the f2 rows of its window, the window never written to memory (neighbouring pixels'
+    windows overlap: their rows come from the caches). f1 [P, C], f2 [R, C] contiguous rows, rows [P, NN]
+    int64; NNP = NN rounded up to a power of two. Program: BLOCK_P pixels, all their NN rows."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    k = tl.arange(0, NNP)
+    m_pk = (p < P)[:, None] & (k < NN)[None, :]
+    p64 = p.to(tl.int64)
+    rows = tl.load(rows_ptr + p64[:, None] * NN + k[None, :], mask=m_pk, other=0)
+    acc = tl.zeros([BLOCK_P, NNP], dtype=tl.float32)
+    for c0 in tl.static_range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cc < C
+        a = tl.load(f1_ptr + p64[:, None] * C + cc[None, :], mask=(p < P)[:, None] & c_ok[None, :],
+                    other=0.0).to(tl.float32)
+        v = tl.load(f2_ptr + rows[:, :, None] * C + cc[None, None, :], mask=m_pk[:, :, None] & c_ok[None, None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(a[:, None, :] * v, axis=2)
+    tl.store(out_ptr + p64[:, None] * NN + k[None, :], acc, mask=m_pk)
