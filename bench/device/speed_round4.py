@@ -14,7 +14,9 @@ max_memory_allocated):
   unseeded: fresh draws each replay), GPU time by CUDA events and host CPU per call;
 * CUDA fp32 and fp16 vs the fixtures (pair 0): the decoder changes must leave every number as it was;
 * the top CUDA kernels of the fp16 graph (what is left).
-Usage (repo root, GPU machine): python3 bench/device/speed_round4.py --out DIR
+Usage (repo root, GPU machine): python3 bench/device/speed_round4.py --part first|final|check --out DIR
+(first: the first call's sections; final: the kernel choices, e2e, parity, top kernels; check: the committed
+defaults in a fresh process, the sampler, parity)
 """
 from __future__ import annotations
 
@@ -325,7 +327,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--child", default="")
-    ap.add_argument("--part", choices=("first", "final"), default="first")
+    ap.add_argument("--part", choices=("first", "final", "check"), default="first")
     args = ap.parse_args()
     import logging
     logging.basicConfig(level=logging.WARNING)  # fallbacks say so
@@ -358,6 +360,19 @@ def main() -> int:
 
     if args.part == "final":
         return final(files, roma_sd, dino, meta, npz, images, dev)
+    if args.part == "check":  # the committed defaults as they are: a fresh process, the sampler, parity
+        guarded("fresh_processes", lambda: fresh_processes(files, ("",)))
+        with Matcher(MatcherConfig(variant="roma", checkpoint_path=str(ckpt), dinov2_path=str(dino_file),
+                                   backend="torch", device="cuda", precision="fp16")) as matcher:
+            guarded("sampler_alone", lambda: sampler_alone(matcher, images, dev))
+        for prec, pairs in (("fp32", meta["pairs"][:2]), ("fp16", meta["pairs"][:1])):
+            for p in pairs:
+                row = guarded(f"parity {prec} {p['name']}", lambda prec=prec, p=p: roma_e2e.parity(
+                    roma_sd, dino, p["name"], p, npz[p["name"]], prec, dev))
+                if row:
+                    say(f"  {row}")
+        SAVE_TO[0].write_text(json.dumps(REPORT, indent=1, default=str) + "\n")
+        return 1 if REPORT["errors"] else 0
     guarded("fresh_processes", lambda: fresh_processes(files))
 
     matcher = Matcher(MatcherConfig(variant="roma", checkpoint_path=str(ckpt), dinov2_path=str(dino_file),
