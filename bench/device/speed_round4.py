@@ -304,23 +304,27 @@ def final(files: Path, roma_sd: Any, dino: Any, meta: Any, npz: Any, images: Any
             rows.append(row)
             say("  " + row_line(row))
     refiner_kernel.FUSED_WINDOW_DOTS = True
-    for prec in ("fp32", "fp16"):
-        for p in meta["pairs"] if prec == "fp32" else meta["pairs"][:1]:
-            if p["name"] not in npz:
-                with np.load(reference_dir_() / "roma" / f"{p['name']}.npz") as zf:
-                    npz[p["name"]] = {k: zf[k] for k in zf.files}
-            row = guarded(f"parity {prec} {p['name']}", lambda prec=prec, p=p: roma_e2e.parity(
-                roma_sd, dino, p["name"], p, npz[p["name"]], prec, dev))
-            if row:
-                say(f"  {row}")
+    parity(roma_sd, dino, meta["pairs"], meta["pairs"][:1], npz, dev)
     top_kernels(roma_sd, dino, images, dev)
     SAVE_TO[0].write_text(json.dumps(REPORT, indent=1, default=str) + "\n")
     return 1 if REPORT["errors"] else 0
 
 
-def reference_dir_() -> Path:
+def parity(roma_sd: Any, dino: Any, fp32_pairs: list[dict[str, Any]], fp16_pairs: list[dict[str, Any]],
+           npz: dict[str, dict[str, np.ndarray]], dev: torch.device) -> None:
+    """CUDA fp32 and fp16 vs the fixtures (roma_e2e.parity), one section per precision and pair."""
+    import roma_e2e
     from roma_gpu import reference_dir
-    return reference_dir()
+
+    for prec, pairs in (("fp32", fp32_pairs), ("fp16", fp16_pairs)):
+        for p in pairs:
+            if p["name"] not in npz:
+                with np.load(reference_dir() / "roma" / f"{p['name']}.npz") as zf:
+                    npz[p["name"]] = {k: zf[k] for k in zf.files}
+            row = guarded(f"parity {prec} {p['name']}", lambda prec=prec, p=p: roma_e2e.parity(
+                roma_sd, dino, p["name"], p, npz[p["name"]], prec, dev))
+            if row:
+                say(f"  {row}")
 
 
 def main() -> int:
@@ -365,12 +369,7 @@ def main() -> int:
         with Matcher(MatcherConfig(variant="roma", checkpoint_path=str(ckpt), dinov2_path=str(dino_file),
                                    backend="torch", device="cuda", precision="fp16")) as matcher:
             guarded("sampler_alone", lambda: sampler_alone(matcher, images, dev))
-        for prec, pairs in (("fp32", meta["pairs"][:2]), ("fp16", meta["pairs"][:1])):
-            for p in pairs:
-                row = guarded(f"parity {prec} {p['name']}", lambda prec=prec, p=p: roma_e2e.parity(
-                    roma_sd, dino, p["name"], p, npz[p["name"]], prec, dev))
-                if row:
-                    say(f"  {row}")
+        parity(roma_sd, dino, meta["pairs"][:2], meta["pairs"][:1], npz, dev)
         SAVE_TO[0].write_text(json.dumps(REPORT, indent=1, default=str) + "\n")
         return 1 if REPORT["errors"] else 0
     guarded("fresh_processes", lambda: fresh_processes(files))
@@ -381,12 +380,7 @@ def main() -> int:
     guarded("sampler_alone", lambda m=matcher: sampler_alone(m, images, dev))
     matcher.close()
 
-    pair = meta["pairs"][0]
-    for prec in ("fp32", "fp16"):
-        row = guarded(f"parity {prec}", lambda prec=prec: roma_e2e.parity(
-            roma_sd, dino, pair["name"], pair, npz[pair["name"]], prec, dev))
-        if row:
-            say(f"  {row}")
+    parity(roma_sd, dino, meta["pairs"][:1], meta["pairs"][:1], npz, dev)
 
     top_kernels(roma_sd, dino, images, dev)
     SAVE_TO[0].write_text(json.dumps(REPORT, indent=1, default=str) + "\n")

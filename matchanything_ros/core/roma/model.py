@@ -175,7 +175,7 @@ def local_correlation_gathered(f1: torch.Tensor, f2: torch.Tensor, flow: torch.T
     floor(flow) (channels-last rows: contiguous, coalesced reads, zero outside the map as grid_sample's
     zero padding), then blend neighbouring products with the bilinear weights. It never materialises the
     C x h x w x (2r+1)^2 sampled window that grid_sample produces and re-reads. fused (None: on CUDA where
-    refiner_kernel.FUSED_WINDOW_DOTS and Triton are): the products by one kernel (`window_dots`, fp32
+    refiner_kernel.FUSED_WINDOW_DOTS, Triton and the kernel run): the products by one kernel (`window_dots`, fp32
     accumulation) instead of gathered windows times f1 in chunks of `max_chunk_elems`."""
     b, c, h, w = f1.shape
     n = 2 * radius + 2
@@ -194,7 +194,8 @@ def local_correlation_gathered(f1: torch.Tensor, f2: torch.Tensor, flow: torch.T
     f2t = f2t.reshape(b * (h * w + 1), c)
     f1s = (f1 / (c**0.5)).permute(0, 2, 3, 1)
     if fused is None:
-        fused = f1.is_cuda and refiner_kernel.FUSED_WINDOW_DOTS and refiner_kernel.triton_available()
+        fused = (f1.is_cuda and refiner_kernel.FUSED_WINDOW_DOTS and refiner_kernel.triton_available()
+                 and refiner_kernel.kernel_runs_here("window_dots", f1.device))
     if fused:
         g = refiner_kernel.window_dots(f1s.reshape(b * h * w, c), f2t, index.reshape(b * h * w, n * n))
         g = g.reshape(b, h * w, n, n)

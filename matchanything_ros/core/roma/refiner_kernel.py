@@ -169,15 +169,32 @@ def resolve_mode(mode: str | None, device: torch.device | str) -> str | None:
     return None
 
 
+_runs_here: dict[tuple[str, str], bool] = {}
+
+
 def kernel_runs_here(mode: str, device: torch.device | str) -> bool:
-    """Run `mode`'s kernel once on a small tensor of `device` against the eager form (said once in the log
-    where it fails: Triton may import yet have no kernel for this GPU). Decided when the refiners take the
-    mode, so a forward never has to fall back half way (the refiners hand their input over, freed once read)."""
+    """Run `mode`'s kernel ("window_dots" or a refiner-block mode) once on small tensors of `device` against
+    the eager form; decided once per device (said once in the log where it fails: Triton may import yet have
+    no kernel for this GPU). Asked before a kernel is first used, so a forward never has to fall back half way
+    (the refiners hand their input over, freed once read)."""
+    key = (mode, str(torch.device(device)))
+    found = _runs_here.get(key)
+    if found is None:
+        found = _runs_here[key] = _smoke_test(mode, device)
+    return found
+
+
+def _smoke_test(mode: str, device: torch.device | str) -> bool:
     try:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, 16, 6, 6, generator=g).to(device)
         bias = torch.randn(16, generator=g).to(device)
-        if mode == "cudnn_nhwc":
+        if mode == "window_dots":
+            f1, f2 = x.reshape(16, 36).t(), torch.randn(40, 16, generator=g).to(device)  # [36 pixels, 16 channels]
+            rows = torch.randint(0, 40, (36, 9), generator=g).to(device)
+            got = window_dots(f1, f2, rows)
+            want = torch.einsum("pc,pkc->pk", f1, f2[rows])
+        elif mode == "cudnn_nhwc":
             got = bias_relu_nhwc_(x.contiguous(memory_format=torch.channels_last), bias)
             want = torch.relu(x + bias.view(1, -1, 1, 1))
         else:
@@ -190,7 +207,7 @@ def kernel_runs_here(mode: str, device: torch.device | str) -> bool:
     except Exception as exc:  # noqa: BLE001 - any failure means: not this kernel on this device
         if mode not in _said:
             _said.add(mode)
-            log.warning("RoMa refiners: the fused kernel (%s) does not run here (%s: %s); using cuDNN's modules",
+            log.warning("RoMa: the Triton kernel (%s) does not run here (%s: %s); using torch's form",
                         mode, type(exc).__name__, exc)
         return False
 
