@@ -214,6 +214,14 @@ class NodeClient:
         self.probe.spin_until(check, timeout, "diagnostics from the node")
         return found[0]
 
+    def newest_diagnostics(self, node_name: str = "matcher_node") -> dict[str, str] | None:
+        """The node's newest diagnostics received so far (None before the first), without waiting."""
+        for msg in reversed(self.diagnostics):
+            values = diag_values(msg, node_name)
+            if values is not None:
+                return values
+        return None
+
     def wait_diagnostics(self, predicate: Any, timeout: float = 20.0, node_name: str = "matcher_node") -> dict:
         """Wait for diagnostics satisfying predicate(values)."""
         deadline = time.monotonic() + timeout
