@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pytest
@@ -147,6 +147,11 @@ def diag_values(array_msg: Any, node_name: str = "matcher_node") -> dict[str, st
     return None
 
 
+def _first_values(messages: Iterable[Any], node_name: str) -> dict[str, str] | None:
+    """The node's status values from the first of `messages` that carries them."""
+    return next((v for v in (diag_values(m, node_name) for m in messages) if v is not None), None)
+
+
 class NodeClient:
     """Parameter services and diagnostics of one matcher node, from a test Probe."""
 
@@ -204,23 +209,17 @@ class NodeClient:
         found: list[dict[str, str]] = []
 
         def check() -> bool:
-            for msg in self.diagnostics[start:]:
-                values = diag_values(msg, node_name)
-                if values is not None:
-                    found.append(values)
-                    return True
-            return False
+            values = _first_values(self.diagnostics[start:], node_name)
+            if values is not None:
+                found.append(values)
+            return values is not None
 
         self.probe.spin_until(check, timeout, "diagnostics from the node")
         return found[0]
 
     def newest_diagnostics(self, node_name: str = "matcher_node") -> dict[str, str] | None:
         """The node's newest diagnostics received so far (None before the first), without waiting."""
-        for msg in reversed(self.diagnostics):
-            values = diag_values(msg, node_name)
-            if values is not None:
-                return values
-        return None
+        return _first_values(reversed(self.diagnostics), node_name)
 
     def wait_diagnostics(self, predicate: Any, timeout: float = 20.0, node_name: str = "matcher_node") -> dict:
         """Wait for diagnostics satisfying predicate(values)."""
