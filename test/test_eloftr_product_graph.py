@@ -192,8 +192,11 @@ def test_a_frame_over_the_cap_says_so(demo_model: Any, demo_pair: Any, cap_overr
     with caplog.at_level(logging.WARNING):
         out = run_pipeline(prod, pb, *demo_pair)
     assert out.extras["matches_capped"] is True and out.extras["coarse_matches_total"] == len(ref) > 100
-    assert len(out) == 100
-    np.testing.assert_array_equal(out.keypoints1, ref.keypoints1[:100])  # the first 100, row-major
+    # the most confident 100 (those above the 101st largest confidence), in the usual row-major order
+    keep = ref.confidence > np.sort(ref.confidence)[::-1][100]
+    assert len(out) == int(keep.sum()) == 100
+    np.testing.assert_array_equal(out.keypoints1, ref.keypoints1[keep])
+    assert out.confidence.min() > np.median(ref.confidence)
     assert any("more than the cap of 100" in r.getMessage() for r in caplog.records)
 
 

@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.engines.build import build_engine_set, engine_settings
-    from ..core.engines.export import resolve_onnx_dir
+    from ..core.engines.cache import resolve_onnx_dir
 
     params = param_values(args, BUILD_PARAMS)
     onnx_dir = str(resolve_onnx_dir(params))

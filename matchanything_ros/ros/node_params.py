@@ -47,8 +47,12 @@ def _describe(spec: ParamSpec) -> str:
     if spec.choices:
         extra.append("one of " + ", ".join(map(str, spec.choices)))
     if spec.min is not None or spec.max is not None:
-        extra.append(f"range [{_num(spec.min)}, {_num(spec.max)}]")
+        extra.append(f"range {_range(spec)}")
     return spec.description + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def _range(spec: ParamSpec) -> str:
+    return f"{'(' if spec.min_exclusive else '['}{_num(spec.min)}, {_num(spec.max)}]"
 
 
 def _num(x: float | None) -> str:
@@ -66,7 +70,7 @@ def params_markdown() -> str:
         if spec.choices:
             constraint = " \\| ".join(map(str, spec.choices))
         elif spec.min is not None or spec.max is not None:
-            constraint = f"[{_num(spec.min)}, {_num(spec.max)}]"
+            constraint = _range(spec)
         else:
             constraint = ""
         live = "no (restart)" if spec.name in READ_ONLY_PARAMS else "yes"

@@ -311,7 +311,14 @@ class TorchBackend:
                 back_graph, matches = self._capture(lambda r=r: module.back(rb.state, r), (), rb.pool)
                 rb.backs[r] = (back_graph, matches, torch.empty(matches.shape, dtype=matches.dtype, pin_memory=True))
             needed = module.rows_for(host[:1].numpy(), rb.cap)
-            if needed > rows:  # the prediction was short (or there was none): the bucket that holds them all
+            if module.over_cap(host[:1].numpy(), rb.cap):
+                # more matches pass than the cap: front selected the first rows; select the most confident
+                # (eager, on this frame only) and run the fine level on them
+                with torch.cuda.stream(self.stream), self._autocast():
+                    module.keep_most_confident(rb.state, rb.cap)
+                    host = self._replay_back(rb, needed)
+                self._done.synchronize()
+            elif needed > rows:  # the prediction was short (or there was none): the bucket that holds them all
                 with torch.cuda.stream(self.stream):
                     host = self._replay_back(rb, needed)
                 self._done.synchronize()

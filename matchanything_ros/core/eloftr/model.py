@@ -628,18 +628,30 @@ class CompiledOrEager:
     def __init__(self, fn: Any, dynamic: bool) -> None:
         self.fn = fn
         self.compiled: Any = torch.compile(fn, dynamic=dynamic)
+        self.fallback = ""  # why this runs uncompiled ("" while compiled): Matcher.info shows it
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is not None:
             try:
-                return self.compiled(*args, **kwargs)
+                # a recompile limit hit raises here instead of silently running eager from then on
+                with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                    return self.compiled(*args, **kwargs)
             except torch.OutOfMemoryError:
                 raise  # not a compiler failure: the eager function would need the memory too
             except Exception as exc:  # noqa: BLE001  (any compiler failure: the eager function is the same maths)
-                log.warning("torch.compile of %s failed (%s: %s); running it uncompiled", getattr(self.fn, "__name__",
-                            self.fn), type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                name = getattr(self.fn, "__name__", str(self.fn))
+                self.fallback = f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                log.warning("torch.compile of %s failed (%s); running it uncompiled", name, self.fallback)
                 self.compiled = None
         return self.fn(*args, **kwargs)
+
+
+def compile_fallbacks(module: Any) -> list[str]:
+    """The `CompiledOrEager` parts of a graph (attributes of it and of its submodules) that fell back to eager."""
+    if not isinstance(module, nn.Module):
+        return []
+    return [v.fallback for m in module.modules() for v in vars(m).values()
+            if isinstance(v, CompiledOrEager) and v.fallback]
 
 
 class EloftrFine(nn.Module):
@@ -813,19 +825,41 @@ def lse_topk_candidates(
 
 def lse_passing_mask(
     t0: torch.Tensor, t1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor, temperature: float,
-    d_model: int, border: int, threshold: float, split_tf32: bool = False,
+    d_model: int, border: int, threshold: float | torch.Tensor, split_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The matches of the dual softmax as a mask, in log space: conf > threshold <=> 2*sim - lse_row - lse_col
     > log(threshold), inside the bordered valid regions. -> (sim [1,L0,L1], lse_row [1,L0,1], lse_col
     [1,1,L1], passed [1,L0,L1] bool, the number passing). Under torch.compile the comparison and the count
     fuse into the reductions' passes: no confidence matrix and no top-K (a radix select with several passes
-    over L0 x L1 on CUDA), and no separate pass to count.
+    over L0 x L1 on CUDA), and no separate pass to count. `threshold` may be a 0-dim tensor: then it is an
+    input of the compiled code, not a constant of it (a new threshold neither recompiles nor re-captures).
     """
     with torch.autocast(t0.device.type, enabled=False):
         sim, lse_row, lse_col = _similarity_lse(t0, t1, mask0, mask1, temperature, d_model, split_tf32)
         keep = border_valid_cells(mask0, border)[:, :, None] & border_valid_cells(mask1, border)[:, None, :]
-        passed = (2.0 * sim - lse_row - lse_col > math.log(threshold)) & keep
+        log_thr = torch.log(threshold) if isinstance(threshold, torch.Tensor) else math.log(threshold)
+        passed = (2.0 * sim - lse_row - lse_col > log_thr) & keep
         return sim, lse_row, lse_col, passed, passed.sum(2, dtype=torch.int32).sum()
+
+
+def confidence_floor(values: torch.Tensor, passed: torch.Tensor, low: torch.Tensor | float, high: float,
+                     max_matches: int, steps: int = 32) -> torch.Tensor:
+    """The most-confident-first rule of a frame over the cap, with fixed shapes and no host sync: the lowest
+    floor f in [low, high] at which at most `max_matches` of the passing `values` are > f, by bisection (each
+    step one compare + sum; 32 steps bring the bracket below float32's spacing of confidences, so the floor
+    is the (max_matches+1)-th largest value, as `postprocess.keep_most_confident` computes it on the host).
+    Where no more than max_matches pass, f = low (nothing changes). -> 0-dim tensor."""
+    lo = torch.as_tensor(low, dtype=values.dtype, device=values.device).reshape(())
+    hi = torch.full_like(lo, high)
+
+    def fits(floor: torch.Tensor) -> torch.Tensor:
+        return ((values > floor) & passed).sum() <= max_matches
+
+    for _ in range(steps):  # invariant: fits(hi), and not fits(lo) unless everything fits
+        mid = (lo + hi) * 0.5
+        ok = fits(mid)
+        hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
+    return torch.where(fits(torch.as_tensor(low, dtype=values.dtype, device=values.device).reshape(())), lo, hi)
 
 
 def select_passing(
@@ -833,8 +867,9 @@ def select_passing(
     max_matches: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`lse_passing_mask`'s matches -> `select_on_device`'s outputs: (i, j) in row-major order by a fixed-size
-    nonzero (no host sync), the first max_matches of them, padded with (0, 0, 0); no row is ever truncated
-    (there is no per-row K)."""
+    nonzero (no host sync), padded with (0, 0, 0); no row is ever truncated (there is no per-row K). A frame
+    with more than max_matches passing gets the first max_matches here: `keep_most_confident_lse` then selects
+    the most confident (the torch backend runs it only for such frames, after reading the count)."""
     ij = torch.nonzero_static(passed[0], size=max_matches, fill_value=0)
     i_ids, j_ids = ij[:, 0], ij[:, 1]
     used = torch.arange(max_matches, device=sim.device) < count
@@ -842,15 +877,28 @@ def select_passing(
     return i_ids, j_ids, torch.where(used, mconf, torch.zeros_like(mconf)), count, torch.zeros_like(count)
 
 
+def keep_most_confident_lse(sim: torch.Tensor, lse_row: torch.Tensor, lse_col: torch.Tensor, passed: torch.Tensor,
+                            threshold: torch.Tensor, max_matches: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A frame over the cap (lse head): the passing matches above `confidence_floor`, row-major, padded.
+    -> (i_ids, j_ids, mconf) [max_matches]. Eager and only for such frames: ~32 passes over L0 x L1."""
+    score = 2.0 * sim - lse_row - lse_col  # log confidence
+    floor = confidence_floor(score, passed, torch.log(threshold), 0.0, max_matches)
+    keep = passed & (score > floor)
+    i_ids, j_ids, mconf, _, _ = select_passing(sim, lse_row, lse_col, keep, keep.sum(), max_matches)
+    return i_ids, j_ids, mconf
+
+
 def select_on_device(
-    cand_j: torch.Tensor, cand_conf: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor, threshold: float,
-    border: int, max_matches: int,
+    cand_j: torch.Tensor, cand_conf: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor,
+    threshold: float | torch.Tensor, border: int, max_matches: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`postprocess.select_coarse_matches` on the device with fixed shapes.
 
     -> (i_ids, j_ids, mconf) [max_matches] in the original's row-major order, padded with (0, 0, 0),
     plus `count` (all passing candidates, may exceed max_matches) and `truncated_rows` (rows whose K
-    candidates all passed).
+    candidates all passed). A frame with more than max_matches passing keeps the most confident
+    (`confidence_floor`: a few compares and sums over the L0 x K candidates, in the graph).
 
     Compaction by prefix sum and scatter, no sort (a TopK over all L0*K candidates is beyond TensorRT's
     K limit): a passing candidate's output row is the number of passing candidates in the rows before
@@ -862,11 +910,11 @@ def select_on_device(
     keep0 = border_valid_cells(mask0, border)[0]
     keep1 = border_valid_cells(mask1, border)[0]
     cj, cc = cand_j[0], cand_conf[0]
-    passed = (cc > threshold) & keep0[:, None] & keep1[cj]
-    if threshold <= 0:  # as the host selection: exact zeros never pass
-        passed = passed & (cc != 0)
+    passed = (cc > threshold) & keep0[:, None] & keep1[cj]  # exact zeros never pass (conf >= 0, thr >= 0)
     truncated_rows = (passed.all(1) & (k < l1)).sum()
     count = passed.sum()
+    if l0 * k > max_matches:  # else no frame can be over the cap
+        passed = passed & (cc > confidence_floor(cc, passed, threshold, 1.0, max_matches))
     j_key = torch.where(passed, cj, torch.full_like(cj, l1))  # failing candidates rank after every passing one
     rank = (j_key[:, None, :] < j_key[:, :, None]).sum(2)
     # rows before each row: an exclusive prefix sum, in float32 (TensorRT's CumSum takes floating types
@@ -910,6 +958,7 @@ class EloftrProduct(nn.Module):
     input_names = ("rgb0", "rgb1")
     output_names = ("matches",)
     u8_to_unit: torch.Tensor
+    threshold_t: torch.Tensor
 
     def __init__(self, net: EloftrNet, threshold: float, max_matches: int, head: str = "dsmax",
                  fine: str = "exact", compiled: str = "none") -> None:
@@ -924,8 +973,10 @@ class EloftrProduct(nn.Module):
             raise ValueError(f"compiled must be none or features, got {compiled!r}")
         self.net = net
         self.cfg = net.cfg
-        self.threshold = float(threshold)
         self.max_matches = int(max_matches)
+        # the threshold is a buffer, read by the compiled and captured code as an input: a new threshold is
+        # written in place (`set_threshold`) without recompiling or re-capturing anything
+        self.register_buffer("threshold_t", torch.tensor(float(threshold), dtype=torch.float32), persistent=False)
         self.head_kind = head
         self.fine = EloftrFine(net.cfg, fast=fine != "exact", compiled=fine == "fast_compiled")
         # torch.compile of the convolution stack (CUDA speed form): fuses the bias/activation/cast kernels
@@ -940,6 +991,17 @@ class EloftrProduct(nn.Module):
         if head == "lse_compiled":
             self._lse = CompiledOrEager(lse_topk_candidates, dynamic=False)
         self._passing = CompiledOrEager(lse_passing_mask, dynamic=False) if head == "lse_nonzero" else None
+
+    @property
+    def threshold(self) -> float:
+        return float(self.threshold_t)
+
+    def set_threshold(self, threshold: float) -> None:
+        """A new threshold for the next frames: written into the buffer the graphs read (in place, so a
+        captured CUDA graph replays with it)."""
+        if not threshold > 0:
+            raise ValueError("threshold must be > 0")
+        self.threshold_t.fill_(float(threshold))
 
     def _features_channels_last(self, image0: torch.Tensor, image1: torch.Tensor, mask0: torch.Tensor,
                                 mask1: torch.Tensor, valid: tuple[tuple[int, int], tuple[int, int]]
@@ -988,7 +1050,23 @@ class EloftrProduct(nn.Module):
 
     def forward(self, rgb0: torch.Tensor, rgb1: torch.Tensor) -> torch.Tensor:
         state = self.front(rgb0, rgb1)
-        return self.back(state, self.cap_of(tuple(rgb0.shape)))
+        cap = self.cap_of(tuple(rgb0.shape))
+        if self._passing is not None and int(state[-1][0, 0]) > cap:  # eager only (the export has no lse head)
+            state = self.keep_most_confident(state, cap)
+        return self.back(state, cap)
+
+    def over_cap(self, header: np.ndarray, cap: int) -> bool:
+        """Whether a frame (front's header on the host) needs `keep_most_confident` before `back`."""
+        return self._passing is not None and int(header[0, 0]) > cap
+
+    def keep_most_confident(self, state: tuple[torch.Tensor, ...], cap: int) -> tuple[torch.Tensor, ...]:
+        """front()'s state of a frame over the cap (lse head) -> the same state selecting the most confident
+        matches. Writes into front's own buffers (a captured front's static outputs, which back reads)."""
+        sim, lse_row, lse_col, passed = state[5:9]
+        i_ids, j_ids, mconf = keep_most_confident_lse(sim, lse_row, lse_col, passed, self.threshold_t, cap)
+        for buf, new in zip(state[2:5], (i_ids, j_ids, mconf)):
+            buf.copy_(new)
+        return state
 
     def cap_of(self, shape0: tuple[int, ...]) -> int:
         """At most one row per image0 cell (and max_matches): a frame with more says so in its header."""
@@ -1000,7 +1078,9 @@ class EloftrProduct(nn.Module):
     # costs per row, padded or not (H200, 832²: ~6 ms for all 10,816 rows), so a frame pays for its matches
     # only. The exported graph (one fixed shape for ONNX/TensorRT) is forward(): every row up to the cap.
     def front(self, rgb0: torch.Tensor, rgb1: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """-> (feat_f0, feat_f1, i_ids, j_ids, mconf [cap], header [1, 7]): everything before the fine level."""
+        """-> (feat_f0, feat_f1, i_ids, j_ids, mconf [cap], header [1, 7]): everything before the fine level.
+        The lse head inserts its (sim, lse_row, lse_col, passed) before the header (at 5..8), for
+        `keep_most_confident`: they exist anyway, so a captured front keeps them at no cost."""
         cfg = self.cfg
         image0, mask0 = self.model_input(rgb0)
         image1, mask1 = self.model_input(rgb1)
@@ -1011,8 +1091,9 @@ class EloftrProduct(nn.Module):
         if self._passing is not None:
             with tf32_head(t0) as split:
                 sim, lse_row, lse_col, passed, count = self._passing(
-                    t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model, cfg.border_rm, self.threshold, split)
+                    t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model, cfg.border_rm, self.threshold_t, split)
             i_ids, j_ids, mconf, count, truncated = select_passing(sim, lse_row, lse_col, passed, count, cap)
+            selection: tuple[torch.Tensor, ...] = (sim, lse_row, lse_col, passed)
         else:
             if self.head_kind == "dsmax":  # the original's head (bit-exact on the CPU)
                 conf = dual_softmax_confidence(t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model)
@@ -1023,14 +1104,15 @@ class EloftrProduct(nn.Module):
                     cand_j, cand_conf = self._lse(t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model,
                                                   cfg.border_rm, cfg.candidates_per_cell, split)
             i_ids, j_ids, mconf, count, truncated = select_on_device(cand_j, cand_conf, mask0, mask1,
-                                                                     self.threshold, cfg.border_rm, cap)
+                                                                     self.threshold_t, cfg.border_rm, cap)
+            selection = ()
         header = torch.stack([count.float(), truncated.float(), torch.full_like(count, cap, dtype=torch.float32)])
         header = F.pad(header, (0, len(PRODUCT_COLUMNS) - 3))[None]
-        return feats["feat_f0"], feats["feat_f1"], i_ids, j_ids, mconf, header
+        return (feats["feat_f0"], feats["feat_f1"], i_ids, j_ids, mconf, *selection, header)
 
     def back(self, state: tuple[torch.Tensor, ...], rows: int) -> torch.Tensor:
         """front()'s state -> `matches` [1 + rows, 7]: the fine level on the first `rows` selected rows."""
-        feat_f0, feat_f1, i_ids, j_ids, mconf, header = state
+        feat_f0, feat_f1, i_ids, j_ids, mconf, header = *state[:5], state[-1]
         i_ids, j_ids, mconf = i_ids[:rows], j_ids[:rows], mconf[:rows]
         # the fine level in fixed chunks: its memory stays bounded whatever the cap
         parts = [self.fine(feat_f0, feat_f1, i_ids[a:a + FINE_CHUNK], j_ids[a:a + FINE_CHUNK])

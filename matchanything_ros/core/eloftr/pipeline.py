@@ -134,15 +134,24 @@ class EloftrPipeline:
             log.warning("ELoFTR threshold %.4g < 1/(K+1) with the top-%d coarse graph of backend %s: "
                         "matches may be missing", self.threshold, self.model_config.candidates_per_cell,
                         getattr(backend, "name", "?"))
-        cm = select_coarse_matches(coarse, meta.mask0, meta.mask1, self.threshold, self.model_config.border_rm)
+        cm = select_coarse_matches(coarse, meta.mask0, meta.mask1, self.threshold, self.model_config.border_rm,
+                                   self.max_matches)
         self.last_coarse = cm
+        cap_info = {"coarse_matches_total": cm.total, "matches_capped": cm.capped}
+        if cm.capped:
+            self._say_capped(cm.total, self.max_matches)
         if cm.i_ids.size == 0:
             empty = np.zeros((0, 2), np.float32)
-            return {"mkpts0_c": empty, "mkpts1_c": empty.copy(), "mconf": cm.mconf}
+            return {"mkpts0_c": empty, "mkpts1_c": empty.copy(), "mconf": cm.mconf, **cap_info}
         fine = backend.run("fine", {"feat_f0": coarse["feat_f0"], "feat_f1": coarse["feat_f1"],
                                     "i_ids": cm.i_ids, "j_ids": cm.j_ids})
         return {"mkpts0_c": np.asarray(fine["mkpts0_c"], np.float32),
-                "mkpts1_c": np.asarray(fine["mkpts1_c"], np.float32), "mconf": cm.mconf}
+                "mkpts1_c": np.asarray(fine["mkpts1_c"], np.float32), "mconf": cm.mconf, **cap_info}
+
+    def _say_capped(self, total: int, cap: int) -> None:
+        log.warning("ELoFTR: %d coarse matches pass threshold %.4g, more than the cap of %d (engine_max_matches, "
+                    "or one a cell of image0): the most confident are kept (raise the threshold or "
+                    "engine_max_matches)", total, self.threshold, cap)
 
     def _infer_product(self, backend: "Backend", inputs: dict[str, np.ndarray]) -> dict[str, Any]:
         from .model import PRODUCT_COLUMNS
@@ -151,25 +160,25 @@ class EloftrPipeline:
         count, truncated, cap = int(out[0, 0]), int(out[0, 1]), int(out[0, 2])
         rows = out[1:1 + min(count, cap)]
         col = {name: k for k, name in enumerate(PRODUCT_COLUMNS)}
+        used = rows[:, col["conf"]] > 0  # a frame over the cap may keep fewer rows than the cap (ties)
+        rows = rows[used] if not used.all() else rows
         cm = CoarseMatches(rows[:, col["i"]].astype(np.int64), rows[:, col["j"]].astype(np.int64),
-                           rows[:, col["conf"]].copy(), truncated)
+                           rows[:, col["conf"]].copy(), truncated, count)
         self.last_coarse = cm
         if truncated:
             log.warning("ELoFTR: %d coarse rows have all %d candidates above threshold %.4g; matches may be "
                         "truncated", truncated, self.model_config.candidates_per_cell, self.threshold)
         if count > cap:
-            log.warning("ELoFTR: %d coarse matches pass threshold %.4g, more than the cap of %d: the first %d "
-                        "(row-major) are returned (raise engine_max_matches or the threshold)",
-                        count, self.threshold, cap, cap)
+            self._say_capped(count, cap)
         return {"mkpts0_c": np.ascontiguousarray(rows[:, col["x0"]:col["y0"] + 1]),
                 "mkpts1_c": np.ascontiguousarray(rows[:, col["x1"]:col["y1"] + 1]), "mconf": cm.mconf,
                 "coarse_matches_total": count, "matches_capped": count > cap}
 
     def postprocess(self, outputs: dict[str, Any], meta: EloftrMeta) -> MatchResult:
-        extras: dict[str, Any] = {}
-        if "coarse_matches_total" in outputs:
-            extras = {"coarse_matches_total": outputs["coarse_matches_total"],
-                      "matches_capped": outputs["matches_capped"], "graph": "product"}
+        extras: dict[str, Any] = {"coarse_matches_total": outputs["coarse_matches_total"],
+                                  "matches_capped": outputs["matches_capped"]}
+        if self.product:
+            extras["graph"] = "product"
         return MatchResult(
             keypoints0=to_original_pixels(outputs["mkpts0_c"], meta.image0),
             keypoints1=to_original_pixels(outputs["mkpts1_c"], meta.image1),
@@ -211,18 +220,36 @@ class EloftrPipeline:
         full = self.coarse_full if full_conf is None else full_conf
         graphs: dict[str, torch.nn.Module] = {"coarse": EloftrCoarse(net, exact_full_conf=full).eval(),
                                               "fine": EloftrFine(self.model_config).eval()}
-        # the product graph: torch on CUDA with the top-K head (exact at this threshold); `product=True`
-        # also builds it on the CPU (tests compare it with the host path there)
+        # the product graph: torch on CUDA; `product=True` also builds it on the CPU (tests compare it with the
+        # host path there). Its log-space head (a mask, no top-K) is exact at every threshold; the top-K heads
+        # (the CPU's, the export's) only at thresholds >= 1/(K+1)
         if product is None:
             product = self.use_product_graph and str(device).startswith("cuda")
-        if product and not full:
-            if str(device).startswith("cuda"):
-                graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches, self.product_head,
-                                                  self.product_fine, self.product_compiled).eval()
-            else:
-                graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches).eval()
+        if product and str(device).startswith("cuda"):
+            graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches, self.product_head,
+                                              self.product_fine, self.product_compiled).eval()
+            self.product = True
+        elif product and not full:
+            graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches).eval()
             self.product = True
         return graphs
+
+    def set_threshold(self, threshold: float, graphs: dict[str, Any]) -> bool:
+        """Take a new threshold without rebuilding: True when these graphs serve it (the product graph reads
+        it as an input; the host path selects on the host), False when another coarse graph is needed (the
+        top-K graph of a host path is exact only down to 1/(K+1)): then build a new matcher."""
+        threshold = float(PARAMS_BY_NAME["threshold"].validate(threshold))
+        k = self.model_config.candidates_per_cell
+        topk_exact = threshold >= 1.0 / (k + 1)
+        product = graphs.get("product")
+        if self.product and product is None:
+            return False  # an exported product model: its threshold is a constant of the file
+        if not self.product and not (self.coarse_full or topk_exact):
+            return False  # the top-K coarse graph would miss matches: a matcher with the full-matrix graph
+        if product is not None:
+            product.set_threshold(threshold)
+        self.threshold, self.topk_exact = threshold, topk_exact
+        return True
 
     def example_inputs(self, graph: str, canvas: int | tuple[int, int] = 640,
                        valid_hw: tuple[int, int] | None = None) -> dict[str, "torch.Tensor"]:

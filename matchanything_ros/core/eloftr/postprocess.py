@@ -25,6 +25,23 @@ class CoarseMatches:
     j_ids: np.ndarray  # int64 [M] cells of image1
     mconf: np.ndarray  # float32 [M] dual-softmax confidence
     truncated_rows: int = 0  # rows whose K candidates all passed the threshold (more may exist)
+    total: int = -1  # matches passing before the cap (-1: = len(i_ids), nothing was capped)
+
+    @property
+    def capped(self) -> bool:
+        return self.total > self.i_ids.size
+
+
+def keep_most_confident(cm: CoarseMatches, max_matches: int) -> CoarseMatches:
+    """A frame over the cap keeps its most confident matches, in the usual row-major order: those above the
+    (max_matches+1)-th largest confidence (ties at that value are all dropped, so at most max_matches stay).
+    The same rule as the device graphs' `model.confidence_floor`."""
+    n = cm.i_ids.size
+    if n <= max_matches:
+        return CoarseMatches(cm.i_ids, cm.j_ids, cm.mconf, cm.truncated_rows, n)
+    floor = np.partition(cm.mconf, n - max_matches - 1)[n - max_matches - 1]
+    keep = cm.mconf > floor
+    return CoarseMatches(cm.i_ids[keep], cm.j_ids[keep], cm.mconf[keep], cm.truncated_rows, n)
 
 
 def border_keep(mask: np.ndarray, border: int) -> np.ndarray:
@@ -41,13 +58,21 @@ def border_keep(mask: np.ndarray, border: int) -> np.ndarray:
 
 
 def select_coarse_matches(
-    outputs: dict[str, np.ndarray], mask0: np.ndarray, mask1: np.ndarray, threshold: float, border: int
+    outputs: dict[str, np.ndarray], mask0: np.ndarray, mask1: np.ndarray, threshold: float, border: int,
+    max_matches: int | None = None,
 ) -> CoarseMatches:
-    """Coarse graph outputs -> the original's (i, j, conf) list: conf > thr, border-removed, row-major.
+    """Coarse graph outputs -> the original's (i, j, conf) list: conf > thr, border-removed, row-major;
+    with `max_matches`, at most that many (`keep_most_confident`): the fine level's work stays bounded.
 
     `outputs` holds either `conf` [1,L0,L1] (exact at any threshold) or `cand_j`/`cand_conf`
     [1,L0,K] (exact when at most K cells of a row can pass, i.e. threshold >= 1/(K+1)).
     """
+    cm = _select(outputs, mask0, mask1, threshold, border)
+    return cm if max_matches is None else keep_most_confident(cm, max_matches)
+
+
+def _select(outputs: dict[str, np.ndarray], mask0: np.ndarray, mask1: np.ndarray, threshold: float,
+            border: int) -> CoarseMatches:
     keep0 = border_keep(mask0, border)
     keep1 = border_keep(mask1, border)
     if "conf" in outputs:
