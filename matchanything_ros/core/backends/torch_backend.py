@@ -289,7 +289,7 @@ class TorchBackend:
 
         def capture_front(static: list[torch.Tensor]) -> tuple[Any, ...]:
             front_graph, state = self._capture(module.front, tuple(static))
-            return front_graph, static, _RowBuckets(state, module.cap_of(tuple(static[0].shape)),
+            return front_graph, static, _RowBuckets(state, module.cap_of(module.stage2_shape(static[0])),
                                                     torch.cuda.graph_pool_handle())
 
         with torch.inference_mode():

@@ -961,7 +961,7 @@ class EloftrProduct(nn.Module):
     threshold_t: torch.Tensor
 
     def __init__(self, net: EloftrNet, threshold: float, max_matches: int, head: str = "dsmax",
-                 fine: str = "exact", compiled: str = "none") -> None:
+                 fine: str = "exact", compiled: str = "none", stage1: Any = None) -> None:
         super().__init__()
         if head not in PRODUCT_HEADS:
             raise ValueError(f"head must be one of {PRODUCT_HEADS}, got {head!r}")
@@ -974,6 +974,12 @@ class EloftrProduct(nn.Module):
         self.net = net
         self.cfg = net.cfg
         self.max_matches = int(max_matches)
+        # stage 1 on the device (preprocess.PreprocessSettings; None: the inputs are stage-2 images already,
+        # as in the export): inputs are then the camera's images, resampled here as the host would
+        self.stage1 = stage1
+        # the host's kernel for the antialiased step: fused multiply-adds where torch runs its AVX2/AVX-512 build
+        self.stage1_fma = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+        self._taps: dict[tuple[Any, ...], torch.Tensor] = {}  # stage-1 tables on the device, made before capture
         # the threshold is a buffer, read by the compiled and captured code as an input: a new threshold is
         # written in place (`set_threshold`) without recompiling or re-capturing anything
         self.register_buffer("threshold_t", torch.tensor(float(threshold), dtype=torch.float32), persistent=False)
@@ -1026,6 +1032,50 @@ class EloftrProduct(nn.Module):
         _, r1, c1 = self.canvas_geometry(shape1[0], shape1[1])
         return (r0 // a0 * a0, c0 // a0 * a0), (r1 // a1 * a1, c1 // a1 * a1)
 
+    def stage1_rgb(self, rgb: torch.Tensor) -> torch.Tensor:
+        """uint8 [H,W,3] camera image -> the stage-2 RGB image (`preprocess.stage2_rgb`), on rgb's device,
+        bit for bit: OpenCV's INTER_AREA and torch's antialiased bilinear replayed tap by tap (preprocess.py)."""
+        from .preprocess import plan_stage1
+
+        if self.stage1 is None:
+            return rgb
+        plan = plan_stage1(int(rgb.shape[1]), int(rgb.shape[0]), self.stage1)
+        if not plan.steps:
+            return rgb
+        if not plan.device:
+            raise ValueError(f"stage 1 of a {rgb.shape[1]}x{rgb.shape[0]} image runs on the host (stage2_rgb)")
+        x = rgb.to(torch.float32)
+        scaled = False
+        for taps_h, taps_w, kind in plan.steps:
+            if kind == "aa" and not scaled:
+                x, scaled = x / 255.0, True  # numpy's float32 division: IEEE on every device
+            fma = kind == "aa" and self.stage1_fma
+            x = self._resample(x, taps_w, 1, fma)  # width first, as both host kernels do
+            x = self._resample(x, taps_h, 0, fma)
+        if not scaled:
+            x = x / 255.0
+        return (x * 255.0).to(torch.uint8)  # truncation, as the host's astype(uint8)
+
+    def _resample(self, x: torch.Tensor, taps: Any, dim: int, fma: bool) -> torch.Tensor:
+        if taps is None:
+            return x
+        key = (x.device, taps.index.shape, hash(taps.index.tobytes()), hash(taps.weight.tobytes()))
+        if key not in self._taps:  # (a capture's warm-up makes them: no copy from the host while capturing)
+            self._taps[key] = torch.from_numpy(taps.index).to(x.device)
+            self._taps[key + ("w",)] = torch.from_numpy(taps.weight).to(x.device)
+        index, weight = self._taps[key], self._taps[key + ("w",)]
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        out = x.index_select(dim, index[:, 0]) * weight[:, 0].view(shape)
+        for t in range(1, index.shape[1]):
+            term = x.index_select(dim, index[:, t])
+            w = weight[:, t].view(shape)
+            if fma:  # one rounding of a*w + acc: exact product and sum in float64, then float32
+                out = (term.double() * w.double() + out.double()).float()
+            else:
+                out = out + term * w
+        return out
+
     def model_input(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [H,W,3] -> (image [1,1,S,S] float32 in [0,1], mask [1,S/8,S/8] bool), as preprocess.py."""
         h, w = rgb.shape[0], rgb.shape[1]
@@ -1050,7 +1100,7 @@ class EloftrProduct(nn.Module):
 
     def forward(self, rgb0: torch.Tensor, rgb1: torch.Tensor) -> torch.Tensor:
         state = self.front(rgb0, rgb1)
-        cap = self.cap_of(tuple(rgb0.shape))
+        cap = self.cap_of(self.stage2_shape(rgb0))
         if self._passing is not None and int(state[-1][0, 0]) > cap:  # eager only (the export has no lse head)
             state = self.keep_most_confident(state, cap)
         return self.back(state, cap)
@@ -1068,6 +1118,16 @@ class EloftrProduct(nn.Module):
             buf.copy_(new)
         return state
 
+    def stage2_shape(self, rgb: Any) -> tuple[int, ...]:
+        """The shape front() works at for an input of rgb's shape (after stage 1 on the device, if any)."""
+        from .preprocess import plan_stage1
+
+        shape = tuple(rgb.shape)
+        if self.stage1 is None:
+            return shape
+        w2, h2 = plan_stage1(int(shape[1]), int(shape[0]), self.stage1).out_wh
+        return (h2, w2, *shape[2:])
+
     def cap_of(self, shape0: tuple[int, ...]) -> int:
         """At most one row per image0 cell (and max_matches): a frame with more says so in its header."""
         s = max(shape0[0], shape0[1]) // self.cfg.coarse_stride
@@ -1082,12 +1142,13 @@ class EloftrProduct(nn.Module):
         The lse head inserts its (sim, lse_row, lse_col, passed) before the header (at 5..8), for
         `keep_most_confident`: they exist anyway, so a captured front keeps them at no cost."""
         cfg = self.cfg
+        rgb0, rgb1 = self.stage1_rgb(rgb0), self.stage1_rgb(rgb1)
         image0, mask0 = self.model_input(rgb0)
         image1, mask1 = self.model_input(rgb1)
         feats = self._features(image0, image1, mask0, mask1,
                                valid=self.crop_sizes(tuple(rgb0.shape), tuple(rgb1.shape)))
         t0, t1 = feats["transformer0"], feats["transformer1"]
-        cap = self.cap_of(tuple(rgb0.shape))
+        cap = self.cap_of(tuple(rgb0.shape))  # rgb0 is stage 2 here
         if self._passing is not None:
             with tf32_head(t0) as split:
                 sim, lse_row, lse_col, passed, count = self._passing(

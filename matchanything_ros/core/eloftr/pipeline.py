@@ -18,7 +18,8 @@ from ..params import HF_SPACE_FORCE_RESIZE_WH, PARAMS_BY_NAME
 from ..result import MatchResult
 from .config import EloftrConfig
 from .postprocess import CoarseMatches, select_coarse_matches, to_original_pixels
-from .preprocess import ImageMeta, PreprocessSettings, preprocess_image, stage2_rgb, to_model_input
+from .preprocess import (ImageMeta, PreprocessSettings, plan_stage1, preprocess_image, stage2_meta, stage2_rgb,
+                         to_model_input)
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +82,7 @@ class EloftrPipeline:
         # the product graph's cap on matches per frame: the same bound the engines' fine graph has
         self.max_matches = self.max_matches_override or int(_param(config, "engine_max_matches"))
         self.product = False  # set by torch_graphs when it builds the product graph (torch on CUDA)
+        self.stage1_on_device = False  # ... and whether that graph resamples the camera images itself
 
     # product-graph choices (class-wide; the device benchmark compares them)
     use_product_graph = True  # torch on CUDA runs the one-graph path
@@ -113,13 +115,21 @@ class EloftrPipeline:
     # --- VariantPipeline -----------------------------------------------------------------------
     def preprocess(self, image0: np.ndarray, image1: np.ndarray) -> tuple[dict[str, np.ndarray], EloftrMeta]:
         if self.product:
-            rgb0, meta0 = stage2_rgb(image0, self.settings)
-            rgb1, meta1 = stage2_rgb(image1, self.settings)
+            rgb0, meta0 = self._product_input(image0)
+            rgb1, meta1 = self._product_input(image1)
             return {"rgb0": rgb0, "rgb1": rgb1}, EloftrMeta(meta0, meta1, None, None, None, None)
         c0, m0, meta0 = preprocess_image(image0, self.settings)
         c1, m1, meta1 = preprocess_image(image1, self.settings)
         inputs = {"image0": to_model_input(c0), "image1": to_model_input(c1), "mask0": m0[None], "mask1": m1[None]}
         return inputs, EloftrMeta(meta0, meta1, m0, m1, c0, c1)
+
+    def _product_input(self, image: np.ndarray) -> tuple[np.ndarray, ImageMeta]:
+        """The product graph's input: the image itself where the graph resamples it (stage 1 on the device),
+        else the stage-2 image resampled here."""
+        h, w = image.shape[:2]
+        if self.stage1_on_device and plan_stage1(w, h, self.settings).device:
+            return np.ascontiguousarray(image), stage2_meta(w, h, self.settings)
+        return stage2_rgb(image, self.settings)
 
     # Outputs a device backend (torch, ONNX Runtime with IOBinding, TensorRT) hands back on the device: the
     # fine maps stay on the GPU between the graphs.
@@ -227,8 +237,8 @@ class EloftrPipeline:
             product = self.use_product_graph and str(device).startswith("cuda")
         if product and str(device).startswith("cuda"):
             graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches, self.product_head,
-                                              self.product_fine, self.product_compiled).eval()
-            self.product = True
+                                              self.product_fine, self.product_compiled, stage1=self.settings).eval()
+            self.product = self.stage1_on_device = True
         elif product and not full:
             graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches).eval()
             self.product = True

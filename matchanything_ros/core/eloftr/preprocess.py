@@ -11,6 +11,8 @@ Keypoints map back to original pixels as `(k * hw_new + 0.5) * s - 0.5` (see pos
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,3 +155,129 @@ def preprocess_image(image_rgb: np.ndarray, settings: PreprocessSettings) -> tup
 def to_model_input(canvas_u8: np.ndarray) -> np.ndarray:
     """uint8 [S,S] -> float32 [1,1,S,S] in [0,1] (exactly u8.float()/255)."""
     return (canvas_u8.astype(np.float32) / np.float32(255.0))[None, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1 on the device (the product graph): the same arithmetic as the host, operation for operation
+# ----------------------------------------------------------------------------------------------
+# OpenCV's INTER_AREA at a fractional scale is, per axis, a short weighted sum per output pixel, accumulated in
+# float32 in ascending source order; torch's antialiased bilinear resize likewise (weights computed in float32).
+# Replaying those sums tap by tap, with the same float32 weights in the same order, gives the host's floats
+# bit for bit on any device (tests: test_eloftr_device_stage1.py). The one CPU-dependent step is torch's own
+# kernel: built for AVX2/AVX-512 it accumulates with fused multiply-adds, built generic without.
+
+
+@dataclass(frozen=True)
+class Taps:
+    """One axis of a separable resize: output k = sum over t of src[index[k, t]] * weight[k, t], in t order
+    (padded taps have weight 0 and add nothing)."""
+
+    index: np.ndarray  # int64 [out, T]
+    weight: np.ndarray  # float32 [out, T]
+
+
+@dataclass(frozen=True)
+class Stage1Plan:
+    """How stage 1 resamples one input size: `steps` of (height taps, width taps, kind), kind "area" (OpenCV
+    INTER_AREA, then /255) or "aa" (torch's antialiased bilinear on the /255 values); `device` False where a
+    step has no device form here (OpenCV's INTER_LINEAR when a side grows, its integer-factor fast path): the
+    host resizes those."""
+
+    steps: tuple[tuple[Taps | None, Taps | None, str], ...]
+    out_wh: tuple[int, int]
+    device: bool
+
+
+def _area_taps(ssize: int, dsize: int) -> Taps:
+    """OpenCV's computeResizeAreaTab for one axis (downscale by a fractional factor)."""
+    scale = 1.0 / (dsize / ssize)  # as cv::resize: inv_scale = dsize/ssize, scale = 1/inv_scale (double)
+    taps: list[list[tuple[int, np.float32]]] = []
+    for d in range(dsize):
+        f1 = d * scale
+        f2 = f1 + scale
+        cell = min(scale, ssize - f1)
+        s1, s2 = math.ceil(f1), math.floor(f2)
+        s2 = min(s2, ssize - 1)
+        s1 = min(s1, s2)
+        row: list[tuple[int, np.float32]] = []
+        if s1 - f1 > 1e-3:
+            row.append((s1 - 1, np.float32((s1 - f1) / cell)))
+        row += [(s, np.float32(1.0 / cell)) for s in range(s1, s2)]
+        if f2 - s2 > 1e-3:
+            row.append((s2, np.float32(min(min(f2 - s2, 1.0), cell) / cell)))
+        taps.append(row)
+    return _pack(taps)
+
+
+def _aa_bilinear_taps(insize: int, outsize: int) -> Taps:
+    """torch's antialiased bilinear weights for one axis (its CPU kernel's float32 arithmetic)."""
+    f32 = np.float32
+    scale = f32(insize / outsize)
+    support = scale if scale >= 1 else f32(1.0)
+    invscale = f32(1.0) / scale if scale >= 1 else f32(1.0)
+    taps: list[list[tuple[int, np.float32]]] = []
+    for i in range(outsize):
+        center = f32(scale * f32(i + 0.5))
+        lo = max(int(f32(center - support + f32(0.5))), 0)
+        size = min(int(f32(center + support + f32(0.5))), insize) - lo
+        weights, total = [], f32(0.0)
+        for j in range(size):
+            x = abs(f32(f32(f32(j + lo) - center + f32(0.5)) * invscale))
+            w = f32(f32(1.0) - x) if x < 1 else f32(0.0)
+            weights.append(w)
+            total = f32(total + w)
+        if total != 0:
+            weights = [f32(w / total) for w in weights]
+        taps.append([(lo + j, w) for j, w in enumerate(weights)])
+    return _pack(taps)
+
+
+def _pack(taps: list[list[tuple[int, np.float32]]]) -> Taps:
+    width = max(len(t) for t in taps)
+    index = np.zeros((len(taps), width), np.int64)
+    weight = np.zeros((len(taps), width), np.float32)
+    for k, row in enumerate(taps):
+        for t, (s, w) in enumerate(row):
+            index[k, t], weight[k, t] = s, w
+    return Taps(index, weight)
+
+
+@functools.lru_cache(maxsize=32)
+def plan_stage1(width: int, height: int, settings: PreprocessSettings) -> Stage1Plan:
+    """Stage 1's resampling steps for a width x height input, as `stage1` runs them on the host."""
+    steps: list[tuple[Taps | None, Taps | None, str]] = []
+    device = True
+    w, h = width, height
+    targets = []
+    if settings.resize_max:
+        scale = settings.resize_max / max(w, h)
+        if scale < 1.0:
+            targets.append((int(round(w * scale)), int(round(h * scale))))
+    if settings.force_resize_wh is not None:
+        targets.append(settings.force_resize_wh)
+    for tw, th in targets:
+        if min(tw, th) < 1:
+            raise InputImageError(f"image {w}x{h} shrinks to nothing with resize_max={settings.resize_max}")
+        grows = w < tw or h < th
+        # OpenCV's fast path for integer factors sums in another order: the host does those
+        integer = (w / tw).is_integer() and (h / th).is_integer()
+        if grows or integer:
+            device = device and (tw, th) == (w, h)  # a same-size INTER_AREA copies
+        if (tw, th) != (w, h):
+            steps.append((_area_taps(h, th) if th != h else None, _area_taps(w, tw) if tw != w else None, "area"))
+        w, h = tw, th
+    h2, w2 = h // DFACTOR * DFACTOR, w // DFACTOR * DFACTOR
+    if min(h2, w2) < DFACTOR:
+        raise InputImageError(
+            f"image is too small: {width}x{height} becomes {w}x{h} after stage 1; each side must be >= {DFACTOR} px")
+    if (h2, w2) != (h, w):
+        steps.append((_aa_bilinear_taps(h, h2) if h2 != h else None, _aa_bilinear_taps(w, w2) if w2 != w else None,
+                      "aa"))
+    return Stage1Plan(tuple(steps), (w2, h2), device)
+
+
+def stage2_meta(width: int, height: int, settings: PreprocessSettings) -> ImageMeta:
+    """The ImageMeta `stage2_rgb` gives, from the size alone (the device resamples)."""
+    w2, h2 = plan_stage1(width, height, settings).out_wh
+    return ImageMeta(orig_wh=(width, height), stage1_wh=(w2, h2), gray_wh=(w2, h2), canvas=max(h2, w2),
+                     hw_new=(1.0, 1.0))
