@@ -23,7 +23,7 @@ help:
 	@echo "make test-capped  the parity tests with PyTorch's CPU kernels capped to the generic path (CPU_CAP_ENV)"
 	@echo "make bench-ros  the node's per-pair ROS overhead (README figure)"
 	@echo "make soak       the node's 10-minute soak with injected faults (CI runs 2 minutes of it)"
-	@echo "make lint       ruff;  make typecheck: mypy on matchanything_ros/core"
+	@echo "make lint       ruff;  make typecheck: mypy on matchanything_ros (core, cli, ros)"
 	@echo "make clean      remove build/ install/ log/;  make distclean: also .venv"
 
 setup:

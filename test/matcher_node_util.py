@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ import pytest
 from reference import seeded_weights_module  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-NODE_CMD = [sys.executable, "-m", "matchanything_ros.ros.matcher_node"]
+# the node's console script, as a user starts it (test_entry_points.py: every command from its entry point)
+NODE_CMD = [shutil.which("matcher_node") or "matcher_node (not installed: make setup)"]
 # One torch thread per process: the tests share 2 cores with other processes, and oversubscribed
 # OpenMP threads make inference 5-10x slower than a single thread.
 NODE_ENV = {"OMP_NUM_THREADS": "1"}

@@ -96,9 +96,10 @@ def image_msg_to_array(msg: Any, name: str = "image") -> np.ndarray:
     if depth > 1:
         kind = "f" if encoding == "32FC1" else "u"
         dtype = np.dtype(f"{'>' if msg.is_bigendian else '<'}{kind}{depth}")
-        pixels = np.ascontiguousarray(rows).view(dtype).reshape(height, width).astype(dtype.newbyteorder("="))
+        pixels: np.ndarray = np.ascontiguousarray(rows).view(dtype).reshape(height, width).astype(
+            dtype.newbyteorder("="))
     else:
-        pixels: np.ndarray = rows.reshape(height, width, channels) if channels > 1 else rows.reshape(height, width)
+        pixels = rows.reshape(height, width, channels) if channels > 1 else rows.reshape(height, width)
     if encoding == "32FC1":
         from ..core.images import to_rgb_u8  # the matcher's own float rule: [0, 1], no NaN/inf
 
