@@ -261,6 +261,62 @@ def test_duplicate_out_of_order_and_far_apart_stamps(raw):
     assert io.match_for(far) is None
 
 
+# ----------------------------------------------------------------------------- a matching error, then warnings
+def vm_size(pid: int) -> int:
+    """The process's virtual memory size in bytes (what RLIMIT_AS limits)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmSize:\s+(\d+) kB", status, re.M).group(1)) * 1024  # type: ignore[union-attr]
+
+
+@pytest.mark.ros
+def test_out_of_memory_then_every_warning_then_good_pairs(raw):
+    """The node's process really runs out of memory (its address space capped just above what it holds, with
+    prlimit): inference raises, the error is logged and counted; then every kind of warning, from the
+    subscription callback and from the worker thread, and good pairs match again, all in the same process.
+    (rclpy refuses a second severity from one logging call site: an error followed by a warning used to end
+    the node.)"""
+    import resource
+
+    node, io, client = raw
+    pid = node.popen.pid
+    errors = counter(client, "match_errors")
+    # an 832x640 pair: its coarse confidence matrix alone is 8320^2 floats (277 MB), one allocation that
+    # cannot come from memory the allocator already holds
+    large = tuple(cv2.resize(im, (832, 640), interpolation=cv2.INTER_LINEAR) for im in IMAGES)
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_AS)
+    # 16 MiB more address space than the node holds: enough for messages and diagnostics, not for that
+    resource.prlimit(pid, resource.RLIMIT_AS, (vm_size(pid) + 16 * 2**20, hard))
+    try:
+        for k in (1, 2):
+            stamp = io.next_stamp()
+            io.publish_pair(stamp, images=large)
+            client.wait_diagnostics(lambda v: int(v["match_errors"]) >= errors + k, node_name=client.fqn)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_AS, (soft, hard))
+    node.wait_for_output(r"\[ERROR\] \[[\d.]+\] \[catalogue\.matcher_node\]: matching failed: \w+: .*"
+                         r"(can't allocate memory|Unable to allocate)")
+    # each warning with a text not logged before in this module (the same text is logged at most every 5 s)
+    warnings = [  # (what is sent, the warning it logs)
+        (encoded("bgr10_after_error", lambda im: im), r"image0: unsupported encoding 'bgr10_after_error'"),
+        (modified(lambda m: setattr(m.header, "frame_id", ""), which=1), r"image1 has an empty frame_id"),
+        (lambda s: (image_msg(IMAGES[0], s, "cam0"), image_msg(np.ascontiguousarray(IMAGES[1][::4, ::4]), s, "cam1")),
+         r"image0 is 320x256 but image1 is 80x64"),
+        (float_image(scale=5.0), r"image0: 32FC1 float image values must lie in \[0, 1\]"),
+        (lambda s: tuple(image_msg(np.ascontiguousarray(im[:20, :24]), s, f"cam{i}") for i, im in enumerate(IMAGES)),
+         r"image is too small: 24x20"),
+    ]
+    for make, text in warnings:
+        stamp = io.next_stamp()
+        msg0, msg1 = make(stamp)
+        io.image1.publish(msg1)
+        io.image0.publish(msg0)
+        node.wait_for_output(rf"\[WARN\] \[[\d.]+\] \[catalogue\.matcher_node\]: .*{text}", timeout=20)
+        node.assert_running()
+    for _ in range(2):
+        then_a_good_pair_is_matched(node, io)
+    assert counter(client, "match_errors") == errors + 2
+
+
 # ----------------------------------------------------------------------------- checkpoints and parameters
 def evil_checkpoint(path: Path, marker: Path) -> Path:
     class Evil:
@@ -294,7 +350,8 @@ def test_checkpoint_problems_turn_diagnostics_error_and_a_good_path_recovers(raw
                                 node_name=client.fqn)
         bad.write_bytes(b"PK\x03\x04 truncated")
         then_a_good_pair_is_matched(node, io)  # still running on the loaded weights
-        client.set_ok(threshold=0.002)  # a rebuild now reads the broken file
+        # a rebuild now reads the broken file (a threshold change would not rebuild: it is taken in place)
+        client.set_ok(engine_max_matches=19999)
         expected = "corrupt or unreadable checkpoint"
     if kind != "replaced_while_running":
         client.set_ok(checkpoint_path=str(bad))
@@ -303,7 +360,7 @@ def test_checkpoint_problems_turn_diagnostics_error_and_a_good_path_recovers(raw
     assert "weights_only=False" not in diag["_message"] and "weights_only` set to `False" not in diag["_message"]
     assert not marker.exists()
     node.assert_running()
-    client.set_ok(checkpoint_path=str(seeded_checkpoint), threshold=0.001)
+    client.set_ok(checkpoint_path=str(seeded_checkpoint), threshold=0.001, engine_max_matches=20000)
     client.wait_diagnostics(lambda v: v["matcher_state"] == "ready", node_name=client.fqn)
     then_a_good_pair_is_matched(node, io)
 
@@ -311,6 +368,7 @@ def test_checkpoint_problems_turn_diagnostics_error_and_a_good_path_recovers(raw
 @pytest.mark.ros
 @pytest.mark.parametrize("name,value,reason", [
     ("threshold", 2.0, r"Parameter threshold out of range Min: 0.0, Max: 1.0, value: 2.0"),
+    ("threshold", 0.0, r"threshold: 0.0 is not allowed, it must be above 0 \(at 0 every pair of coarse cells"),
     ("variant", "superglue", r"variant: 'superglue' is not one of eloftr, roma"),
     ("max_input_age", -1.0, r"Parameter max_input_age out of range Min: 0.0, Max: 3600.0, value: -1.0"),
     ("queue_size", 0, r"Parameter queue_size out of range. Min: 1, Max: 1000, value: 0"),
@@ -471,10 +529,42 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, case):
         assert not marker.exists()
 
 
+@pytest.mark.parametrize("case", ["device_cuda_without_cuda", "tensorrt_on_the_cpu", "tensorrt_without_runtime",
+                                  "onnxruntime_without_files"])
+def test_cli_device_or_backend_unavailable_is_one_line_naming_the_fix(tmp_path, case):
+    """Through the console script, as a user types it; CUDA hidden, so every machine lacks it here."""
+    import shutil
+
+    good = tmp_path / "good.png"
+    cv2.imwrite(str(good), IMAGES[0][:, :, ::-1])
+    flags, expected = {
+        # docs/eloftr.md's quick start on a machine without CUDA
+        "device_cuda_without_cuda": (
+            ["--device", "cuda", "--precision", "fp16"],
+            r"CUDA is not available here \(torch \S+ (is built without CUDA|finds no CUDA GPU: no GPU, no driver, or "
+            r"CUDA_VISIBLE_DEVICES hides it)\); use --device cpu or auto"),
+        "tensorrt_on_the_cpu": (["--backend", "tensorrt", "--device", "cpu"],
+                                r"TensorRT runs on CUDA GPUs only, not on device cpu; use --device cuda or auto, or "
+                                r"--backend onnxruntime or torch on the CPU"),
+        "tensorrt_without_runtime": (["--backend", "tensorrt"], r"TensorRT backend unavailable: \S"),
+        "onnxruntime_without_files": (["--backend", "onnxruntime", "--model-file-path", str(tmp_path / "none.onnx")],
+                                      r"ONNX Runtime backend unavailable: no ONNX files for eloftr \(export them with "
+                                      r"`matchanything export --image-size WxH`"),
+    }[case]
+    script = shutil.which("matchanything", path=str(Path(sys.executable).parent))
+    assert script, "the matchanything console script is not installed beside this Python"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", **NODE_ENV)
+    proc = subprocess.run([script, "match", str(good), str(good), *flags], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert re.fullmatch(rf"matchanything match: error: {expected}.*\n", proc.stderr), proc.stderr
+
+
 def test_every_row_is_in_the_docs_catalogue():
     doc = (REPO / "docs" / "node.md").read_text()
     catalogue = doc[doc.index("## Bad input catalogue"):]
-    ids = [r.id for r in RAW_ROWS + COMPRESSED_ROWS]
+    ids = [r.id for r in RAW_ROWS + COMPRESSED_ROWS] + ["out_of_memory", "device_or_backend_unavailable"]
     missing = [i for i in ids if f"`{i}`" not in catalogue]
     assert not missing, f"rows without a line in docs/node.md: {missing}"
     assert len(re.findall(r"^\| ", catalogue, re.M)) >= 30

@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.benchmark import benchmark_config, format_table, write_report
+    from ..core.benchmark import benchmark_config, configuration_label, format_table, write_report
     from ..core.matcher import Matcher, MatcherConfig
     from ..core.validate import benchmark_checklist, load_pairs
 
@@ -78,10 +78,13 @@ def run(args: argparse.Namespace) -> int:
             label = f"{backend} {params['device']} {params['precision']} @{size}"
             try:
                 with Matcher(MatcherConfig.from_params(run_params)) as m:
-                    label = f"{m.backend.name} {m.backend.device} {m.backend.precision} @{size}"
+                    base = f"{m.backend.name} {m.backend.device} {m.backend.precision}"
+                    label = f"{base} @{size}"
                     print(f"benchmarking {label} ({args.warmup} warm-up + {args.runs} runs)", file=sys.stderr)
-                    configs.append(benchmark_config(m.pipeline, m.backend, pairs, warmup=args.warmup,
-                                                    runs=args.runs, label=label))
+                    config = benchmark_config(m.pipeline, m.backend, pairs, warmup=args.warmup, runs=args.runs,
+                                              label=label)
+                    config["label"] = configuration_label(base, size, config["canvas"])  # the canvas that ran
+                    configs.append(config)
             except Exception as exc:  # whatever TensorRT raises is what the user reports back
                 if backend != "tensorrt":
                     raise

@@ -19,14 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from ..core.matcher import DATA_DIR, DEMO_MODEL_NOTICE
+from ..core.bundled import DATA_DIR, DEMO_MODEL_NOTICE
 from . import add_param_args, param_values
 
 DEMO_BAG = DATA_DIR / "demo_stereo"
 LEFT_TOPIC = "/stereo/left/image_rect"
 RIGHT_TOPIC = "/stereo/right/image_rect"
 MATCHER_PARAMS = ("checkpoint_path", "threshold", "preset")
-DRAWN_MATCHES = 150
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -79,25 +78,12 @@ def stereo_images_from_bag(bag: Path, left: str, right: str) -> dict[tuple[str, 
     return out
 
 
-def draw_checked_matches(left: np.ndarray, right: np.ndarray, k0: np.ndarray, k1: np.ndarray, correct: np.ndarray,
-                         title: str) -> np.ndarray:
-    """Side by side (RGB), one line per match: green where the ground truth confirms it, red where not."""
-    import cv2
-
-    header = 28
-    h, w = left.shape[:2]
-    canvas = np.zeros((max(h, right.shape[0]) + header, w + right.shape[1], 3), np.uint8)
-    canvas[header:header + h, :w] = left
-    canvas[header:header + right.shape[0], w:] = right
-    for a, b, ok in zip(k0, k1, correct):
-        colour = (40, 220, 40) if ok else (255, 40, 40)
-        p0 = (int(round(float(a[0]))), int(round(float(a[1]))) + header)
-        p1 = (int(round(float(b[0]))) + w, int(round(float(b[1]))) + header)
-        cv2.line(canvas, p0, p1, colour, 1, cv2.LINE_AA)
-        cv2.circle(canvas, p0, 2, colour, -1, cv2.LINE_AA)
-        cv2.circle(canvas, p1, 2, colour, -1, cv2.LINE_AA)
-    cv2.putText(canvas, title, (6, header - 9), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
-    return canvas
+def summary_line(matches: int, score: Any, node_s: float, what_ran: str, total_s: float, out_png: Path) -> str:
+    """The line the demo ends with (README.md and docs/demo.md show one; test/test_docs.py compares them)."""
+    accuracy = "" if score is None else (f", {100 * score.precision:.1f} % correct vs ground-truth disparity "
+                                         f"(|dy|<=1, |dx-d|<=2 px; {score.with_gt} checkable)")
+    return (f"matchanything demo: {matches} matches{accuracy}; matching {node_s:.2f} s in the node ({what_ran}), "
+            f"{total_s:.1f} s in all; wrote {out_png}")
 
 
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:
@@ -205,26 +191,24 @@ def run(args: argparse.Namespace) -> int:
     stamp1 = int(msg.image1_stamp.sec) * 1_000_000_000 + int(msg.image1_stamp.nanosec)
     images = stereo_images_from_bag(args.bag, args.left_topic, args.right_topic)
     left, right = images[(args.left_topic, stamp0)], images[(args.right_topic, stamp1)]
-    accuracy = ""
+    score = None
     import skimage.data
 
     gt_left, _gt_right, disparity = skimage.data.stereo_motorcycle()
     model = DEMO_MODEL_NOTICE if getattr(info, "is_demo_model", False) else "checkpoint"
     if left.shape == gt_left.shape and np.array_equal(left, gt_left):  # the bundled Middlebury pair
-        s = stereo_score(k0, k1, disparity)
-        accuracy = (f", {100 * s.precision:.1f} % correct vs ground-truth disparity "
-                    f"(|dy|<=1, |dx-d|<=2 px; {s.with_gt} checkable)")
-        # A random sample keeps the picture readable; colour = right (green) or wrong (red) per ground truth.
-        pick = np.random.default_rng(0).permutation(len(conf))[:DRAWN_MATCHES]
-        correct = stereo_correct_mask(k0[pick], k1[pick], disparity)
-        title = (f"{len(pick)} of {len(conf)} matches ({model}); green = correct, red = wrong vs ground truth; "
-                 f"{100 * s.precision:.1f} % correct overall")
-        canvas = draw_checked_matches(left, right, k0[pick], k1[pick], correct, title)
+        score = s = stereo_score(k0, k1, disparity)
+        # the matches the ground truth can check (unbounded tolerances: only "has a ground truth" is left),
+        # green = correct, red = wrong; draw_matches keeps the picture readable (an even sample of them)
+        checkable = stereo_correct_mask(k0, k1, disparity, y_tol=np.inf, d_tol=np.inf)
+        correct = stereo_correct_mask(k0, k1, disparity)[checkable]
+        canvas = draw_matches(left, right, k0[checkable], k1[checkable], conf[checkable], inliers=correct,
+                              labels=("correct", "wrong"), demo_model=getattr(info, "is_demo_model", False),
+                              title=f"the {s.with_gt} of {len(conf)} matches with a ground-truth disparity")
     else:
         canvas = draw_matches(left, right, k0, k1, conf, demo_model=getattr(info, "is_demo_model", False))
     cv2.imwrite(str(out_png), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     node_s = (msg.preprocess_ms + msg.inference_ms + msg.postprocess_ms) / 1e3
-    print(f"matchanything demo: {len(conf)} matches{accuracy}; matching {node_s:.2f} s in the node "
-          f"({model}, {msg.backend} {getattr(info, 'device', 'cpu')}), {time.monotonic() - t_start:.1f} s in all; "
-          f"wrote {out_png}")
+    print(summary_line(len(conf), score, node_s, f"{model}, {msg.backend} {getattr(info, 'device', 'cpu')}",
+                       time.monotonic() - t_start, out_png))
     return 0 if len(conf) else 1

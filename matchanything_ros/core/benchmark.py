@@ -119,6 +119,15 @@ def benchmark_config(pipeline: Any, backend: Any, pairs: list[tuple[str, np.ndar
     }
 
 
+def configuration_label(base: str, size: Any, canvas: Any) -> str:
+    """`<backend device precision> @<canvas>`: the canvas the timed runs had, which can be below the size asked
+    for (ELoFTR's `resize_max` only shrinks: a 741x500 pair at resize_max 832 runs on a 736 canvas), then
+    with the size asked for beside it. RoMa reports no canvas: its coarse/upsample sizes stand."""
+    if canvas is None or str(canvas) == str(size):
+        return f"{base} @{size}"
+    return f"{base} @{canvas} (resize_max {size})"
+
+
 def environment() -> dict[str, Any]:
     env: dict[str, Any] = {"package_version": __version__, "python": platform.python_version(),
                            "machine": platform.machine(), "processor": platform.processor() or platform.machine()}

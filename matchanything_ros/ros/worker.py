@@ -10,11 +10,13 @@ No ROS imports.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import traceback
 from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class LatestSlot(Generic[T]):
@@ -72,6 +74,7 @@ class MatcherWorker(Generic[T]):
     process(matcher, item)            runs one pair and publishes (exceptions go to `on_error`)
     on_state(matcher | None, error)   called after every (re)build attempt, on the worker thread
     on_unprocessed(item)              an item taken while no matcher is available
+    update(matcher, config) -> bool   optional: apply a new config to the running matcher (True), else rebuild
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class MatcherWorker(Generic[T]):
         on_error: Callable[[BaseException, str], None],
         on_unprocessed: Callable[[T], None] | None = None,
         close: Callable[[Any], None] | None = None,
+        update: Callable[[Any, Any], bool] | None = None,
         name: str = "matcher_worker",
     ) -> None:
         self._build = build
@@ -90,6 +94,7 @@ class MatcherWorker(Generic[T]):
         self._on_error = on_error
         self._on_unprocessed = on_unprocessed
         self._close = close or (lambda m: m.close())
+        self._update = update  # update(matcher, config) -> True: taken without a rebuild
         self.slot: LatestSlot[T] = LatestSlot()
         self._lock = threading.Lock()
         self._pending_config: Any = None
@@ -128,7 +133,37 @@ class MatcherWorker(Generic[T]):
             self._has_pending, self._pending_config = False, None
             return has, config
 
+    def _step(self) -> None:
+        """One turn: a pending reconfiguration, else the next item (waiting up to 0.5 s for one)."""
+        has_config, config = self._take_config()
+        if has_config:
+            self._rebuild(config)
+            return
+        item = self.slot.take(timeout=0.5)
+        if item is None or self._stop:
+            return
+        if self.matcher is None:
+            if self._on_unprocessed is not None:
+                self._on_unprocessed(item)
+            return
+        self.busy = True
+        try:
+            self._process(self.matcher, item)
+        except Exception as exc:
+            self._on_error(exc, traceback.format_exc())
+        finally:
+            self.busy = False
+
     def _rebuild(self, config: Any) -> None:
+        if self.matcher is not None and self._update is not None:
+            try:
+                updated = self._update(self.matcher, config)
+            except Exception as exc:  # a failed update is reported and the matcher rebuilt for the config
+                self._on_error(exc, traceback.format_exc())
+                updated = False
+            if updated:
+                self._on_state(self.matcher, None)  # taken in place: the same graphs, as fast as before
+                return
         if self.matcher is not None:
             old, self.matcher = self.matcher, None
             try:
@@ -145,24 +180,10 @@ class MatcherWorker(Generic[T]):
     def _run(self) -> None:
         try:
             while not self._stop:
-                has_config, config = self._take_config()
-                if has_config:
-                    self._rebuild(config)
-                    continue
-                item = self.slot.take(timeout=0.5)
-                if item is None or self._stop:
-                    continue
-                if self.matcher is None:
-                    if self._on_unprocessed is not None:
-                        self._on_unprocessed(item)
-                    continue
-                self.busy = True
                 try:
-                    self._process(self.matcher, item)
-                except Exception as exc:
-                    self._on_error(exc, traceback.format_exc())
-                finally:
-                    self.busy = False
+                    self._step()
+                except Exception:  # a reporting callback raised: say so (Python logging never raises), go on
+                    log.exception("matcher worker: a callback raised; the worker goes on")
         finally:
             if self.matcher is not None:
                 try:

@@ -18,7 +18,6 @@ only when chosen.
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +58,26 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     except ImportError:
         return "cpu"
+
+
+def torch_device_problem(device: str) -> str | None:
+    """Why torch cannot run on `device` here, naming the fix (None: it can). One line: the CLI prints it as its
+    error and the node as its ERROR diagnostic."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if torch.version.cuda is None:
+        return (f"CUDA is not available here (torch {torch.__version__} is built without CUDA); "
+                "use --device cpu or auto")
+    if not torch.cuda.is_available():
+        return (f"CUDA is not available here (torch {torch.__version__} finds no CUDA GPU: no GPU, no driver, or "
+                "CUDA_VISIBLE_DEVICES hides it); use --device cpu or auto")
+    count = torch.cuda.device_count()
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if index >= count:
+        return f"{device} does not exist here (torch sees {count} CUDA GPU(s)); use --device cuda (= cuda:0) or auto"
+    return None
 
 
 def _import_backend(module: str, cls: str) -> Any:
@@ -154,16 +173,19 @@ def create_torch_backend(params: dict[str, Any], pipeline: Any, device: str) -> 
     from ..checkpoint import load_state_dict
     from .torch_backend import TorchBackend
 
+    problem = torch_device_problem(device)
+    if problem is not None:  # before the weights move to the device, which fails deep inside torch
+        raise BackendUnavailableError(problem)
     if hasattr(pipeline, "load_weights"):  # a variant with more than one weights file (RoMa + DINOv2)
         state = pipeline.load_weights(params)
     else:
         state = load_state_dict(params["checkpoint_path"], pipeline.name)
     precision = params.get("precision", "fp32")
-    if "precision" in inspect.signature(pipeline.torch_graphs).parameters:
-        graphs = pipeline.torch_graphs(state, device, precision=precision)
-    else:
-        graphs = pipeline.torch_graphs(state, device)
-    return TorchBackend(graphs, device, precision, keep_on_device=getattr(pipeline, "device_outputs", ()))
+    graphs = pipeline.torch_graphs(state, device, precision=precision)
+    options = getattr(pipeline, "options", None)  # the variant's speed choices (EloftrOptions) that the backend runs
+    return TorchBackend(graphs, device, precision, keep_on_device=getattr(pipeline, "device_outputs", ()),
+                        row_buckets=getattr(options, "row_buckets", True),
+                        predict_rows=getattr(options, "predict_rows", True))
 
 
 def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:
@@ -174,7 +196,10 @@ def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:
     if choice not in ("auto", "tensorrt", "onnxruntime", "torch"):
         raise ConfigError(f"unknown backend {choice!r}")
     backend: Backend | None
-    skipped = ""
+    skipped = fallback_note = ""
+    if choice == "tensorrt" and asked_device == "cpu":
+        raise BackendUnavailableError("TensorRT runs on CUDA GPUs only, not on device cpu; use --device cuda or "
+                                      "auto, or --backend onnxruntime or torch on the CPU")
     if choice in ("auto", "tensorrt"):
         if choice == "auto" and asked_device == "cpu":
             skipped = "device is cpu (TensorRT runs on CUDA GPUs only)"
@@ -186,7 +211,8 @@ def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:
                 return BackendChoice(backend, "")
             if choice == "tensorrt":
                 raise BackendUnavailableError(f"TensorRT backend unavailable: {skipped}")
-            log.warning("backend auto: not using TensorRT: %s", skipped)
+            # said once the fallback runs: when it cannot either, its error alone is the one line the user reads
+            fallback_note = skipped
     device = resolve_device(asked_device)
     if choice in ("auto", "onnxruntime"):
         models = _onnx_files(params, pipeline)
@@ -194,6 +220,7 @@ def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:
             backend = _import_backend("onnxruntime_backend", "OnnxRuntimeBackend")(
                 models, device, precision, keep_on_device=getattr(pipeline, "device_outputs", ()))
             _bind_single_graph(pipeline, backend, models)
+            _note_tensorrt_fallback(fallback_note)
             log.info("backend: onnxruntime on %s (%s)", backend.device, ", ".join(map(str, models.values())))
             return BackendChoice(backend, skipped)
         if choice == "onnxruntime":
@@ -202,5 +229,13 @@ def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:
             raise BackendUnavailableError("ONNX Runtime backend unavailable: no ONNX files for "
                                           f"{pipeline.name} (export them with {how})")
     backend = create_torch_backend(params, pipeline, device)
+    _note_tensorrt_fallback(fallback_note)
     log.info("backend: torch on %s, %s", backend.device, backend.precision)
     return BackendChoice(backend, skipped)
+
+
+def _note_tensorrt_fallback(why: str) -> None:
+    """The warning of backend=auto that did not take TensorRT (Python logging: the CLI prints it, the node
+    logs it through its ROS logger)."""
+    if why:
+        log.warning("backend auto: not using TensorRT: %s", why)
