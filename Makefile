@@ -8,6 +8,10 @@ ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
 IN_ENV := cd $(ROOT) && . ./env.sh &&
 PYTEST_ARGS ?=
 TESTS ?= test
+# pytest workers (pytest-xdist), a test file per worker at a time: module fixtures (a node process, an export) are
+# built once per file; ROS tests each hold a DDS domain of their own (domain_coordinator), so workers never meet
+JOBS ?= 2
+XDIST := $(if $(filter-out 0 1,$(JOBS)),-n $(JOBS) --dist loadfile)
 
 # The generic-CPU kernels: PyTorch's ATen, oneDNN and MKL capped to what every x86-64 CPU has, so a
 # parity run here behaves like one on a CPU unlike ours (docs/parity.md)
@@ -18,7 +22,7 @@ CPU_CAP_ENV ?= ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_I
 help:
 	@echo "make setup      create .venv, install pinned requirements, build + install the package into install/"
 	@echo "make demo       the matcher node on a bundled stereo pair, writing a PNG of the matches"
-	@echo "make test       setup, then the test suite (what CI runs)"
+	@echo "make test       setup, then the test suite (what CI runs; JOBS=2 workers; SHUFFLE=<seed> shuffles the order)"
 	@echo "make test-fast  the tests not marked slow (a few minutes on 2 cores); SHUFFLE=<seed> shuffles their order"
 	@echo "make test-capped  the parity tests with PyTorch's CPU kernels capped to the generic path (CPU_CAP_ENV)"
 	@echo "make bench-ros  the node's per-pair ROS overhead (README figure)"
@@ -31,14 +35,14 @@ setup:
 
 # pytest exits 5 when it collects no test: that is a failure, say so
 test: setup
-	@$(IN_ENV) rc=0; python -m pytest $(TESTS) $(PYTEST_ARGS) || rc=$$?; \
+	@$(IN_ENV) rc=0; python -m pytest $(TESTS) $(XDIST) $(if $(SHUFFLE),--shuffle-seed=$(SHUFFLE)) $(PYTEST_ARGS) || rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 test-fast: setup
-	@$(IN_ENV) python -m pytest $(TESTS) -m "not slow" $(if $(SHUFFLE),--shuffle-seed=$(SHUFFLE)) $(PYTEST_ARGS)
+	@$(IN_ENV) python -m pytest $(TESTS) -m "not slow" $(XDIST) $(if $(SHUFFLE),--shuffle-seed=$(SHUFFLE)) $(PYTEST_ARGS)
 
 test-capped: setup
-	@$(IN_ENV) env $(CPU_CAP_ENV) python -m pytest $(TESTS) -m parity $(PYTEST_ARGS)
+	@$(IN_ENV) env $(CPU_CAP_ENV) python -m pytest $(TESTS) -m parity $(XDIST) $(PYTEST_ARGS)
 
 bench-ros: setup
 	@$(IN_ENV) python bench/ros_overhead.py

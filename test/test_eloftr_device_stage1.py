@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from matchanything_ros.core.checkpoint import load_state_dict
-from matchanything_ros.core.eloftr.model import EloftrProduct
+from matchanything_ros.core.eloftr.product import EloftrProduct
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
 from matchanything_ros.core.eloftr.preprocess import PreprocessSettings, plan_stage1, stage2_meta, stage2_rgb
 from matchanything_ros.core.matcher import DATA_DIR, resolve_eloftr_checkpoint, run_pipeline

@@ -8,7 +8,7 @@ photos, with the bundled demo model.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,9 +16,9 @@ import torch
 
 from matchanything_ros.core.backends.torch_backend import TorchBackend
 from matchanything_ros.core.checkpoint import load_state_dict
-from matchanything_ros.core.eloftr.model import (EloftrFine, EloftrProduct, _tf32_split, dual_softmax_confidence,
-                                                 lse_passing_mask, lse_topk_candidates, select_on_device,
-                                                 topk_candidates)
+from matchanything_ros.core.eloftr.model import EloftrFine, dual_softmax_confidence, topk_candidates
+from matchanything_ros.core.eloftr.product import (EloftrProduct, _tf32_split, lse_passing_mask, lse_topk_candidates,
+                                                   select_on_device)
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
 from matchanything_ros.core.eloftr.postprocess import select_coarse_matches
 from matchanything_ros.core.eloftr.preprocess import pil_gray, preprocess_image, stage2_rgb, to_model_input
@@ -35,12 +35,6 @@ def demo_model() -> tuple[Any, dict[str, torch.Tensor]]:
 def demo_pair() -> tuple[np.ndarray, np.ndarray]:
     with np.load(DATA_DIR / "demo_homography.npz") as z:
         return z["image0"], z["image1"]  # 600x400 real photos
-
-
-@pytest.fixture
-def cap_override() -> Iterator[None]:
-    yield
-    EloftrPipeline.max_matches_override = None
 
 
 def _pipelines(demo_model: Any, params: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
@@ -182,12 +176,10 @@ def test_device_selection_equals_host_selection(threshold: float) -> None:
     assert (mconf[n:] == 0).all() and (i_ids[n:] == 0).all()  # padding rows
 
 
-def test_a_frame_over_the_cap_says_so(demo_model: Any, demo_pair: Any, cap_override: None,
-                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_a_frame_over_the_cap_says_so(demo_model: Any, demo_pair: Any, caplog: pytest.LogCaptureFixture) -> None:
     params = {"threshold": 0.1, "resize_max": 416}
     host, hb, _, _ = _pipelines(demo_model, params)
-    EloftrPipeline.max_matches_override = 100
-    _, _, prod, pb = _pipelines(demo_model, params)
+    _, _, prod, pb = _pipelines(demo_model, {**params, "engine_max_matches": 100})
     ref = run_pipeline(host, hb, *demo_pair)
     with caplog.at_level(logging.WARNING):
         out = run_pipeline(prod, pb, *demo_pair)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from matchanything_ros.core.checkpoint import load_state_dict
-from matchanything_ros.core.eloftr.model import CompiledOrEager, EloftrProduct, lse_passing_mask
+from matchanything_ros.core.eloftr.model import CompiledOrEager
+from matchanything_ros.core.eloftr.product import EloftrProduct, lse_passing_mask
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
 from matchanything_ros.core.eloftr.preprocess import stage2_rgb
 from matchanything_ros.core.errors import ConfigError

@@ -43,6 +43,14 @@ def test_engine_modules_load_without_torch_or_the_export_code() -> None:
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_no_engine_module_imports_the_matcher() -> None:
+    """The engines sit below the matcher (it chooses among them): none imports it back, not even inside a
+    function, where a circle would only show when that code first runs."""
+    for path in sorted(ENGINES.glob("*.py")):
+        assert not {m for m in _imported_modules(path) if m.endswith("matcher")}, path.name
+    assert not {m for m in _imported_modules(ENGINES.parent / "bundled.py") if "matcher" in m or "engines" in m}
+
+
 def test_the_old_module_paths_are_gone() -> None:
     for old in ("matchanything_ros.core.export", "matchanything_ros.core.engine_build",
                 "matchanything_ros.core.engine_cache", "matchanything_ros.core.backends.tensorrt_backend",

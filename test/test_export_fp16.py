@@ -21,7 +21,7 @@ import torch
 
 from matchanything_ros.cli import main
 from matchanything_ros.core.checkpoint import load_state_dict
-from matchanything_ros.core.eloftr.model import EloftrProduct
+from matchanything_ros.core.eloftr.product import EloftrProduct
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
 from matchanything_ros.core.engines.build import network_typing, onnx_precision
 from matchanything_ros.core.engines.export import (FP16_MAX_COUNT_DIFF, FP16_MIN_WITHIN_1PX, compare_product_outputs,

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.eloftr.pipeline import preprocess_settings
     from ..core.engines.cache import resolve_onnx_dir, sha256_file
     from ..core.engines.export import export_eloftr
-    from ..core.matcher import resolve_eloftr_checkpoint
+    from ..core.bundled import resolve_eloftr_checkpoint
     from ..core.variants import pipeline_class
 
     params = param_values(args, EXPORT_PARAMS)
@@ -126,7 +126,7 @@ def run_product(args: argparse.Namespace, params: dict[str, Any], out_dir: Any, 
     from ..core.eloftr.preprocess import stage2_rgb
     from ..core.engines.cache import sha256_file
     from ..core.engines.export import export_eloftr_product
-    from ..core.matcher import DATA_DIR
+    from ..core.bundled import DATA_DIR
 
     if len(args.image_size) > 2:
         raise ConfigError("--image-size is given once (both images) or twice (image0, image1)")

@@ -102,11 +102,10 @@ class _RowBuckets:
 
 class TorchBackend:
     name = "torch"
-    use_row_buckets = True  # captured graphs with a `rows_for` run in two halves (benchmarks compare: False)
-    predict_rows = True  # ... and their back half on the previous frame's bucket without waiting for the count
 
     def __init__(self, graphs: dict[str, torch.nn.Module], device: str = "cpu", precision: str = "fp32",
-                 cuda_graphs: bool = True, keep_on_device: Iterable[str] = ()) -> None:
+                 cuda_graphs: bool = True, keep_on_device: Iterable[str] = (), row_buckets: bool = True,
+                 predict_rows: bool = True) -> None:
         if precision not in ("fp32", "fp16"):
             raise ConfigError(f"precision must be fp32 or fp16, got {precision!r}")
         dev = torch.device(device)
@@ -126,6 +125,9 @@ class TorchBackend:
         # CUDA graphs for graphs that support capture (fixed shapes, no host sync): one replay instead of
         # ~1000 kernel launches, which otherwise cost more CPU time than the GPU spends computing
         self.cuda_graphs = cuda_graphs and dev.type == "cuda"
+        # captured graphs with a `rows_for` run in two halves (EloftrOptions.row_buckets), the back half on the
+        # previous frame's bucket without waiting for the count (EloftrOptions.predict_rows)
+        self.row_buckets, self.predict_rows = row_buckets, predict_rows
         self._captured: dict[tuple[Any, ...], tuple[Any, list[torch.Tensor], Any]] = {}
         # (graph, output, shape, dtype) -> pinned host buffer
         self._pinned: dict[tuple[str, str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
@@ -147,7 +149,7 @@ class TorchBackend:
         autocast = (torch.autocast("cuda", dtype=torch.float16) if self.precision == "fp16"
                     else contextlib.nullcontext())
         with numeric_flags(self.torch_device.type, self.precision):
-            if self.cuda_graphs and self.use_row_buckets and hasattr(module, "rows_for"):
+            if self.cuda_graphs and self.row_buckets and hasattr(module, "rows_for"):
                 return self._run_row_bucketed(graph, module, names, inputs)  # its outputs come back on the host
             if self.cuda_graphs and hasattr(module, "capture_key"):
                 outs = self._run_captured(graph, module, names, inputs)

@@ -1,6 +1,6 @@
 """ELoFTR variant pipeline: preprocessing -> "coarse" graph -> host selection -> "fine" graph -> pixels.
 
-On the torch backend on CUDA the whole frame is one graph instead ("product", model.EloftrProduct):
+On the torch backend on CUDA the whole frame is one graph instead ("product", product.EloftrProduct):
 the host only checks the images (and resizes those that need it), one replay does the rest, and one
 small array comes back. The host path stays the reference the tests compare against, and the path of
 the CPU and of the engine backends.
@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..params import HF_SPACE_FORCE_RESIZE_WH, PARAMS_BY_NAME
 from ..result import MatchResult
 from .config import EloftrConfig
+from .options import EloftrOptions
 from .postprocess import CoarseMatches, select_coarse_matches, to_original_pixels
 from .preprocess import (ImageMeta, PreprocessSettings, plan_stage1, preprocess_image, stage2_meta, stage2_rgb,
                          to_model_input)
@@ -66,9 +67,10 @@ class EloftrPipeline:
     graphs = ("coarse", "fine")
 
     def __init__(self, config: dict[str, Any] | None = None, model_config: EloftrConfig | None = None,
-                 coarse_mode: str = "auto") -> None:
+                 coarse_mode: str = "auto", options: EloftrOptions | None = None) -> None:
         config = dict(config or {})
         self.model_config = model_config or EloftrConfig()
+        self.options = options or EloftrOptions()
         self.threshold = float(_param(config, "threshold"))
         self.settings = preprocess_settings(config, self.model_config)
         if coarse_mode not in COARSE_MODES:
@@ -80,24 +82,9 @@ class EloftrPipeline:
         self.coarse_full = coarse_mode == "full" or (coarse_mode == "auto" and not self.topk_exact)
         self.last_coarse: CoarseMatches | None = None
         # the product graph's cap on matches per frame: the same bound the engines' fine graph has
-        self.max_matches = self.max_matches_override or int(_param(config, "engine_max_matches"))
+        self.max_matches = int(_param(config, "engine_max_matches"))
         self.product = False  # set by torch_graphs when it builds the product graph (torch on CUDA)
         self.stage1_on_device = False  # ... and whether that graph resamples the camera images itself
-
-    # product-graph choices (class-wide; the device benchmark compares them)
-    use_product_graph = True  # torch on CUDA runs the one-graph path
-    # CUDA matching head of the product graph (model.PRODUCT_HEADS): the log-space mask + fixed-size nonzero,
-    # the same lists as top-K + selection and 0.4-0.8 ms faster a frame (H200, bench/device/eloftr_speed.py)
-    product_head = "lse_nonzero"
-    product_fine = "fast_compiled"  # CUDA fine level of the product graph (the CPU keeps "exact")
-    # CUDA: torch.compile of backbone + transformer + FPN ("features", or "none"): fuses the
-    # bias/activation/cast kernels between cuDNN's convolutions (H200, 832² fp16: 15.9 -> 11.2 ms a frame)
-    product_compiled = "features"
-    # fp16: what stays fp32 (model.FP32_ISLANDS). Measured on an H200 (bench/results/h200_2026-12-01): with
-    # "fpn_backbone12" fp16 reproduces 99.7-99.8 % of fp32's matches within 1 px on held-out real pairs,
-    # with "fpn" or "none" 99.0-99.5 %, at the same speed
-    fp32_island = "fpn_backbone12"
-    max_matches_override: int | None = None  # benchmarks: a cap other than engine_max_matches
 
     # the one-graph export (engines.export.export_eloftr_product): ONNX Runtime runs it instead of coarse + fine
     product_graph = "product"
@@ -164,7 +151,7 @@ class EloftrPipeline:
                     "engine_max_matches)", total, self.threshold, cap)
 
     def _infer_product(self, backend: "Backend", inputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        from .model import PRODUCT_COLUMNS
+        from .product import PRODUCT_COLUMNS
 
         out = backend.run("product", inputs)["matches"]
         count, truncated, cap = int(out[0, 0]), int(out[0, 1]), int(out[0, 2])
@@ -220,13 +207,14 @@ class EloftrPipeline:
         the ONNX exporter passes False (fixed-size top-K outputs). `speed_form` (default: on for fp16,
         which is not exact anyway) fuses RepVGG and uses SDPA + channels-last; fp32 stays the exact form.
         """
-        from .model import EloftrCoarse, EloftrFine, EloftrProduct
+        from .model import EloftrCoarse, EloftrFine
+        from .product import EloftrProduct
 
         net = self.build_net(state_dict).to(device)
         if speed_form if speed_form is not None else precision == "fp16":
             net.to_speed_form()
         if precision == "fp16":
-            net.store_half_weights(self.fp32_island)
+            net.store_half_weights(self.options.fp32_island)
         full = self.coarse_full if full_conf is None else full_conf
         graphs: dict[str, torch.nn.Module] = {"coarse": EloftrCoarse(net, exact_full_conf=full).eval(),
                                               "fine": EloftrFine(self.model_config).eval()}
@@ -234,11 +222,13 @@ class EloftrPipeline:
         # host path there). Its log-space head (a mask, no top-K) is exact at every threshold; the top-K heads
         # (the CPU's, the export's) only at thresholds >= 1/(K+1)
         if product is None:
-            product = self.use_product_graph and str(device).startswith("cuda")
+            product = self.options.product_graph and str(device).startswith("cuda")
         if product and str(device).startswith("cuda"):
-            graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches, self.product_head,
-                                              self.product_fine, self.product_compiled, stage1=self.settings).eval()
-            self.product = self.stage1_on_device = True
+            o = self.options
+            self.stage1_on_device = o.stage1_on_device
+            graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches, o.head, o.fine, o.compiled,
+                                              stage1=self.settings if o.stage1_on_device else None).eval()
+            self.product = True
         elif product and not full:
             graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches).eval()
             self.product = True

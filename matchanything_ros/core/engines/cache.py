@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import __version__
+from ..bundled import resolve_eloftr_checkpoint
 from ..errors import ConfigError, EngineMismatchError
 
 SIDECAR_SCHEMA = 1
@@ -286,8 +287,6 @@ def resolve_onnx_dir(params: dict[str, Any]) -> Path:
         return Path(params["model_file_path"])
     variant = params.get("variant", "eloftr")
     if variant == "eloftr":
-        from ..matcher import resolve_eloftr_checkpoint
-
         params = {**params, "checkpoint_path": str(resolve_eloftr_checkpoint(params.get("checkpoint_path", ""))[0])}
     return default_model_dir(params, variant)
 

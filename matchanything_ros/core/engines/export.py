@@ -351,8 +351,8 @@ def export_eloftr(pipeline: Any, state_dict: dict[str, "torch.Tensor"], out_dir:
     return files
 
 
-PRODUCT_INPUTS = ("rgb0", "rgb1")  # uint8 [H,W,3] stage-2 RGB images (see model.EloftrProduct)
-PRODUCT_OUTPUTS = ("matches",)  # float32 [1 + cap, 7]: header row + model.PRODUCT_COLUMNS rows
+PRODUCT_INPUTS = ("rgb0", "rgb1")  # uint8 [H,W,3] stage-2 RGB images (see product.EloftrProduct)
+PRODUCT_OUTPUTS = ("matches",)  # float32 [1 + cap, 7]: header row + product.PRODUCT_COLUMNS rows
 
 
 # An fp16 product export against the torch fp32 product (ONNX Runtime, the export's own check): at least this
@@ -390,8 +390,8 @@ def export_eloftr_product(pipeline: Any, state_dict: dict[str, "torch.Tensor"], 
     """The ELoFTR product graph (one model: uint8 images in, padded matches out) for the sizes of
     `image0`/`image1`, fixed-shape, verified with ONNX Runtime against torch fp32 on those images.
 
-    `precision` "fp16": fp16 weights, the pipeline's fp32 islands (`pipeline.fp32_island`, see
-    model.FP32_ISLANDS) with explicit Cast nodes at their borders, the matching head, selection and fine level
+    `precision` "fp16": fp16 weights, the pipeline's fp32 islands (`pipeline.options.fp32_island`, see
+    options.FP32_ISLANDS) with explicit Cast nodes at their borders, the matching head, selection and fine level
     in fp32, metadata `matchanything.precision` = "fp16" (TensorRT then builds it strongly typed, on 10 and
     11); verified against torch fp32 within FP16_MIN_WITHIN_1PX / FP16_MAX_COUNT_DIFF. "fp32": the same
     (i, j) list as torch.
@@ -403,7 +403,8 @@ def export_eloftr_product(pipeline: Any, state_dict: dict[str, "torch.Tensor"], 
     import onnxruntime as ort
     import torch
 
-    from ..eloftr.model import FP32_ISLANDS, EloftrProduct
+    from ..eloftr.product import EloftrProduct
+    from ..eloftr.options import FP32_ISLANDS
 
     if opset < MIN_OPSET:
         raise ConfigError(f"opset {opset} is below the minimum {MIN_OPSET}")
@@ -416,7 +417,7 @@ def export_eloftr_product(pipeline: Any, state_dict: dict[str, "torch.Tensor"], 
         expected = reference(rgb0, rgb1).numpy()
     module = reference
     if precision == "fp16":  # no autocast in an export: the casts into/out of the fp32 islands are in the graph
-        net = pipeline.build_net(state_dict).store_half_weights(pipeline.fp32_island, explicit_casts=True)
+        net = pipeline.build_net(state_dict).store_half_weights(pipeline.options.fp32_island, explicit_casts=True)
         module = EloftrProduct(net, pipeline.threshold, pipeline.max_matches, "dsmax").eval()
     out = Path(path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -432,7 +433,8 @@ def export_eloftr_product(pipeline: Any, state_dict: dict[str, "torch.Tensor"], 
     meta.update(dynamic_dims={}, image_shapes=[list(image0.shape), list(image1.shape)],
                 threshold=pipeline.threshold, max_matches=pipeline.max_matches, precision=precision)
     if precision == "fp16":
-        meta.update(fp32_island=pipeline.fp32_island, fp32_modules=list(FP32_ISLANDS[pipeline.fp32_island]),
+        island = pipeline.options.fp32_island
+        meta.update(fp32_island=island, fp32_modules=list(FP32_ISLANDS[island]),
                     fp32_parts=["matching head (similarity, dual softmax, top-k)", "selection", "fine level"])
     set_metadata(model, meta)
     save_model(model, out)
