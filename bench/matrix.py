@@ -172,7 +172,7 @@ def stage1_vs_host(sizes: list[str]) -> dict[str, int]:
     import torch
 
     from matchanything_ros.core.checkpoint import load_state_dict
-    from matchanything_ros.core.eloftr.model import EloftrProduct
+    from matchanything_ros.core.eloftr.product import EloftrProduct
     from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
     from matchanything_ros.core.eloftr.preprocess import PreprocessSettings, plan_stage1, stage2_rgb
     from matchanything_ros.core.matcher import resolve_eloftr_checkpoint

@@ -66,6 +66,24 @@ def test_matmul_resize_matches_numpy_at_default_sizes() -> None:
         assert err <= RESIZE_TOL, f"max |diff| {err:.3g}"
 
 
+@pytest.mark.parametrize("size", [(848, 480), (1024, 768), (1280, 720), (1920, 1080), (832, 832)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_the_web_ui_stage_on_the_device_matches_numpy_at_camera_sizes(size: tuple[int, int]) -> None:
+    """The camera image straight to the graph: OpenCV's INTER_AREA shrink and INTER_LINEAR stretch to 640x480
+    composed with the stretch-resize into the same two MatMuls (the host does no per-pixel work)."""
+    from test_eloftr_device_stage1 import camera_photo
+
+    img = camera_photo(*size)
+    stage1, meta = prepare_stage1(img, webui_resize=True, webui_on_device=True)
+    assert stage1 is img and meta.model_size_wh == WEBUI_SIZE_WH and meta.original_size_wh == size
+    ref = prepare_image(img, 560, 864, webui_resize=True)
+    with torch.inference_mode():
+        coarse, fine = (t[0].numpy() for t in StretchResize((560, 864), webui=True)(torch.from_numpy(img)[None]))
+    err = max(np.abs(coarse - ref.coarse).max(), np.abs(fine - ref.fine).max())
+    print(f"{size[0]}x{size[1]} -> 640x480 -> 560/864: max |diff| {err:.3g}")
+    assert err <= RESIZE_TOL, f"max |diff| {err:.3g}"
+
+
 def test_stage1_is_what_the_numpy_path_resizes() -> None:
     img = _photo(PAIR_NAMES[0])
     at_640 = np.ascontiguousarray(np.resize(img, (480, 640, 3)))

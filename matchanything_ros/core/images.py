@@ -88,3 +88,38 @@ def resize_cv2_area(image: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
     h, w = image.shape[:2]
     grows = w < size_wh[0] or h < size_wh[1]
     return cv2.resize(image, size_wh, interpolation=cv2.INTER_LINEAR if grows else cv2.INTER_AREA)
+
+
+def cv2_resize_matrix(ssize: int, dsize: int, grows: bool) -> np.ndarray:
+    """`resize_cv2_area` along one axis as a dense float64 matrix W [dsize, ssize] (out = W x): OpenCV's
+    INTER_AREA table at a fractional factor, or its INTER_LINEAR weights (computed in double, as OpenCV)
+    where the image grows. A linear map, so a device composes it with later resizes into one MatMul per axis;
+    its result then differs from OpenCV's by float32 summation order only (bounded in the tests)."""
+    from .eloftr.preprocess import _area_taps  # the exact INTER_AREA table (replayed tap by tap by ELoFTR)
+
+    w = np.zeros((dsize, ssize), np.float64)
+    if ssize == dsize:
+        np.fill_diagonal(w, 1.0)
+        return w
+    if not grows and ssize % dsize:  # fractional INTER_AREA
+        taps = _area_taps(ssize, dsize)
+        for t in range(taps.index.shape[1]):
+            np.add.at(w, (np.arange(dsize), taps.index[:, t]), taps.weight[:, t].astype(np.float64))
+        return w
+    if not grows:  # integer factor: the block mean
+        k = ssize // dsize
+        for d in range(dsize):
+            w[d, d * k:(d + 1) * k] = 1.0 / k
+        return w
+    scale = 1.0 / (dsize / ssize)
+    for d in range(dsize):
+        fx = (d + 0.5) * scale - 0.5
+        sx = int(np.floor(fx))
+        fx -= sx
+        if sx < 0:
+            fx, sx = 0.0, 0
+        if sx >= ssize - 1:
+            fx, sx = 0.0, ssize - 1
+        w[d, sx] += np.float32(1.0 - fx)
+        w[d, min(sx + 1, ssize - 1)] += np.float32(fx)
+    return w

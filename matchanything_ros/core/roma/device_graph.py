@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .model import RomaNet
-from .preprocess import resize_matrix
+from .config import WEBUI_SIZE_WH
+from .preprocess import resize_matrix, webui_matrices
 
 
 # fp32 forwards in true fp32 (the parity form). Benchmarks set True to measure TF32 convolutions: torch's
@@ -52,11 +53,14 @@ def fp32_math(cudnn_benchmark: bool) -> Iterator[None]:
 
 
 class StretchResize(nn.Module):
-    """Stage-1 image [1, H, W, 3] (uint8 or float32, 0..255) -> [1, 3, S, S] float32 in [0, 1] per size S."""
+    """Stage-1 image [1, H, W, 3] (uint8 or float32, 0..255) -> [1, 3, S, S] float32 in [0, 1] per size S.
+    `webui`: the input is the camera image and the web UI's stage (to 640x480, `preprocess.webui_matrices`)
+    is composed into the same two matrices: the host does no per-pixel work at any camera size."""
 
-    def __init__(self, sizes: tuple[int, ...]) -> None:
+    def __init__(self, sizes: tuple[int, ...], webui: bool = False) -> None:
         super().__init__()
         self.sizes = sizes
+        self.webui = webui
         # (device, H, W, S) -> (Wh [S, H], Ww^T [W, S]); plain tensors, made on first use of a size (the
         # torch backend's eager warm-up) so a CUDA-graph capture never copies from the host
         self._weights: dict[tuple[str, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -67,8 +71,14 @@ class StretchResize(nn.Module):
         if found is None:
             if len(self._weights) >= 16:  # images of ever new sizes (no web-UI stage): bound the memory
                 self._weights.clear()
-            wh = torch.from_numpy(resize_matrix(int(h), int(size))).to(device)
-            wwt = torch.from_numpy(np.ascontiguousarray(resize_matrix(int(w), int(size)).T)).to(device)
+            if self.webui and (int(w), int(h)) != WEBUI_SIZE_WH:
+                ry, rx = webui_matrices(int(w), int(h))  # float64: composed before the one rounding to float32
+                wh_np = (resize_matrix(WEBUI_SIZE_WH[1], int(size)).astype(np.float64) @ ry).astype(np.float32)
+                ww_np = (resize_matrix(WEBUI_SIZE_WH[0], int(size)).astype(np.float64) @ rx).astype(np.float32)
+            else:
+                wh_np, ww_np = resize_matrix(int(h), int(size)), resize_matrix(int(w), int(size))
+            wh = torch.from_numpy(wh_np).to(device)
+            wwt = torch.from_numpy(np.ascontiguousarray(ww_np.T)).to(device)
             found = self._weights[key] = (wh, wwt)
         return found
 
@@ -92,10 +102,10 @@ class RomaImageGraph(nn.Module):
     output_names = ("warp", "certainty")
 
     def __init__(self, net: RomaNet, coarse_res: int, upsample_res: int, cudnn_benchmark: bool = False,
-                 warmup_headroom_gib: float | None = None) -> None:
+                 warmup_headroom_gib: float | None = None, webui: bool = False) -> None:
         super().__init__()
         self.net = net
-        self.stretch = StretchResize((coarse_res, upsample_res))
+        self.stretch = StretchResize((coarse_res, upsample_res), webui)
         self.cudnn_benchmark = cudnn_benchmark
         self.warmup_headroom_gib = warmup_headroom_gib  # read by the torch backend's capture
 

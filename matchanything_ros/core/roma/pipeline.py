@@ -74,8 +74,8 @@ class RomaPipeline:
     def preprocess(self, image0: np.ndarray, image1: np.ndarray) -> tuple[dict[str, np.ndarray], RomaMeta]:
         c = self.config
         if self.resize_on_device:
-            s0, q0 = prepare_stage1(image0, c.webui_resize, "image0")
-            s1, q1 = prepare_stage1(image1, c.webui_resize, "image1")
+            s0, q0 = prepare_stage1(image0, c.webui_resize, "image0", webui_on_device=True)
+            s1, q1 = prepare_stage1(image1, c.webui_resize, "image1", webui_on_device=True)
             return {"image0": s0[None], "image1": s1[None]}, RomaMeta(q0, q1)
         p0 = prepare_image(image0, c.coarse_res, c.upsample_res, c.webui_resize, "image0")
         p1 = prepare_image(image1, c.coarse_res, c.upsample_res, c.webui_resize, "image1")
@@ -205,7 +205,8 @@ class RomaPipeline:
             fp32 = precision == "fp32"
             return {"dense": RomaImageGraph(net, self.config.coarse_res, self.config.upsample_res,
                                             cudnn_benchmark=fp32,
-                                            warmup_headroom_gib=FP32_WARMUP_HEADROOM_GIB if fp32 else None).eval()}
+                                            warmup_headroom_gib=FP32_WARMUP_HEADROOM_GIB if fp32 else None,
+                                            webui=self.config.webui_resize).eval()}
         return {"dense": RomaDenseGraph(net).eval()}
 
     def example_inputs(self, graph: str = "dense") -> dict[str, "torch.Tensor"]:

@@ -134,6 +134,28 @@ def webui_stage(image_rgb: np.ndarray) -> np.ndarray:
     return resize_cv2_area(img, WEBUI_SIZE_WH)
 
 
+@lru_cache(maxsize=16)
+def webui_matrices(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """`webui_stage` of a width x height image as two float64 matrices (Ry [480, height], Rx [640, width]):
+    its resizes are linear maps per axis (OpenCV's INTER_AREA / INTER_LINEAR), composed here so that the device
+    graph does the web-UI stage and the stretch in the same two MatMuls per size."""
+    from ..images import cv2_resize_matrix
+
+    ry, rx = np.eye(height), np.eye(width)
+    w, h = width, height
+    targets = []
+    scale = WEBUI_RESIZE_MAX / max(w, h)
+    if scale < 1.0:
+        targets.append((int(round(w * scale)), int(round(h * scale))))
+    targets.append(WEBUI_SIZE_WH)
+    for tw, th in targets:
+        grows = w < tw or h < th
+        ry = cv2_resize_matrix(h, th, grows) @ ry
+        rx = cv2_resize_matrix(w, tw, grows) @ rx
+        w, h = tw, th
+    return ry, rx
+
+
 @dataclass(frozen=True)
 class PreparedImage:
     """One image as the model sees it, and how to map model pixels back to the original."""
@@ -160,16 +182,18 @@ def prepare_image(image_rgb: np.ndarray, coarse_res: int, upsample_res: int, web
     )
 
 
-def prepare_stage1(image_rgb: np.ndarray, webui_resize: bool, name: str = "image") -> tuple[np.ndarray, PreparedImage]:
-    """The host part when the stretch-resize runs on the device (`RomaImageGraph`): the stage-1 image
-    HxWx3 in 0..255 — the uint8 image itself where stage 1 is the identity (no web-UI stage, or an
-    image already 640x480), else the web-UI stage's float32 output."""
+def prepare_stage1(image_rgb: np.ndarray, webui_resize: bool, name: str = "image",
+                   webui_on_device: bool = False) -> tuple[np.ndarray, PreparedImage]:
+    """The host part when the stretch-resize runs on the device (`RomaImageGraph`): the image HxWx3 in 0..255
+    the graph takes — the uint8 image itself where stage 1 is the identity (no web-UI stage, or an image
+    already 640x480) or runs on the device too (`webui_on_device`), else the web-UI stage's float32 output."""
     check_rgb_image(image_rgb, name)
     h, w = image_rgb.shape[:2]
     stage1: np.ndarray = image_rgb
-    if webui_resize and (w, h) != WEBUI_SIZE_WH:  # at 640x480 both web-UI steps are the identity
+    if webui_resize and (w, h) != WEBUI_SIZE_WH and not webui_on_device:  # at 640x480 the steps are the identity
         stage1 = webui_stage(image_rgb)
-    prepared = PreparedImage(coarse=None, fine=None, model_size_wh=(int(stage1.shape[1]), int(stage1.shape[0])),
+    model_wh = WEBUI_SIZE_WH if webui_resize else (int(w), int(h))
+    prepared = PreparedImage(coarse=None, fine=None, model_size_wh=(int(model_wh[0]), int(model_wh[1])),
                              original_size_wh=(int(w), int(h)), webui_resize=webui_resize)
     return stage1, prepared
 
