@@ -3,6 +3,8 @@
     ros2 launch matchanything_ros matcher.launch.py image0:=/left/image_rect image1:=/right/image_rect
     ros2 launch matchanything_ros matcher.launch.py namespace:=stereo backend:=tensorrt \
         engine_file_path:=/data/eloftr.plan use_sim_time:=true
+    ros2 launch matchanything_ros matcher.launch.py geometry:=essential \
+        camera_info0:=/left/camera_info camera_info1:=/right/camera_info    # verified matches
 
 Every launch argument maps to a node parameter, a topic remapping or the namespace (the tables
 below); parameters come from `params_file` (default: config/matcher.yaml in the package's share
@@ -31,6 +33,7 @@ PARAMETER_ARGUMENTS: dict[str, str] = {
     "engine_file_path": "engine_file_path",
     "model_file_path": "model_file_path",
     "precision": "precision",
+    "geometry": "geometry",
     "use_sim_time": "use_sim_time",
 }
 # launch argument -> the node's topic it remaps (default = the topic name itself)
@@ -39,6 +42,8 @@ REMAP_ARGUMENTS: dict[str, str] = {
     "image1": "image1",
     "matches": "matches",
     "debug_image": "debug_image",
+    "camera_info0": "camera_info0",
+    "camera_info1": "camera_info1",
 }
 OTHER_ARGUMENTS: dict[str, str] = {
     "namespace": "namespace the node (and its relative topics) runs in",
@@ -52,11 +57,15 @@ ARGUMENT_HELP: dict[str, str] = {
     "engine_file_path": "TensorRT engine file (empty: params file)",
     "model_file_path": "ONNX model file (empty: params file)",
     "precision": "fp32 | fp16: an fp16 engine or export needs fp16 (empty: params file)",
+    "geometry": "verified matches: none | homography | fundamental | essential (essential reads camera_info0/1; "
+                "empty: params file)",
     "use_sim_time": "true when replaying a bag with --clock (empty: params file, else false)",
     "image0": "first image topic (left camera / current frame)",
     "image1": "second image topic (right camera; unused in sequential mode)",
     "matches": "output KeypointMatches topic",
     "debug_image": "output side-by-side debug image topic",
+    "camera_info0": "image0's sensor_msgs/CameraInfo topic (geometry essential)",
+    "camera_info1": "image1's sensor_msgs/CameraInfo topic (geometry essential, stereo mode)",
 }
 
 

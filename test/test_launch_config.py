@@ -59,7 +59,8 @@ def test_every_launch_argument_maps_to_a_parameter_or_topic():
     launch = load_launch_module()
     for arg, param in launch.PARAMETER_ARGUMENTS.items():
         assert param in PARAMS_BY_NAME or param == "use_sim_time", arg
-    assert set(launch.REMAP_ARGUMENTS.values()) == {"image0", "image1", "matches", "debug_image"}
+    assert set(launch.REMAP_ARGUMENTS.values()) == {"image0", "image1", "matches", "debug_image", "camera_info0",
+                                                    "camera_info1"}
     tree = ast.parse(LAUNCH_FILE.read_text())
     functions = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
     assert "generate_launch_description" in functions

@@ -23,6 +23,9 @@ IMAGE1_FRAME = "stereo/right_camera_optical_frame_" + "x" * 200
 SIZES = {"image0_width": 4096, "image0_height": 3000, "image1_width": 1920, "image1_height": 1080}
 TIMINGS = {"preprocess_ms": 1.25, "inference_ms": 123.5, "postprocess_ms": 0.0625}  # exact in float32
 STRINGS = {"variant": "eloftr", "backend": "onnxruntime", "precision": "fp16"}
+# the geometric verification's verdict: a homography with values float32 would round (1/3, 1e-300, ...)
+GEOMETRY_MATRIX = np.array([1.0 / 3.0, -2.5e-7, 1234.5678901234567, 1e-300, -0.0, np.pi, 5e-17, -np.e, 1.0])
+GEOMETRY = {"geometry_model": "homography", "num_inliers": 0, "geometry_reason": "", "verify_ms": 0.75}
 
 INFO_FIELDS: dict[str, Any] = {
     "variant": "roma", "backend": "tensorrt", "device": "cuda:0 (NVIDIA H100 80GB HBM3)", "precision": "fp16",
@@ -45,6 +48,11 @@ def expected_arrays() -> dict[str, np.ndarray]:
     return {"keypoints0": kp0.ravel(), "keypoints1": kp1.ravel(), "confidence": conf}
 
 
+def expected_inliers() -> np.ndarray:
+    """One flag per match, irregular (not a repeating pattern a truncation or shift would keep)."""
+    return np.random.default_rng(7).random(N_MATCHES) < 0.7
+
+
 def make_keypoint_matches() -> Any:
     from matchanything_ros.msg import KeypointMatches
 
@@ -57,6 +65,11 @@ def make_keypoint_matches() -> Any:
         setattr(msg, name, value)
     for name, arr in expected_arrays().items():
         setattr(msg, name, arr)
+    inliers = expected_inliers()
+    msg.inliers = inliers.tolist()
+    msg.geometry_matrix = GEOMETRY_MATRIX
+    for name, value in {**GEOMETRY, "num_inliers": int(inliers.sum())}.items():
+        setattr(msg, name, value)
     return msg
 
 
@@ -95,6 +108,11 @@ def test_20000_matches_arrive_bit_exact_in_another_process(ros_env):
     assert {k: getattr(msg, k) for k in SIZES} == SIZES
     assert {k: getattr(msg, k) for k in TIMINGS} == TIMINGS
     assert {k: getattr(msg, k) for k in STRINGS} == STRINGS
+    # the verdict: one flag per match in order, the matrix in float64 bit for bit, name, count, time
+    inliers = expected_inliers()
+    assert len(msg.inliers) == N_MATCHES and np.array_equal(np.asarray(msg.inliers, bool), inliers)
+    assert np.asarray(msg.geometry_matrix, np.float64).tobytes() == GEOMETRY_MATRIX.tobytes()
+    assert {k: getattr(msg, k) for k in GEOMETRY} == {**GEOMETRY, "num_inliers": int(inliers.sum())}
     assert publisher.stop() == 0, publisher.log()
 
 

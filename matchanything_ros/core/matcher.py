@@ -14,17 +14,17 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+# the bundled model's names, also importable from here (the library's public names)
+from .bundled import DATA_DIR, DEMO_MODEL_NOTICE, resolve_eloftr_checkpoint  # noqa: F401
 from .errors import CheckpointError, ConfigError
 from .images import to_rgb_u8
 from .params import MATCHER_PARAM_NAMES, PARAMS_BY_NAME, default
 from .result import MatchResult
 from .variants import pipeline_class
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-DEMO_ELOFTR_WEIGHTS = DATA_DIR / "demo_eloftr.safetensors"
-DEMO_ELOFTR_CONFIG = DATA_DIR / "demo_eloftr.json"
-# said by every output (CLI, PNG, node log, debug image) made with the bundled demo model
-DEMO_MODEL_NOTICE = "demo model (not MatchAnything's weights)"
+# settings of the geometric verification, which runs on the matches after the graphs (changed in place)
+GEOMETRY_PARAM_NAMES = frozenset({"geometry", "geometry_threshold_px", "geometry_confidence",
+                                  "geometry_max_iterations", "publish_inliers_only"})
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,11 @@ class MatcherConfig:
     sample_seed: int = default("sample_seed")
     num_samples: int = default("num_samples")
     roma_webui_resize: bool = default("roma_webui_resize")
+    geometry: str = default("geometry")
+    geometry_threshold_px: float = default("geometry_threshold_px")
+    geometry_confidence: float = default("geometry_confidence")
+    geometry_max_iterations: int = default("geometry_max_iterations")
+    publish_inliers_only: bool = default("publish_inliers_only")
     model_file_path: str = default("model_file_path")
     engine_file_path: str = default("engine_file_path")
     force_engine_update: bool = default("force_engine_update")
@@ -57,10 +62,13 @@ class MatcherConfig:
     engine_max_size: int = default("engine_max_size")
     engine_max_matches: int = default("engine_max_matches")
     timing_cache_path: str = default("timing_cache_path")
+    # how the variant runs (eloftr.options.EloftrOptions; None: its defaults): speed forms, not a parameter
+    options: Any = dataclasses.field(default=None, compare=True)
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            object.__setattr__(self, f.name, PARAMS_BY_NAME[f.name].validate(getattr(self, f.name)))
+            if f.name in PARAMS_BY_NAME:
+                object.__setattr__(self, f.name, PARAMS_BY_NAME[f.name].validate(getattr(self, f.name)))
         if (self.force_resize_width == 0) != (self.force_resize_height == 0):
             raise ConfigError("force_resize_width and force_resize_height must both be set (or both 0)")
 
@@ -74,34 +82,13 @@ class MatcherConfig:
         return cls(**{k: v for k, v in params.items() if k in names})
 
     def to_params(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The parameter values (core/params.py names; not `options`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in PARAMS_BY_NAME}
 
 
 def matcher_param_names() -> set[str]:
     """Names of the parameters MatcherConfig must hold (test/test_cli_match.py checks they agree)."""
     return set(MATCHER_PARAM_NAMES)
-
-
-def resolve_eloftr_checkpoint(checkpoint_path: str) -> tuple[Path, Any, bool]:
-    """-> (weights path, EloftrConfig, is_demo). Empty path = the bundled demo model.
-
-    A `<name>.json` beside the weights holds EloftrConfig fields (a reduced model); without it the
-    released model's configuration is used.
-    """
-    from .eloftr.config import EloftrConfig
-
-    if not checkpoint_path:
-        if not DEMO_ELOFTR_WEIGHTS.is_file() or not DEMO_ELOFTR_CONFIG.is_file():
-            raise CheckpointError(
-                f"no checkpoint_path given and the bundled demo model is missing ({DEMO_ELOFTR_WEIGHTS}, "
-                f"{DEMO_ELOFTR_CONFIG.name}); pass the released matchanything_eloftr.ckpt"
-            )
-        return DEMO_ELOFTR_WEIGHTS, EloftrConfig.from_json(DEMO_ELOFTR_CONFIG), True
-    path = Path(checkpoint_path).expanduser()
-    sidecar = path.with_suffix(".json")
-    cfg = EloftrConfig.from_json(sidecar) if sidecar.is_file() else EloftrConfig()
-    is_demo = path.resolve() == DEMO_ELOFTR_WEIGHTS.resolve()
-    return path, cfg, is_demo
 
 
 def run_pipeline(pipeline: Any, backend: Any, image0: np.ndarray, image1: np.ndarray) -> MatchResult:
@@ -128,7 +115,7 @@ class Matcher:
         if self.config.variant == "eloftr":
             path, model_config, self.is_demo_model = resolve_eloftr_checkpoint(self.config.checkpoint_path)
             params["checkpoint_path"] = str(path)
-            self.pipeline = cls(params, model_config)
+            self.pipeline = cls(params, model_config, options=self.config.options)
         else:
             if not self.config.checkpoint_path:
                 raise CheckpointError(f"variant {self.config.variant} needs checkpoint_path (no bundled demo model)")
@@ -137,12 +124,60 @@ class Matcher:
         if not Path(self.checkpoint).is_file():
             raise CheckpointError(f"checkpoint file not found: {self.checkpoint}")
         self._sha256: str | None = None
+        self._torch_verifier: Any = None  # geometry_torch.TorchVerifier, made on first use (CUDA + torch only)
         choice = choose_backend(params, self.pipeline)
         self.backend = choice.backend
         self.tensorrt_skipped = choice.tensorrt_skipped  # why backend=auto did not take TensorRT
 
-    def match(self, image0: np.ndarray, image1: np.ndarray) -> MatchResult:
-        return run_pipeline(self.pipeline, self.backend, image0, image1)
+    def match(self, image0: np.ndarray, image1: np.ndarray, K0: np.ndarray | None = None,
+              K1: np.ndarray | None = None) -> MatchResult:
+        """Match the pair; with `geometry` set, verify the matches too (K0/K1: 3x3 intrinsics of image0/image1,
+        needed by `essential` only; without them the result says so, with no model)."""
+        result = run_pipeline(self.pipeline, self.backend, image0, image1)
+        if self.config.geometry != "none":
+            result = self.verify(result, K0, K1)
+        return result
+
+    def verify(self, result: MatchResult, K0: np.ndarray | None = None, K1: np.ndarray | None = None) -> MatchResult:
+        """Geometric verification of `result` (result.geometry, timings_ms["verify"]); with publish_inliers_only,
+        the result keeps only the inliers. On CUDA with the torch backend the batched torch verifier runs on
+        the device; elsewhere OpenCV's USAC MAGSAC on the host."""
+        from .geometry import GeometryOptions, verify
+
+        c = self.config
+        options = GeometryOptions(c.geometry, c.geometry_threshold_px, c.geometry_confidence,
+                                  c.geometry_max_iterations, K0=K0, K1=K1)
+        t0 = time.perf_counter()
+        if self.backend.name == "torch" and str(self.backend.device).startswith("cuda"):
+            if self._torch_verifier is None:
+                from .geometry_torch import TorchVerifier, hypotheses_for
+
+                self._torch_verifier = TorchVerifier(self.backend.device, hypotheses_for(c.geometry_max_iterations))
+            result.geometry = self._torch_verifier.verify(result.keypoints0, result.keypoints1, options)
+        else:
+            result.geometry = verify(result.keypoints0, result.keypoints1, options)
+        result.timings_ms["verify"] = (time.perf_counter() - t0) * 1e3
+        return result.only_inliers() if c.publish_inliers_only else result
+
+    def update(self, config: MatcherConfig) -> bool:
+        """Take `config` in place when it differs from this matcher's only in settings the running graphs take
+        as inputs (today: the ELoFTR threshold; no recompile, no re-capture, no reload) -> True. False: a
+        matcher must be built for it (the caller does; this one is unchanged)."""
+        if config.options != self.config.options:
+            return False  # other forms of the network
+        changed = {k for k, v in config.to_params().items() if getattr(self.config, k) != v}
+        if not changed:
+            return True
+        if changed <= GEOMETRY_PARAM_NAMES:  # verification runs after the graphs: nothing to rebuild
+            self.config, self._torch_verifier = config, None
+            return True
+        set_threshold = getattr(self.pipeline, "set_threshold", None)
+        if changed != {"threshold"} or set_threshold is None:
+            return False
+        if not set_threshold(config.threshold, getattr(self.backend, "graphs", {})):
+            return False
+        self.config = config
+        return True
 
     @property
     def info(self) -> dict[str, Any]:
@@ -161,7 +196,15 @@ class Matcher:
             "force_resize_height": c.force_resize_height, "coarse_res": c.coarse_res,
             "upsample_res": c.upsample_res, "threshold": c.threshold, "package_version": __version__,
             "tensorrt_skipped": self.tensorrt_skipped,
+            # torch.compile parts that run uncompiled (slower: a compiler failure or its recompile limit)
+            "compile_fallbacks": "; ".join(self._compile_fallbacks()),
         }
+
+    def _compile_fallbacks(self) -> list[str]:
+        from .eloftr.model import compile_fallbacks  # torch backend only: other backends hold no modules
+
+        graphs = getattr(self.backend, "graphs", None)
+        return [f for g in graphs.values() for f in compile_fallbacks(g)] if isinstance(graphs, dict) else []
 
     def close(self) -> None:
         self.backend.close()

@@ -19,6 +19,7 @@ PRESETS = ("robot", "hf_space")
 SAMPLE_MODES = ("balanced", "topk")
 SYNC_MODES = ("stereo", "sequential")
 IMAGE_TRANSPORTS = ("raw", "compressed")
+GEOMETRY_MODELS = ("none", "homography", "fundamental", "essential")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class ParamSpec:
     choices: tuple[Any, ...] | None = None
     min: float | None = None
     max: float | None = None
+    # the minimum itself is refused (a range (min, max]); `why_not_min` says what that value would cost
+    min_exclusive: bool = False
+    why_not_min: str = ""
     # "matcher" (library+CLI+node) | "node" (ROS only) | "engine" (which files run) | "build" (the engine
     # profile and builder settings: they key the engine lookup too, so a Matcher takes them as well)
     group: str = "matcher"
@@ -70,7 +74,10 @@ class ParamSpec:
                 raise ConfigError(f"{self.name}: expected a string, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise ConfigError(f"{self.name}: {value!r} is not one of {', '.join(map(str, self.choices))}")
-        if self.min is not None and value < self.min:
+        if self.min is not None and (value <= self.min if self.min_exclusive else value < self.min):
+            if self.min_exclusive:
+                raise ConfigError(f"{self.name}: {value} is not allowed, it must be above {self.min:g}"
+                                  + (f" ({self.why_not_min})" if self.why_not_min else ""))
             raise ConfigError(f"{self.name}: {value} is below the minimum {self.min}")
         if self.max is not None and value > self.max:
             raise ConfigError(f"{self.name}: {value} is above the maximum {self.max}")
@@ -88,8 +95,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     _P("device", "auto", "cpu, cuda, or auto (cuda when available)", choices=DEVICES),
     _P("precision", "fp32", "Network precision; fp16 keeps softmax/similarity/GP in fp32", choices=PRECISIONS),
     _P("threshold", 0.1, "Match confidence threshold (ELoFTR: dual-softmax coarse confidence; "
-       "RoMa: unused, as in the web UI; its sampler keeps the original fixed 0.05). 0.1 is the HF web UI default",
-       min=0.0, max=1.0),
+       "RoMa: unused, as in the web UI; its sampler keeps the original fixed 0.05). 0.1 is the HF web UI default; "
+       "a frame with more than engine_max_matches passing keeps the most confident ones",
+       min=0.0, max=1.0, min_exclusive=True,
+       why_not_min="at 0 every pair of coarse cells passes: millions of matches and gigabytes a frame"),
     # --- ELoFTR preprocessing ----------------------------------------------------------------
     _P("preset", "robot", "Preprocessing preset: robot (aspect kept, longest side <= resize_max) or "
        "hf_space (force 640x480, the web UI, bit-exact)", choices=PRESETS),
@@ -105,6 +114,21 @@ PARAMS: tuple[ParamSpec, ...] = (
     _P("num_samples", 5000, "RoMa number of sparse matches", min=1, max=100000),
     _P("roma_webui_resize", True, "RoMa: apply the web UI's 640x480 stage before the model "
        "(false = feed original images, as the fixtures do)"),
+    # --- geometric verification -----------------------------------------------------------------
+    _P("geometry", "none", "Robust model fitted to each pair's matches, whose inliers are flagged: none (off: the "
+       "matches as before), homography (planar scene or pure rotation), fundamental (uncalibrated epipolar "
+       "geometry) or essential (calibrated; needs both cameras' intrinsics: the node's camera_info0/1, the CLI's "
+       "--intrinsics). OpenCV USAC MAGSAC on the CPU, a batched verifier on the GPU with the torch backend",
+       choices=GEOMETRY_MODELS),
+    _P("geometry_threshold_px", 1.0, "Inlier threshold in pixels: transfer error (homography) or Sampson distance "
+       "(fundamental, essential)", min=0.0, max=100.0, min_exclusive=True,
+       why_not_min="no match is ever within 0 px of a model"),
+    _P("geometry_confidence", 0.999, "Probability that the robust fit finds the model (sets how long it samples)",
+       min=0.0, max=1.0, min_exclusive=True, why_not_min="a fit that need not succeed samples nothing"),
+    _P("geometry_max_iterations", 10000, "Most minimal samples the robust fit tries (OpenCV; the GPU verifier "
+       "solves min(this, 8192) in one batch)", min=1, max=1_000_000),
+    _P("publish_inliers_only", False, "Keep only the inliers of the fitted model in the output (messages, JSON, "
+       "drawings); a pair where no model is found then has no matches. No effect with geometry none"),
     # --- engines -------------------------------------------------------------------------------
     _P("model_file_path", "", "ONNX model for onnxruntime/tensorrt (empty = derived from the cache key)",
        group="engine"),

@@ -8,6 +8,7 @@ converts the images, matches and publishes. The executor is never blocked by inf
 from __future__ import annotations
 
 import array
+import logging
 import os
 import signal
 import sys
@@ -30,13 +31,14 @@ from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.signals import SignalHandlerOptions
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from ..core.errors import ConfigError, InputImageError, MatchAnythingError
 from ..core.params import MATCHER_PARAM_NAMES, PARAMS, PARAMS_BY_NAME, ParamSpec
 from .dds_profile import profile_in_effect
 from .image_conv import (array_to_image_msg, check_compressed_msg, check_image_msg, compressed_msg_to_array,
                          image_msg_to_array, to_rgb)
+from .intrinsics import IntrinsicsStore
 from .message_fields import MATCH_ARRAY_FIELDS, keypoint_matches_fields, matcher_info_fields
 from .sync import (NS_PER_S, SYNC_PARAMS, StampOrderError, SyncedPair, format_stamp, make_synchronizer,
                    stamp_to_ns)
@@ -59,7 +61,9 @@ SHUTDOWN_JOIN_S = 1.0  # how long shutdown waits for an inference in progress be
 WARN_COUNTERS = (("bad_inputs", "bad input images"), ("pairs_rejected", "pairs that failed to decode"),
                  ("pairs_stale", "stale pairs"), ("pairs_dropped", "pairs dropped (the matcher is slower than "
                                                                      "the input)"),
-                 ("match_errors", "matching errors"), ("pairs_without_matcher", "pairs without a matcher"))
+                 ("match_errors", "matching errors"), ("pairs_without_matcher", "pairs without a matcher"),
+                 ("camera_info_missing", "pairs without camera_info (geometry essential)"),
+                 ("camera_info_inconsistent", "pairs whose camera_info does not fit the image"))
 
 
 def parameter_descriptor(spec: ParamSpec) -> ParameterDescriptor:
@@ -81,6 +85,48 @@ def matcher_config(params: dict[str, Any]) -> Any:
     return MatcherConfig.from_params({k: params[k] for k in MATCHER_PARAMS})
 
 
+LOG_LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
+# Python loggers whose records the node logs through its ROS logger: the matcher core's, and Python warnings.
+BRIDGED_LOGGERS = ("matchanything_ros", "py.warnings")
+
+
+class PythonLogBridge(logging.Handler):
+    """Python logging records of the matcher core (e.g. "backend auto: not using TensorRT ...") -> the
+    node's ROS logger: the ROS log format, /rosout and the node's log level, instead of bare lines on
+    stderr. Warnings and errors with the same text template repeat at most once per LOG_REPEAT_S, like
+    the node's own (a per-frame warning of the core would otherwise flood the log at the input rate)."""
+
+    def __init__(self, node: "MatcherNode") -> None:
+        super().__init__(logging.DEBUG)
+        self.node = node
+        self._saved: list[tuple[logging.Logger, int]] = []
+        # ROS severities have Python's numbers (DEBUG 10 ... ERROR 40): --log-level applies to both
+        ros_level = int(node.get_logger().get_effective_level()) or logging.INFO
+        for name in BRIDGED_LOGGERS:
+            logger = logging.getLogger(name)
+            self._saved.append((logger, logger.level))
+            if logger.level == logging.NOTSET:
+                logger.setLevel(ros_level)
+            logger.addHandler(self)
+        logging.captureWarnings(True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if record.levelno >= logging.WARNING and self.node._recently_logged(f"py:{record.name}:{record.msg}"):
+                return
+            self.node.log_at(record.levelno, self.format(record))
+        except Exception:
+            self.handleError(record)  # logging never raises into the code that logged
+
+    def close(self) -> None:
+        for logger, level in self._saved:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+        self._saved = []
+        logging.captureWarnings(False)
+        super().close()
+
+
 @dataclass
 class WorkItem:
     pair: SyncedPair[Any]  # sensor_msgs Image or CompressedImage (image_transport)
@@ -95,13 +141,27 @@ class Counters:
     # (+ at most one waiting and one in inference).
     NAMES = ("image0_received", "image1_received", "pairs_synchronized", "pairs_matched", "pairs_dropped",
              "pairs_stale", "pairs_rejected", "sync_failures", "bad_inputs", "match_errors",
-             "pairs_without_matcher", "debug_images_built", "matcher_builds", "clock_jumps_back")
+             "pairs_without_matcher", "debug_images_built", "matcher_builds", "clock_jumps_back",
+             # geometric verification: pairs with a model / without one (any reason), and why not for essential
+             "pairs_verified", "verification_failures", "camera_info_missing", "camera_info_inconsistent")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.values = dict.fromkeys(self.NAMES, 0)
         self.timings: deque[tuple[float, float, float]] = deque()  # (monotonic s, latency ms, inference ms)
         self.last_timing: tuple[float, float] | None = None
+        self.verdicts: deque[tuple[float, int, int]] = deque()  # (monotonic s, inliers, matches) of verified pairs
+
+    def add_verdict(self, num_inliers: int, num_matches: int) -> None:
+        with self.lock:
+            self.verdicts.append((time.monotonic(), num_inliers, num_matches))
+
+    def verdicts_since(self, since: float) -> list[tuple[float, int, int]]:
+        """Verified pairs after monotonic time `since` (older ones are forgotten)."""
+        with self.lock:
+            while self.verdicts and self.verdicts[0][0] <= since - DIAG_WINDOW_S:
+                self.verdicts.popleft()
+            return [v for v in self.verdicts if v[0] > since]
 
     def add(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -126,6 +186,7 @@ class MatcherNode(Node):
         super().__init__(NODE_NAME, **kwargs)
         self._log_times: dict[str, float] = {}
         self._log_lock = threading.Lock()
+        self._python_log_bridge = PythonLogBridge(self)  # the core's Python logging -> this node's ROS logger
         self.counters = Counters()
         self.add_on_set_parameters_callback(self._validate_parameters)
         for spec in PARAMS:
@@ -143,6 +204,7 @@ class MatcherNode(Node):
         self.matcher_error = ""
         self.matcher_info: dict[str, Any] = {}
         self.last_error = ""
+        self._last_verification_failure = ""  # why the last pair without a model has none
 
         qos_override = QoSOverridingOptions.with_default_policies()
         self.matches_pub = self.create_publisher(
@@ -160,11 +222,19 @@ class MatcherNode(Node):
             self.create_subscription(input_type, topic, lambda m, i=i: self._on_image(i, m), qos_profile_sensor_data,
                                      qos_overriding_options=qos_override)
             for i, topic in enumerate(self.input_topics)]
+        # intrinsics for geometry essential: camera_info0 (image0's camera), camera_info1 (image1's; stereo only)
+        self.intrinsics = IntrinsicsStore([self.resolve_topic_name(f"camera_info{i}")
+                                           for i in range(len(self.input_topics))])
+        self.camera_info_subscriptions = [
+            self.create_subscription(CameraInfo, topic, lambda m, i=i: self._on_camera_info(i, m),
+                                     qos_profile_sensor_data)
+            for i, topic in enumerate(self.intrinsics.topics)]
         self.add_post_set_parameters_callback(self._apply_parameters)
 
         self.worker: MatcherWorker[WorkItem] = MatcherWorker(
             build=self._build_matcher, process=self._process, on_state=self._on_matcher_state,
-            on_error=self._on_worker_error, on_unprocessed=self._on_unprocessed)
+            on_error=self._on_worker_error, on_unprocessed=self._on_unprocessed,
+            update=lambda matcher, params: matcher.update(matcher_config(params)))
         self.worker.start(dict(self.params))
 
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
@@ -193,13 +263,39 @@ class MatcherNode(Node):
 
     # ------------------------------------------------------------------ logging
     def _warn(self, key: str, text: str, level: str = "warning") -> None:
-        """Log `text`, but the same `key` at most once per LOG_REPEAT_S (bad input can arrive at 30 Hz)."""
+        """Log `text` at `level` ("error", "warning", "info"), but the same `key` at most once per
+        LOG_REPEAT_S (bad input can arrive at 30 Hz)."""
+        if not self._recently_logged(key):
+            self.log_at(LOG_LEVELS.get(level, logging.WARNING), text)
+
+    def _recently_logged(self, key: str) -> bool:
+        """True when `key` was logged less than LOG_REPEAT_S ago; else remember now and return False."""
         now = time.monotonic()
         with self._log_lock:
             if now - self._log_times.get(key, -1e9) < LOG_REPEAT_S:
-                return
+                return True
             self._log_times[key] = now
-        getattr(self.get_logger(), level)(text)
+            return False
+
+    def log_at(self, level: int, text: str) -> None:
+        """Log `text` through the node's ROS logger at a Python logging level.
+
+        rclpy binds each line that calls its logger to the first severity logged there and raises
+        ValueError ("Logger severity cannot be changed between calls") on another one, so each
+        severity has its own call below: never one call with a severity chosen at run time."""
+        logger = self.get_logger()
+        if level >= logging.ERROR:
+            logger.error(text)
+        elif level >= logging.WARNING:
+            logger.warning(text)
+        elif level >= logging.INFO:
+            logger.info(text)
+        else:
+            logger.debug(text)
+
+    def destroy_node(self) -> None:
+        self._python_log_bridge.close()
+        super().destroy_node()
 
     def sync_policy(self) -> str:
         if self.params["mode"] == "sequential":
@@ -385,13 +481,15 @@ class MatcherNode(Node):
                        f"image0 is {w0}x{h0} but image1 is {w1}x{h1}: matching images of different sizes "
                        "(keypoints are in each image's own pixels)")
         convert_ms = (time.perf_counter() - t0) * 1e3
+        K0, K1, no_intrinsics = self._intrinsics_for(matcher, pair, img0, img1)
         try:
-            result = matcher.match(img0, img1)
+            result = matcher.match(img0, img1, K0, K1)
         except InputImageError as exc:
             self.counters.add("pairs_rejected")
             self.last_error = str(exc)
             self._warn(f"bad:{exc}", f"pair stamped {format_stamp(pair.stamp0)} skipped: {exc}")
             return
+        self._account_verdict(result, no_intrinsics)
         out = self._matches_msg(pair, img0, img1, result, convert_ms)
         self.matches_pub.publish(out)
         now = self._now_ns()
@@ -401,6 +499,42 @@ class MatcherNode(Node):
         if self.debug_pub.get_subscription_count() > 0:
             self._publish_debug(pair, img0, img1, result)
 
+    def _on_camera_info(self, index: int, msg: Any) -> None:
+        self.intrinsics.add(index, stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec), list(msg.k),
+                            msg.width, msg.height)
+
+    def _intrinsics_for(self, matcher: Any, pair: SyncedPair[Any], img0: np.ndarray,
+                        img1: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+        """(K0, K1, why not) for geometry essential: each image's camera_info (sequential mode: both frames are
+        image0's camera). A missing or unfitting one is counted and logged; the pair is still published,
+        with no model and the reason in the message."""
+        if matcher.config.geometry != "essential":
+            return None, None, ""
+        second = 1 if self.params["mode"] == "stereo" else 0
+        lookups = [self.intrinsics.lookup(0, pair.stamp0, img0.shape[1], img0.shape[0]),
+                   self.intrinsics.lookup(second, pair.stamp1, img1.shape[1], img1.shape[0])]
+        problems = [lk for lk in lookups if lk.K is None]
+        for lk in problems[:1]:  # one count per pair
+            self.counters.add(lk.code)
+            self.last_error = lk.reason
+            self._warn(f"camera_info:{lk.reason}", f"pair stamped {format_stamp(pair.stamp0)}: {lk.reason}")
+        return lookups[0].K, lookups[1].K, problems[0].reason if problems else ""
+
+    def _account_verdict(self, result: Any, no_intrinsics: str) -> None:
+        """Count the geometric verification's verdict (diagnostics: inlier ratio, failures and why)."""
+        geometry = result.geometry
+        if geometry is None:
+            return
+        if no_intrinsics and not geometry.found:
+            geometry.reason = no_intrinsics  # the node knows better than "K0 is missing": which topic, what is wrong
+        if geometry.found:
+            self.counters.add("pairs_verified")
+            # with publish_inliers_only the result holds the inliers alone: the ratio is of the matches verified
+            self.counters.add_verdict(geometry.num_inliers, geometry.extras.get("num_matches", len(geometry.inliers)))
+        else:
+            self.counters.add("verification_failures")
+            self._last_verification_failure = geometry.reason
+
     def _matches_msg(self, pair: SyncedPair[Any], img0: np.ndarray, img1: np.ndarray, result: Any,
                      convert_ms: float) -> Any:
         return build_matches_msg(self.matches_pub.msg_type, pair.msg0.header, pair.msg1.header, img0.shape, img1.shape,
@@ -409,8 +543,10 @@ class MatcherNode(Node):
     def _publish_debug(self, pair: SyncedPair[Any], img0: np.ndarray, img1: np.ndarray, result: Any) -> None:
         from ..core.viz import draw_matches
 
+        geometry = result.geometry  # with geometric verification: inliers and outliers in two colours
         canvas = draw_matches(to_rgb(img0), to_rgb(img1), result.keypoints0, result.keypoints1, result.confidence,
-                              demo_model=bool(self.matcher_info.get("is_demo_model")))
+                              demo_model=bool(self.matcher_info.get("is_demo_model")), inliers=result.inliers,
+                              labels=(f"{geometry.model} inliers" if geometry else "inliers", "outliers"))
         self.debug_pub.publish(array_to_image_msg(canvas, pair.msg0.header))
         self.counters.add("debug_images_built")
 
@@ -448,6 +584,7 @@ class MatcherNode(Node):
         if self.counters.last_timing is not None:
             fields += [("latency_ms_last", f"{self.counters.last_timing[0]:.1f}"),
                        ("inference_ms_last", f"{self.counters.last_timing[1]:.1f}")]
+        fields += self._geometry_diagnostics(then, window)
         fields += [
             ("worker_busy", self.worker.busy),
             ("matcher_state", self.matcher_state),
@@ -465,6 +602,20 @@ class MatcherNode(Node):
         diag = DiagnosticArray(status=[status])
         diag.header.stamp = self.get_clock().now().to_msg()
         self.diag_pub.publish(diag)
+
+    def _geometry_diagnostics(self, since: float, window: float) -> list[tuple[str, Any]]:
+        """The verification's share of inliers over the window (mean of the pairs' ratios) and the last one."""
+        geometry = self.params["geometry"]
+        if geometry == "none":
+            return [("geometry", geometry)]
+        fields: list[tuple[str, Any]] = [("geometry", geometry)]
+        ratios = [inliers / max(matches, 1) for _t, inliers, matches in self.counters.verdicts_since(since)]
+        if ratios:
+            fields += [("inlier_ratio_mean", f"{np.mean(ratios):.3f}"), ("inlier_ratio_last", f"{ratios[-1]:.3f}")]
+        else:
+            fields.append(("inlier_ratio", f"no pair verified in the last {window:.1f} s"))
+        fields.append(("last_verification_failure", self._last_verification_failure))
+        return fields
 
     def _hardware_id(self) -> str:
         """The device inference runs on (what the matcher reports once built, else the parameter)."""
@@ -505,6 +656,7 @@ def build_matches_msg(msg_type: Any, header0: Any, header1: Any, shape0: tuple[i
     fields = keypoint_matches_fields(shape0, shape1, result, info, timings)
     for name in MATCH_ARRAY_FIELDS:  # rclpy takes array.array for float32[] without a per-element loop
         fields[name] = float32_sequence(fields[name])
+    fields["inliers"] = fields["inliers"].tolist()  # rclpy's bool[] takes Python bools only
     return msg_type(header=header0, image1_stamp=header1.stamp, image1_frame_id=header1.frame_id, **fields)
 
 
@@ -515,13 +667,15 @@ def float32_sequence(values: np.ndarray) -> array.array:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, node_class: type[MatcherNode] = MatcherNode) -> int:
+    """Run the node until SIGINT/SIGTERM. `node_class`: a subclass of MatcherNode to run instead, with the
+    same start-up errors, signal handling and shutdown (the fault-injection test runs one)."""
     # Our own SIGINT/SIGTERM handlers instead of rclpy's: rclpy's shut the context down at once, so the
     # worker's last publish and every log line after it failed with "publisher's context is invalid".
     # Here a signal only ends the spin loop; the worker is stopped while the context is still valid.
     rclpy.init(args=argv if argv is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     try:
-        node = MatcherNode()
+        node = node_class()
     except (InvalidParameterValueException, ParameterException, MatchAnythingError) as exc:
         hint = " (write floating-point parameters with a decimal point, e.g. 1.0)" if isinstance(
             exc, InvalidParameterTypeException) else ""

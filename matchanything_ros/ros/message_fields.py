@@ -28,7 +28,8 @@ def matcher_info_fields(info: dict[str, Any]) -> dict[str, Any]:
 def keypoint_matches_fields(shape0: tuple[int, ...], shape1: tuple[int, ...], result: Any, info: dict[str, Any],
                             timings_ms: dict[str, float]) -> dict[str, Any]:
     """KeypointMatches' fields except the two images' headers: sizes, flat float32 arrays (x, y
-    interleaved, original-image pixels), what ran, and the timings given (preprocess/inference/postprocess)."""
+    interleaved, original-image pixels), what ran, the timings given (preprocess/inference/postprocess)
+    and the geometric verification's verdict (`geometry_fields`)."""
     return {
         "image0_height": int(shape0[0]), "image0_width": int(shape0[1]),
         "image1_height": int(shape1[0]), "image1_width": int(shape1[1]),
@@ -37,4 +38,19 @@ def keypoint_matches_fields(shape0: tuple[int, ...], shape1: tuple[int, ...], re
         "backend": str(info.get("backend", "")),
         "precision": str(info.get("precision", "")),
         **{f"{k}_ms": float(timings_ms.get(k, 0.0)) for k in ("preprocess", "inference", "postprocess")},
+        **geometry_fields(getattr(result, "geometry", None), timings_ms),
+    }
+
+
+def geometry_fields(geometry: Any, timings_ms: dict[str, float]) -> dict[str, Any]:
+    """KeypointMatches' verification fields from a core.geometry.GeometryResult (None: geometry none).
+    `inliers` is a bool array (rclpy's bool[] takes a list: the node converts it)."""
+    if geometry is None:
+        return {"geometry_model": "", "geometry_matrix": np.zeros(9), "inliers": np.zeros(0, bool),
+                "num_inliers": 0, "geometry_reason": "", "verify_ms": 0.0}
+    matrix = np.zeros(9) if geometry.matrix is None else np.asarray(geometry.matrix, np.float64).reshape(9)
+    return {
+        "geometry_model": str(geometry.model), "geometry_matrix": np.ascontiguousarray(matrix),
+        "inliers": np.asarray(geometry.inliers, bool).reshape(-1), "num_inliers": int(geometry.num_inliers),
+        "geometry_reason": str(geometry.reason), "verify_ms": float(timings_ms.get("verify", 0.0)),
     }
