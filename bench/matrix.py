@@ -117,8 +117,10 @@ def worker(args: argparse.Namespace, model: str, precision: str) -> dict[str, An
             first = time.perf_counter()
             matcher.match(*pair)
             first_frame_s = time.perf_counter() - first
-            for thr in thresholds:
-                config = MatcherConfig(**base, threshold=thr)
+            # every threshold, then the default one with geometric verification (its `verify` stage: the pair is a
+            # planar scene, so a homography)
+            for thr, geometry in [(t, "none") for t in thresholds] + [(0.1, "homography")]:
+                config = MatcherConfig(**base, threshold=thr, geometry=geometry)
                 in_place = matcher.update(config)
                 if not in_place:  # the CPU's host path across 1/(K+1): another coarse graph
                     matcher.close()
@@ -126,12 +128,13 @@ def worker(args: argparse.Namespace, model: str, precision: str) -> dict[str, An
                 cell = timed(matcher, pair, args.runs, args.warmup)
                 cell["in_place"] = in_place
                 kp = cell.pop("_kp")
-                if thr == 0.1:
+                if thr == 0.1 and geometry == "none":
                     keypoints[size] = kp
-                cells.append({"size": size, "threshold": thr, **cell, "build_s": first - t0,
+                cells.append({"size": size, "threshold": thr, "geometry": geometry, **cell, "build_s": first - t0,
                               "first_frame_s": first_frame_s,
                               "compile_fallbacks": matcher.info.get("compile_fallbacks", "")})
-                print(f"{model:5s} {precision} {size:>9s} thr {thr:<5} {cell['median_ms']:8.2f} ms "
+                print(f"{model:5s} {precision} {size:>9s} thr {thr:<5}{' H' if geometry != 'none' else ''} "
+                      f"{cell['median_ms']:8.2f} ms (verify {cell['stages_ms'].get('verify', 0):.2f}) "
                       f"(p90 {cell['p90_ms']:.2f}, cpu {cell['host_cpu_ms']:.2f}, pre "
                       f"{cell['stages_ms']['preprocess']:.2f}) {cell['matches']:6d} matches"
                       f"{' CAPPED' if cell['capped'] else ''} peak {cell['peak_mib'] or 0:.0f} MiB", flush=True)
