@@ -34,6 +34,7 @@ PARAMETER_ARGUMENTS: dict[str, str] = {
     "model_file_path": "model_file_path",
     "precision": "precision",
     "geometry": "geometry",
+    "mode": "mode",
     "use_sim_time": "use_sim_time",
 }
 # launch argument -> the node's topic it remaps (default = the topic name itself)
@@ -57,6 +58,8 @@ ARGUMENT_HELP: dict[str, str] = {
     "engine_file_path": "TensorRT engine file (empty: params file)",
     "model_file_path": "ONNX model file (empty: params file)",
     "precision": "fp32 | fp16: an fp16 engine or export needs fp16 (empty: params file)",
+    "mode": "stereo (image0 with image1 by stamp) | sequential (each image0 frame with the previous: visual "
+            "odometry) (empty: params file)",
     "geometry": "verified matches: none | homography | fundamental | essential (essential reads camera_info0/1; "
                 "empty: params file)",
     "use_sim_time": "true when replaying a bag with --clock (empty: params file, else false)",
