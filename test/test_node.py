@@ -126,6 +126,22 @@ def test_threshold_reconfiguration_republishes_matcher_info(module_ros_env, prob
         probe.spin_until(lambda: inbox[-1].threshold == pytest.approx(0.001), 30, "MatcherInfo back at 0.001")
 
 
+def test_a_frame_over_the_cap_is_said_in_the_message_and_the_diagnostics(client, io):
+    client.set_ok(engine_max_matches=5)  # a rebuild (the cap is no live input); thresholds stay as they were
+    try:
+        client.wait_diagnostics(lambda v: v["matcher_state"] == "ready")
+        msg = io.pairs_until_matched()
+        _, _, conf = keypoints(msg)
+        assert msg.matches_capped and msg.matches_before_cap > 5 >= len(conf) > 0, (msg.matches_before_cap, len(conf))
+        values = client.wait_diagnostics(lambda v: int(v["frames_capped"]) >= 1)
+        assert values["_level"] == 1 and "frames over engine_max_matches" in values["_message"], values
+    finally:
+        client.set_ok(engine_max_matches=20000)
+        client.wait_diagnostics(lambda v: v["matcher_state"] == "ready")
+    msg = io.pairs_until_matched()
+    assert not msg.matches_capped and msg.matches_before_cap == len(keypoints(msg)[2])
+
+
 def test_diagnostics_report_rates_counters_and_backend(client, probe, io):
     io.pairs_until_matched()
     # means are over the diagnostics window: present while pairs are matched in it (levels: test_node_lifecycle)

@@ -63,7 +63,9 @@ WARN_COUNTERS = (("bad_inputs", "bad input images"), ("pairs_rejected", "pairs t
                                                                      "the input)"),
                  ("match_errors", "matching errors"), ("pairs_without_matcher", "pairs without a matcher"),
                  ("camera_info_missing", "pairs without camera_info (geometry essential)"),
-                 ("camera_info_inconsistent", "pairs whose camera_info does not fit the image"))
+                 ("camera_info_inconsistent", "pairs whose camera_info does not fit the image"),
+                 ("frames_capped", "frames over engine_max_matches (the most confident kept; raise the threshold "
+                                   "or the cap)"))
 
 
 def parameter_descriptor(spec: ParamSpec) -> ParameterDescriptor:
@@ -143,7 +145,9 @@ class Counters:
              "pairs_stale", "pairs_rejected", "sync_failures", "bad_inputs", "match_errors",
              "pairs_without_matcher", "debug_images_built", "matcher_builds", "clock_jumps_back",
              # geometric verification: pairs with a model / without one (any reason), and why not for essential
-             "pairs_verified", "verification_failures", "camera_info_missing", "camera_info_inconsistent")
+             "pairs_verified", "verification_failures", "camera_info_missing", "camera_info_inconsistent",
+             # frames whose passing matches exceeded the cap (only the most confident published)
+             "frames_capped")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -495,6 +499,8 @@ class MatcherNode(Node):
         now = self._now_ns()
         inference_ms = float(result.timings_ms.get("inference", float("nan")))
         self.counters.add("pairs_matched")
+        if result.extras.get("matches_capped"):
+            self.counters.add("frames_capped")
         self.counters.add_timing((now - pair.stamp0) / 1e6, inference_ms)
         if self.debug_pub.get_subscription_count() > 0:
             self._publish_debug(pair, img0, img1, result)

@@ -38,6 +38,8 @@ def keypoint_matches_fields(shape0: tuple[int, ...], shape1: tuple[int, ...], re
         "backend": str(info.get("backend", "")),
         "precision": str(info.get("precision", "")),
         **{f"{k}_ms": float(timings_ms.get(k, 0.0)) for k in ("preprocess", "inference", "postprocess")},
+        "matches_capped": bool(result.extras.get("matches_capped", False)),
+        "matches_before_cap": int(result.extras.get("coarse_matches_total", len(result.confidence))),
         **geometry_fields(getattr(result, "geometry", None), timings_ms),
     }
 
