@@ -61,7 +61,8 @@ import cv2  # noqa: E402,F401
 
 # set by pytest itself, and by torch's inductor the first time it is used (it memoises its cache folder and
 # a pointer for its compiled C++ wrappers there)
-ENVIRON_OWNED_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
+ENVIRON_OWNED_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",
+                          "TRITON_CACHE_DIR"}
 
 
 def global_state() -> dict[str, Any]:

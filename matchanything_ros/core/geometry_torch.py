@@ -176,24 +176,21 @@ class Normalised:
     @staticmethod
     def _inverse(T: torch.Tensor) -> torch.Tensor:
         """The inverse of a normalising similarity [[s, 0, a], [0, s, b], [0, 0, 1]]."""
-        inverse = torch.zeros_like(T)
-        inverse[0, 0] = inverse[1, 1] = 1 / T[0, 0]
-        inverse[0, 2] = -T[0, 2] / T[0, 0]
-        inverse[1, 2] = -T[1, 2] / T[0, 0]
-        inverse[2, 2] = 1.0
-        return inverse
+        s = T[0, 0]
+        zero, one = torch.zeros_like(s), torch.ones_like(s)
+        # built from tensors (no Python scalar written into a device tensor: that copies from the host,
+        # which a CUDA-graph capture refuses)
+        return torch.stack([torch.stack([1 / s, zero, -T[0, 2] / s]), torch.stack([zero, 1 / s, -T[1, 2] / s]),
+                            torch.stack([zero, zero, one])])
 
     @staticmethod
     def _normalise(points: torch.Tensor, weight: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         centre = (points * weight).sum(0) / n
         spread = ((points - centre).norm(dim=1, keepdim=True) * weight).sum() / n
         scale = math.sqrt(2.0) / spread.clamp_min(torch.finfo(points.dtype).tiny)
-        T = torch.zeros(3, 3, dtype=points.dtype, device=points.device)
-        T[0, 0] = scale
-        T[1, 1] = scale
-        T[0, 2] = -scale * centre[0]
-        T[1, 2] = -scale * centre[1]
-        T[2, 2] = 1.0
+        zero, one = torch.zeros_like(scale), torch.ones_like(scale)
+        T = torch.stack([torch.stack([scale, zero, -scale * centre[0]]), torch.stack([zero, scale, -scale * centre[1]]),
+                         torch.stack([zero, zero, one])])
         return T, ((points - centre) * scale) * weight  # padding rows become 0 (finite)
 
 

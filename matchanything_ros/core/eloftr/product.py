@@ -10,6 +10,8 @@ row buckets. The threshold is a buffer the compiled and captured code read: `set
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
 from typing import Any, Iterator
 
@@ -21,6 +23,8 @@ from torch import nn
 from .model import (CompiledOrEager, EloftrFine, EloftrNet, _flat_cells, border_valid_cells,
                     dual_softmax_confidence, topk_candidates)
 from .options import PRODUCT_HEADS
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
 # The product graph: uint8 images in, padded matches out, one fixed-shape module per canvas
@@ -226,8 +230,8 @@ class EloftrProduct(nn.Module):
         # stage 1 on the device (preprocess.PreprocessSettings; None: the inputs are stage-2 images already,
         # as in the export): inputs are then the camera's images, resampled here as the host would
         self.stage1 = stage1
-        # the host's kernel for the antialiased step: fused multiply-adds where torch runs its AVX2/AVX-512 build
-        self.stage1_fma = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+        # whether the host's kernel for the antialiased step accumulates with fused multiply-adds (asked of it)
+        self.stage1_fma = host_aa_uses_fma() if stage1 is not None else False
         self._taps: dict[tuple[Any, ...], torch.Tensor] = {}  # stage-1 tables on the device, made before capture
         # the threshold is a buffer, read by the compiled and captured code as an input: a new threshold is
         # written in place (`set_threshold`) without recompiling or re-capturing anything
@@ -306,24 +310,8 @@ class EloftrProduct(nn.Module):
         return (x * 255.0).to(torch.uint8)  # truncation, as the host's astype(uint8)
 
     def _resample(self, x: torch.Tensor, taps: Any, dim: int, fma: bool) -> torch.Tensor:
-        if taps is None:
-            return x
-        key = (x.device, taps.index.shape, hash(taps.index.tobytes()), hash(taps.weight.tobytes()))
-        if key not in self._taps:  # (a capture's warm-up makes them: no copy from the host while capturing)
-            self._taps[key] = torch.from_numpy(taps.index).to(x.device)
-            self._taps[key + ("w",)] = torch.from_numpy(taps.weight).to(x.device)
-        index, weight = self._taps[key], self._taps[key + ("w",)]
-        shape = [1] * x.dim()
-        shape[dim] = -1
-        out = x.index_select(dim, index[:, 0]) * weight[:, 0].view(shape)
-        for t in range(1, index.shape[1]):
-            term = x.index_select(dim, index[:, t])
-            w = weight[:, t].view(shape)
-            if fma:  # one rounding of a*w + acc: exact product and sum in float64, then float32
-                out = (term.double() * w.double() + out.double()).float()
-            else:
-                out = out + term * w
-        return out
+        return replay_taps(x, taps, dim, fma, self._taps)
+
 
     def model_input(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [H,W,3] -> (image [1,1,S,S] float32 in [0,1], mask [1,S/8,S/8] bool), as preprocess.py."""
@@ -378,7 +366,12 @@ class EloftrProduct(nn.Module):
         return (h2, w2, *shape[2:])
 
     def cap_of(self, shape0: tuple[int, ...]) -> int:
-        """At most one row per image0 cell (and max_matches): a frame with more says so in its header."""
+        """The most matches a frame keeps (a frame with more says so in its header): max_matches for the
+        log-space mask head, which passes any number per image0 cell at low thresholds; for the top-K heads
+        (the CPU's, the export's) also at most one row per image0 cell, the export's fixed output size, whose
+        fine level runs on every row of it."""
+        if self._passing is not None:
+            return self.max_matches
         s = max(shape0[0], shape0[1]) // self.cfg.coarse_stride
         return min(self.max_matches, s * s)
 
@@ -442,6 +435,51 @@ class EloftrProduct(nn.Module):
         """The smallest row bucket that holds a frame's matches (header: front()'s count row)."""
         needed = min(int(header[0, 0]), cap)
         return next(r for r in self.row_buckets(cap) if r >= needed)
+
+
+def replay_taps(x: torch.Tensor, taps: Any, dim: int, fma: bool, cache: dict[tuple[Any, ...], torch.Tensor]
+                ) -> torch.Tensor:
+    """One axis of a separable resize (preprocess.Taps) on x's device: out = sum over t of x[index[:, t]] *
+    weight[:, t], accumulated in t order in float32, each step rounded once (`fma`) or twice (product, then
+    sum) as the host kernel does. `cache` holds the tables on the device (made before a capture)."""
+    if taps is None:
+        return x
+    key = (x.device, taps.index.shape, hash(taps.index.tobytes()), hash(taps.weight.tobytes()))
+    if key not in cache:  # (a capture's warm-up makes them: no copy from the host while capturing)
+        cache[key] = torch.from_numpy(taps.index).to(x.device)
+        cache[key + ("w",)] = torch.from_numpy(taps.weight).to(x.device)
+    index, weight = cache[key], cache[key + ("w",)]
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    out = x.index_select(dim, index[:, 0]) * weight[:, 0].view(shape)
+    for t in range(1, index.shape[1]):
+        term = x.index_select(dim, index[:, t])
+        w = weight[:, t].view(shape)
+        if fma:  # one rounding of a*w + acc: exact product and sum in float64, then float32
+            out = (term.double() * w.double() + out.double()).float()
+        else:
+            out = out + term * w
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def host_aa_uses_fma() -> bool:
+    """Whether this host's torch accumulates its antialiased resize with fused multiply-adds (its AVX2/AVX-512
+    kernels do, the generic ones do not; a torch build may differ): asked of the kernel itself, on a small
+    input whose two roundings differ, once per process."""
+    from .preprocess import _aa_bilinear_taps
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 97, 64, generator=g)
+    host = F.interpolate(x[None], size=(64, 64), mode="bilinear", align_corners=False, antialias=True)[0]
+    taps = _aa_bilinear_taps(97, 64)
+    cache: dict[tuple[Any, ...], torch.Tensor] = {}
+    if torch.equal(replay_taps(x, taps, 1, True, cache), host):
+        return True
+    if not torch.equal(replay_taps(x, taps, 1, False, cache), host):
+        log.warning("stage 1 on the device: neither accumulation reproduces this torch's antialiased resize; "
+                    "the device's stage-2 images may differ from the host's by one grey level at a few pixels")
+    return False
 
 
 @contextlib.contextmanager
