@@ -74,7 +74,8 @@ def test_the_smallest_thresholds_run_in_bounded_memory_on_the_cpu(tmp_path: Path
     code = ("import resource, sys; from matchanything_ros.cli import main; rc = main(sys.argv[1:]); "
             "print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, "match", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
-                           "--device", "cpu", "--threshold", "1e-30", "--engine-max-matches", "5000",
+                           "--device", "cpu", "--backend", "torch", "--threshold", "1e-30",
+                           "--engine-max-matches", "5000",
                            "--json", str(tmp_path / "m.json")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "m.json").read_text())

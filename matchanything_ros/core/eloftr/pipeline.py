@@ -172,8 +172,9 @@ class EloftrPipeline:
                 "coarse_matches_total": count, "matches_capped": count > cap}
 
     def postprocess(self, outputs: dict[str, Any], meta: EloftrMeta) -> MatchResult:
-        extras: dict[str, Any] = {"coarse_matches_total": outputs["coarse_matches_total"],
-                                  "matches_capped": outputs["matches_capped"]}
+        mconf = np.asarray(outputs["mconf"], np.float32)
+        extras: dict[str, Any] = {"coarse_matches_total": int(outputs.get("coarse_matches_total", mconf.size)),
+                                  "matches_capped": bool(outputs.get("matches_capped", False))}
         if self.product:
             extras["graph"] = "product"
         return MatchResult(
