@@ -84,7 +84,7 @@ def verdict(msg) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-de
     return inliers, np.asarray(msg.geometry_matrix, np.float64).reshape(3, 3)
 
 
-def test_essential_without_camera_info_is_a_counted_reason(io, client, node) -> None:  # type: ignore[no-untyped-def]
+def essential_without_camera_info_is_a_counted_reason(io, client, node) -> None:  # type: ignore[no-untyped-def]
     msg = io.pairs_until_matched()
     inliers, matrix = verdict(msg)
     assert msg.geometry_model == "essential" and len(inliers) > 10  # the matches are still published
@@ -97,7 +97,7 @@ def test_essential_without_camera_info_is_a_counted_reason(io, client, node) -> 
     assert "no camera_info received on /camera_info0" in node.log()
 
 
-def test_camera_info_for_another_image_size_is_a_counted_reason(io, client, node) -> None:  # type: ignore[no-untyped-def]
+def camera_info_for_another_image_size_is_a_counted_reason(io, client, node) -> None:  # type: ignore[no-untyped-def]
     io.infos = ((K_LEFT, 640, 480), (K_LEFT, WIDTH, HEIGHT))
     io.matches.clear()
     msg = io.pairs_until_matched()
@@ -107,7 +107,7 @@ def test_camera_info_for_another_image_size_is_a_counted_reason(io, client, node
     node.assert_running()
 
 
-def test_camera_info_gives_the_model_and_settings_change_live(io, client, node) -> None:  # type: ignore[no-untyped-def]
+def camera_info_gives_the_model_and_settings_change_live(io, client, node) -> None:  # type: ignore[no-untyped-def]
     io.infos = ((K_LEFT, WIDTH, HEIGHT), (K_LEFT, WIDTH, HEIGHT))
     io.matches.clear()
     msg = io.pairs_until_matched()
@@ -137,3 +137,11 @@ def test_camera_info_gives_the_model_and_settings_change_live(io, client, node) 
     msg = io.pairs_until_matched()
     assert (msg.geometry_model, len(msg.inliers), msg.num_inliers) == ("", 0, 0)
     node.assert_running()
+
+
+def test_camera_info_missing_then_wrong_then_right_and_settings_changed_live(io, client, node) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
+    """One node's story in order (the node keeps the newest camera_info, so the steps cannot run in any order):
+    no camera_info yet, then one for another image size, then the right one and live setting changes."""
+    essential_without_camera_info_is_a_counted_reason(io, client, node)
+    camera_info_for_another_image_size_is_a_counted_reason(io, client, node)
+    camera_info_gives_the_model_and_settings_change_live(io, client, node)
