@@ -147,8 +147,8 @@ class EloftrPipeline:
 
     def _say_capped(self, total: int, cap: int) -> None:
         log.warning("ELoFTR: %d coarse matches pass threshold %.4g, more than the cap of %d (engine_max_matches, "
-                    "or, for a top-K head, one per cell of image0): the most confident are kept (raise the threshold or "
-                    "engine_max_matches)", total, self.threshold, cap)
+                    "or, for a top-K head, one per cell of image0): the most confident are kept "
+                    "(raise the threshold or engine_max_matches)", total, self.threshold, cap)
 
     def _infer_product(self, backend: "Backend", inputs: dict[str, np.ndarray]) -> dict[str, Any]:
         from .product import PRODUCT_COLUMNS
