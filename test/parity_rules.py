@@ -8,8 +8,8 @@ way, and the fixtures' seeded random weights make a few of them. Everything else
 same match lists except near-ties, keypoints within 1e-3 px, confidences within 1e-4. The figures behind
 each constant are in docs/parity.md; `tools/measure_cpu_spread.py` regenerates them.
 
-Numpy at import (torch only inside the sampler's functions): the tests, the spread script and the GPU
-benchmark scripts (bench/device) import it.
+Numpy at import (torch only inside the sampler's functions): the tests (the GPU ones included) and the spread
+script import it.
 """
 from __future__ import annotations
 
@@ -181,6 +181,26 @@ def compare_argmax(got: Any, ref: Any, margin: Any, eps: float, what: str) -> Ex
                                       f"({got[where]} vs {ref[where]}) with margin {margin[where]:.3g} > {eps:g}")
         excused.add(f"{tuple(int(w) for w in where)} margin {margin[where]:.1e}")
     return excused.check()
+
+
+def decide_anchor_ties_as(cls: Any, ref_argmax: Any, eps: float = ANCHOR_TIE_ATOL) -> Any:
+    """RoMa's anchor logits (torch [B, 4096, h, w]) with the reference's decision taken where ours differs at a
+    near-tie (our two best within eps): that anchor's logit raised just above our best, an edit of at most the
+    margin. As the sampler's stored draws are replayed: which of two near-equal anchors wins is the CPU's rounding
+    (the original's own fp32 GP flips such ties between CPUs, docs/parity.md "The GP solve"), and one flip moves
+    that cell's flow by a region and the scale-16 certainty logits image-wide. Flips at larger margins are kept."""
+    import torch
+
+    ref = torch.as_tensor(np.asarray(ref_argmax), device=cls.device).long()
+    top2 = cls.topk(2, dim=1).values
+    tie = (cls.argmax(dim=1) != ref) & (top2[:, 0] - top2[:, 1] <= eps)
+    if not bool(tie.any()):
+        return cls
+    out = cls.clone()
+    b, y, x = torch.nonzero(tie, as_tuple=True)
+    best = top2[:, 0][b, y, x]
+    out[b, ref[b, y, x], y, x] = best + 1e-6 * best.abs().clamp(min=1.0)  # strictly above, also after the softmax
+    return out
 
 
 # --- RoMa's balanced sampler: torch.multinomial without replacement, replayed ----------------------------------

@@ -8,17 +8,20 @@ test/fixtures/reference).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
 import torch
 from reference import REFERENCE_ROOT, seeded_weights_module  # noqa: E402
+
+import parity_rules as pr
 
 REF_ROOT = REFERENCE_ROOT
 REF = REF_ROOT / "roma"
@@ -91,6 +94,31 @@ def net() -> Any:
     return pipe.build_net(pipe.load_weights({"checkpoint_path": str(ckpt), "dinov2_path": str(dino)}))
 
 
+@functools.lru_cache(maxsize=None)
+def weight_files_for(name: str) -> tuple[Path, Path]:
+    """The checkpoint and DINOv2 files a user would pass to reproduce `name`: the seeded ones, with the pair's weight
+    override written into a copy of the checkpoint where it has one (beside the seeded files: removed with them)."""
+    ckpt, dino = weight_files()
+    override = pair_meta(name).get("weight_override")
+    if not override:
+        return ckpt, dino
+    state = torch.load(ckpt, weights_only=True)
+    state["state_dict"][override["key"]][override["index"]] = float(npz(name)["override_to_out_bias_last"])
+    path = ckpt.with_name(f"matchanything_roma_{name}.ckpt")
+    torch.save(state, path)
+    return path, dino
+
+
+def quickest_pair(full_res: bool = False) -> str:
+    """The fixture pair whose official forward was quickest (one without a weight override where there is one);
+    full_res: among those whose final warp and certainty are stored at stride 1 (fails if there is none)."""
+    pairs = [p for p in meta()["pairs"] if not full_res or all(
+        p.get("strides", {}).get(k, 1) == 1 for k in ("final_warp_A_to_B", "final_warp_B_to_A", "final_certainty"))]
+    if not pairs:
+        pytest.fail(f"no RoMa fixture pair under {REF} stores its final warp and certainty at full resolution")
+    return min(pairs, key=lambda p: (bool(p.get("weight_override")), p.get("forward_seconds_cpu", 0)))["name"]
+
+
 class weight_override:
     """Apply a fixture's documented weight override (key/index from the meta, value from the npz)."""
 
@@ -139,6 +167,60 @@ def forward(name: str, solver: str = "inverse") -> dict[str, Any]:
     out = {k: v.float().numpy() for k, v in record.items()}
     out["warp"], out["certainty"] = warp.numpy(), cert.numpy()
     return out
+
+
+@contextlib.contextmanager
+def anchor_ties_decided_as(model: Any, fixture_argmax: np.ndarray, what: str = "anchors") -> Iterator[pr.Excused]:
+    """Inside the block, the model's scale-16 anchor near-ties are decided as the fixture decided them
+    (pr.decide_anchor_ties_as on its embedding decoder's output; pass 2 has no scale 16, so it acts once per forward).
+    Yields what it decided, counted (at most a handful)."""
+    decided = pr.Excused(f"{what}: near-ties decided as the fixture's")
+
+    def hook(module: Any, inputs: Any, output: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        cls = pr.decide_anchor_ties_as(output[0], fixture_argmax)
+        for where in (cls.argmax(dim=1) != output[0].argmax(dim=1)).nonzero().tolist():
+            decided.add(str(tuple(where)))
+        decided.check()
+        return cls, output[1]
+
+    handle = model.decoder.embedding_decoder.register_forward_hook(hook)
+    try:
+        yield decided
+    finally:
+        handle.remove()
+
+
+def anchor_flips(name: str, solver: str = "inverse") -> pr.Excused:
+    """Where the cached forward's anchor classification differs from the fixture's: only at near-ties (a flip at a
+    larger margin fails here), counted (at most a handful)."""
+    cls = forward(name, solver)["pass1_s16_gm_cls"]
+    return pr.compare_argmax(cls.argmax(axis=1), npz(name)["pass1_s16_gm_cls_argmax"], pr.absolute_margin(cls, axis=1),
+                             pr.ANCHOR_TIE_ATOL, f"{name} anchors ({solver} GP), decided as the fixture's")
+
+
+@functools.lru_cache(maxsize=None)
+def forward_ties_decided(name: str, solver: str = "inverse") -> tuple[dict[str, Any], pr.Excused]:
+    """The forward every dense comparison uses (docs/parity.md, "The GP solve": the near-tie rule): the cached
+    forward where its anchors equal the fixture's; where they differ only at near-ties, the forward again with
+    those ties decided as the fixture's, as the sampler's stored draws are replayed. Which of two anchors within
+    1e-3 wins is the CPU's rounding, the original's own fp32 GP's included, and one flip moves that cell's flow by
+    a region and the scale-16 certainty image-wide."""
+    excused = anchor_flips(name, solver)
+    if not excused.count:
+        return forward(name, solver), excused
+    model = net()
+    coarse, fine, _, _ = model_inputs(name)
+    record: dict[str, Any] = {}
+    model.set_gp_solver(solver)
+    try:
+        with weight_override(model, name), anchor_ties_decided_as(model, npz(name)["pass1_s16_gm_cls_argmax"], name), \
+                torch.inference_mode():
+            warp, cert = model.forward_dense(coarse, fine, record)
+    finally:
+        model.set_gp_solver("inverse")
+    out = {k: v.float().numpy() for k, v in record.items()}
+    out["warp"], out["certainty"] = warp.numpy(), cert.numpy()
+    return out, excused
 
 
 def stored_dense(name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -7,9 +7,11 @@ below reuses that run.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,7 @@ from matchanything_ros.core.eloftr.model import (EloftrCoarse, EloftrFine, Eloft
                                                  dual_softmax_confidence, fine_similarities, fuse_repvgg,
                                                  gather_windows, topk_candidates)
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
-from matchanything_ros.core.eloftr.postprocess import select_coarse_matches
+from matchanything_ros.core.eloftr.postprocess import border_keep, select_coarse_matches
 import parity_rules as pr
 from reference import REFERENCE_ROOT, seeded_weights_module  # noqa: E402
 
@@ -55,11 +57,15 @@ def net(prefixed_weights: dict[str, torch.Tensor]) -> EloftrNet:
     return pipe.build_net({k.removeprefix("matcher."): v for k, v in prefixed_weights.items()})
 
 
-def pipeline_for(threshold: float) -> EloftrPipeline:
+def pipe_params(threshold: float) -> dict[str, Any]:
     params: dict[str, Any] = {"threshold": threshold, "preset": "hf_space"}
     if FORCE_WH:
         params.update(force_resize_width=FORCE_WH[0], force_resize_height=FORCE_WH[1])
-    return EloftrPipeline(params)
+    return params
+
+
+def pipeline_for(threshold: float) -> EloftrPipeline:
+    return EloftrPipeline(pipe_params(threshold))
 
 
 _RUNS: dict[str, dict[str, Any]] = {}
@@ -226,8 +232,7 @@ def _check_final(result: Any, ref: dict[str, np.ndarray], ri: np.ndarray, compar
 @parametrize_pairs
 def test_same_matches_as_official_at_main_threshold(run: dict[str, Any]) -> None:
     ref, pipe, meta, f = run["ref"], run["pipe"], run["meta"], run["feats"]
-    assert pipe.coarse_full, "the fixtures' low threshold needs the exact full-matrix coarse mode"
-    conf = run["conf"].numpy()
+    conf = run["conf"].numpy()  # the exact full matrix, whatever coarse mode the threshold would pick
     cm = select_coarse_matches({"conf": conf}, meta.mask0, meta.mask1, pipe.threshold, pipe.model_config.border_rm)
     # the SAME list, in the same order (row-major i then j), except matches at the threshold
     ri, gi, coarse_excused = pr.compare_match_lists(
@@ -262,6 +267,9 @@ def test_same_matches_at_second_threshold_with_topk_graph(run: dict[str, Any]) -
     """The fixed-shape top-K coarse graph (what ONNX/TensorRT run) at the UI threshold."""
     ref2 = dict(np.load(REF / INDEX["pairs_threshold2"][run["pair"]]["file"]))
     pipe = pipeline_for(THR2)
+    if not pipe.topk_exact:  # a threshold below 1/(K+1): enough candidates per cell that it is exact there
+        k = math.ceil(1.0 / THR2)
+        pipe = EloftrPipeline(pipe_params(THR2), dataclasses.replace(pipe.model_config, candidates_per_cell=k))
     assert pipe.topk_exact and not pipe.coarse_full
     meta, t = run["meta"], run["inputs"]
     coarse = EloftrCoarse(EloftrNet(pipe.model_config), exact_full_conf=False)  # head only: no weights used
@@ -294,14 +302,17 @@ def test_same_matches_at_second_threshold_with_topk_graph(run: dict[str, Any]) -
 
 @parametrize_pairs
 def test_topk_truncation_warns(run: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
-    """Below 1/(K+1) the top-K graph can drop matches: the pipeline must say so."""
+    """Below 1/(K+1) the top-K graph can drop matches: the pipeline must say so. K = 1, and a threshold below
+    the best candidate of some kept row (half of the largest such), so that a row has its every candidate passing."""
     meta, conf = run["meta"], run["conf"]
     with torch.inference_mode():
         cand_j, cand_conf = topk_candidates(conf, run["inputs"]["mask1"], 2, 1)
-    full = select_coarse_matches({"conf": conf.numpy()}, meta.mask0, meta.mask1, THR_MAIN, 2)
+    keep0 = border_keep(meta.mask0, 2)
+    threshold = min(THR_MAIN, 0.5 * float(cand_conf[0, torch.from_numpy(keep0), 0].max()))
+    full = select_coarse_matches({"conf": conf.numpy()}, meta.mask0, meta.mask1, threshold, 2)
     with caplog.at_level(logging.WARNING):
         cm = select_coarse_matches({"cand_j": cand_j.numpy(), "cand_conf": cand_conf.numpy()},
-                                   meta.mask0, meta.mask1, THR_MAIN, 2)
+                                   meta.mask0, meta.mask1, threshold, 2)
     assert cm.truncated_rows > 0 and "truncated" in caplog.text
     # the top-1 selection is exactly the full selection's best cell per row
     assert set(zip(cm.i_ids.tolist(), cm.j_ids.tolist())) <= set(zip(full.i_ids.tolist(), full.j_ids.tolist()))
@@ -339,15 +350,19 @@ def test_speed_form_matches_exact_form(net: EloftrNet, prefixed_weights: dict[st
         assert_close(out[key], ref[key].numpy(), f"speed form {key}", rtol=1e-4)
 
 
-@pytest.mark.parametrize("run", PAIRS[:1], indirect=True)
-def test_static_crop_for_cuda_graphs_equals_eager(run: dict[str, Any], net: EloftrNet) -> None:
+def test_static_crop_for_cuda_graphs_equals_eager(net: EloftrNet) -> None:
     """On CUDA the torch backend captures the coarse graph with the transformer's crop fixed from the
     host masks (a capture cannot read the device); that crop and the outputs must equal the eager ones,
-    and a different valid region must map to a different capture."""
+    and a different valid region must map to a different capture.
+
+    The input is built to need a crop: the first pair's images forced to a stage-1 size twice as wide as high,
+    so that the lower half of the square canvas is padding rows whatever size the fixture set forces."""
+    ref = dict(np.load(REF / INDEX["pairs"][PAIRS[0]]["file"]))
+    pipe = EloftrPipeline({"threshold": THR_MAIN, "force_resize_width": 320, "force_resize_height": 160})
+    host, _ = pipe.preprocess(ref["input_image0_rgb_u8"], ref["input_image1_rgb_u8"])
+    t = {k: torch.from_numpy(v) for k, v in host.items()}
     coarse = EloftrCoarse(net)
     transformer = net.loftr_coarse
-    t = run["inputs"]
-    host = {k: v.numpy() for k, v in t.items()}
     with torch.inference_mode():
         eager = coarse(t["image0"], t["image1"], t["mask0"], t["mask1"])
         with coarse.static_crop(host):
@@ -357,7 +372,7 @@ def test_static_crop_for_cuda_graphs_equals_eager(run: dict[str, Any], net: Elof
     expected = (transformer.valid_size(t["mask0"], transformer.agg_size0),
                 transformer.valid_size(t["mask1"], transformer.agg_size1))
     assert fixed == expected
-    assert fixed[0][0] < t["mask0"].shape[1], "the fixture's canvas should have padding rows (else trivial)"
+    assert fixed[0][0] < t["mask0"].shape[1]  # the built canvas has padding rows: the crop is shorter than it
     for name, a, b in zip(coarse.output_names, eager, static):
         assert torch.equal(a, b), name
     other = dict(host)

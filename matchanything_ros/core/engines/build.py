@@ -88,6 +88,15 @@ def _onnx_inputs(model: onnx.ModelProto) -> list[tuple[str, list[int | str]]]:
     return out
 
 
+def tf32_allowed(precision: str, fp32_layer_patterns: list[str] | None) -> bool:
+    """Whether an engine may run its FP32 matrix products on TF32 tensor cores (operands with 10 mantissa bits).
+
+    Not in an fp32 engine: fp32 means fp32. Nor in one whose export pins layers to FP32 (RoMa's GP): TF32 is one
+    flag per engine, and the GP's Newton-Schulz products with TF32 operands land 100-500x further from a float64
+    solve than in fp32 and diverge on near-duplicate features (docs/parity.md, "TF32 in fp16 TensorRT engines")."""
+    return precision != "fp32" and not fp32_layer_patterns
+
+
 def check_size_range(min_size: int, opt_size: int, max_size: int, multiple: int = 32) -> None:
     for name, v in (("engine_min_size", min_size), ("engine_opt_size", opt_size), ("engine_max_size", max_size)):
         if v % multiple:
@@ -365,8 +374,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: dict[s
         pinned = keep_sensitive_layers_fp32(network, list(fp32_layer_patterns or []))
         print(f"fp16: {len(pinned)} numerically sensitive layers kept in FP32 (softmax, similarity/attention "
               "products, float reductions, normalisation, top-k, export-marked layers)", file=log)
-    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        # TF32 would change fp32 results (10-bit mantissa in matmuls); fp32 means fp32
+    if not tf32_allowed(precision, fp32_layer_patterns) and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
 
     cache_file = Path(timing_cache_path)

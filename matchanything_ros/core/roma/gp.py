@@ -1,18 +1,23 @@
-"""The Gaussian-process match of RoMa's coarsest scale, with two solvers.
+"""The Gaussian-process match of RoMa's coarsest scale, with its solve forms.
 
 posterior mean  mu = K_xy (K_yy + 0.1 I)^-1 f,  K(a, b) = exp((cos(a, b) - 1) / T),  T = 0.2,
 f = cos(8 pi pos_conv(grid)) the Fourier embedding of the support-image coordinates.
 
-* `"inverse"` (reference): `torch.linalg.inv` in fp32, as the original (`GP.forward`, `no_cov`).
-* `"inverse_fp64"` (diagnostic): the same in float64, a near-exact solve to measure both fp32 solvers against.
-* `"cholesky"` (GPU speed form): A = L L^T (`cholesky_ex`, no error check so no host sync) and two
-  triangular solves for (A^-1 f); fp32, no explicit inverse, and CUDA-graph capturable.
-* `"newton_schulz"` (export-ready): the inverse by a fixed number of Newton-Schulz iterations
-  X <- X (2I - A X), only MatMul/Add/Mul/ReduceSum, so it exports to ONNX and TensorRT.
-  A is symmetric positive definite with eigenvalues in [0.1, max row sum] (K is a PSD kernel with
-  entries in (0, 1], plus 0.1 I). Starting from X0 = 2 / (lambda_hi + 0.1) I, the residual
-  ||I - A X_k|| <= rho^(2^k) with rho = (kappa - 1) / (kappa + 1), kappa = lambda_hi / 0.1 <= 10 n + 1;
-  the iteration count below is chosen from n (fixed per input size) so that rho^(2^k) < 1e-9.
+Why the form matters (docs/parity.md, "The GP solve"; tools/gp_conditioning.py measures it): A = K_yy + 0.1 I has
+eigenvalues in [0.1, n + 0.1], so kappa(A) reaches 10 n + 1 (1.1e4 .. 1.6e4 at the default 1600 tokens, on the
+fixtures as on a bright object on black), and alpha = A^-1 f has entries ~17x those of f that cancel in K_xy alpha
+(sum |K_xy| |alpha| ~ 3e3 x |mu|). In fp32 that product alone moves the posterior by ~2e-3 of its largest value,
+whatever solved for alpha, and with it the CPU's rounding moves the original's output.
+
+* `"inverse"` (CPU default, the original): `torch.linalg.inv` in fp32 and K_xy (A^-1 f), the original's own
+  operations in the original's order (`GP.forward`, `no_cov`), so that it reproduces the original's rounding.
+* `"inverse_fp64"` (diagnostic): the same system (fp32 kernels) solved and multiplied in float64.
+* `"cholesky"` (GPU speed form): A = L L^T (`cholesky_ex`, no error check so no host sync), then the posterior
+  weights W = K_xy A^-1 by two triangular solves of A W^T = K_yx and mu = W f. W has entries of the size of K's,
+  so the product does not cancel: ~10x closer to a float64 solve than the original's order. CUDA-graph capturable.
+* `"newton_schulz"` (export form, ONNX / TensorRT: MatMul, Add, Mul, ReduceSum only): A^-1 ~ X by a fixed number
+  of Newton-Schulz steps X <- X (2I - A X), W = K_xy X, then `NS_REFINEMENT_STEPS` residual corrections
+  W <- W + (K_xy - W A) X, and mu = W f (`newton_schulz_iterations` derives the counts).
 """
 from __future__ import annotations
 
@@ -29,6 +34,12 @@ KERNEL_T = 0.2
 SIGMA_NOISE = 0.1
 KERNEL_EPS = 1e-6
 FOURIER_FREQ = 8 * math.pi
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+# Residual corrections of the posterior weights after Newton-Schulz. One completes the exact-arithmetic contraction
+# (newton_schulz_iterations); each squares what fp32 Newton-Schulz leaves, ||I - A X|| up to ~1 at kappa 1.6e4
+# (kappa^2 u > 1: no normwise bound holds there). The second brings the worst spectrum (every feature equal,
+# lambda_max = n) to the floor of one fp32 residual; a third changes nothing (measured, docs/parity.md).
+NS_REFINEMENT_STEPS = 2
 
 
 def cos_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -37,16 +48,22 @@ def cos_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.exp((c - 1.0) / KERNEL_T)
 
 
-def newton_schulz_iterations(n: int, tol: float = 1e-9) -> int:
-    """Fixed iteration count that reaches `tol` for any n x n kernel matrix (worst-case condition number)."""
-    kappa = (n + SIGMA_NOISE) / SIGMA_NOISE
-    rho = (kappa - 1.0) / (kappa + 1.0)
-    # rho^(2^k) <= tol  <=>  2^k >= ln(tol) / ln(rho); +2 steps absorb fp32 round-off
-    return int(math.ceil(math.log2(math.log(tol) / math.log(rho)))) + 2
+def newton_schulz_iterations(n: int) -> int:
+    """Newton-Schulz steps before the residual corrections, for any n x n system of this GP.
+
+    A = K + 0.1 I with K entries in (0, 1]: eigenvalues in [0.1, n + 0.1] (Gershgorin). From X0 = 2 / (l + 0.1) I,
+    l >= lambda_max the Gershgorin bound computed at run time, the error I - A X_k has eigenvalues
+    (1 - 2 lambda / (l + 0.1))^(2^k), at most rho^(2^k) with rho = n / (n + 0.2) (the worst case l = n + 0.1).
+    No fp32 step can resolve anything below the unit round-off u = 2^-24, so the contraction stops at
+    rho^(2^K) <= u; the first residual correction squares the error once more (it is one Newton-Schulz step in
+    residual form), hence K - 1 steps here. What fp32 rounding leaves is for the corrections (NS_REFINEMENT_STEPS)."""
+    rho = n / (n + 2.0 * SIGMA_NOISE)
+    contraction_steps = math.ceil(math.log2(math.log(FP32_UNIT_ROUNDOFF) / math.log(rho)))
+    return max(contraction_steps - 1, 1)
 
 
 def newton_schulz_inverse(a: torch.Tensor, iterations: int) -> torch.Tensor:
-    """Inverse of a batch of SPD matrices [B, n, n] with eigenvalues >= SIGMA_NOISE."""
+    """Approximate inverse of a batch of SPD matrices [B, n, n] with eigenvalues >= SIGMA_NOISE."""
     n = a.shape[-1]
     eye = torch.eye(n, dtype=a.dtype, device=a.device).expand_as(a)
     # Gershgorin: every eigenvalue <= the largest absolute row sum
@@ -58,6 +75,35 @@ def newton_schulz_inverse(a: torch.Tensor, iterations: int) -> torch.Tensor:
     return x
 
 
+def newton_schulz_posterior(k_xy: torch.Tensor, a: torch.Tensor, f: torch.Tensor,
+                            iterations: int | None = None, refinement_steps: int = NS_REFINEMENT_STEPS) -> torch.Tensor:
+    """mu = K_xy A^-1 f with matrix products only: W = K_xy X (X by Newton-Schulz), corrected by
+    W <- W + (K_xy - W A) X, then W f. In exact arithmetic each correction squares the error (W* E -> W* E^2,
+    E = I - A X); in fp32 the residual K_xy - W A is formed without the cancellation of K_xy (A^-1 f)."""
+    x = newton_schulz_inverse(a, newton_schulz_iterations(a.shape[-1]) if iterations is None else iterations)
+    w = k_xy @ x
+    for _ in range(refinement_steps):
+        w = w + (k_xy - w @ a) @ x
+    return w @ f
+
+
+def solve_posterior(solver: GpSolver, k_xy: torch.Tensor, a: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """The posterior mean [B, Nq, dim] of the system (K_xy [B, Nq, Ns], A = K_yy + 0.1 I, f [B, Ns, dim])."""
+    if solver == "inverse":
+        return k_xy @ (torch.linalg.inv(a) @ f)
+    if solver == "cholesky":
+        # A is SPD (eigenvalues >= 0.1): the factorisation cannot fail, so its info is not checked
+        low, _ = torch.linalg.cholesky_ex(a)
+        z = torch.linalg.solve_triangular(low, k_xy.transpose(1, 2), upper=False)
+        weights_t = torch.linalg.solve_triangular(low.transpose(-1, -2), z, upper=True)  # A^-1 K_yx
+        return weights_t.transpose(1, 2) @ f
+    if solver == "newton_schulz":
+        return newton_schulz_posterior(k_xy, a, f)
+    if solver == "inverse_fp64":
+        return (k_xy.double() @ (torch.linalg.inv(a.double()) @ f.double())).float()
+    raise ValueError(f"unknown GP solver {solver!r}; choose one of {', '.join(GP_SOLVERS)}")
+
+
 class GaussianProcessMatch(nn.Module):
     """RoMa `GP` (CosKernel, T = 0.2, sigma_noise 0.1, Fourier basis, no covariance)."""
 
@@ -66,8 +112,9 @@ class GaussianProcessMatch(nn.Module):
         self.pos_conv = nn.Conv2d(2, dim, 1, 1)
         self.solver: GpSolver = solver
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Query features x, support features y [B, C, h, w] -> posterior mean [B, dim, h, w]."""
+    def kernel_system(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query features x, support features y [B, C, h, w] -> (K_xy [B, hw, hw], A = K_yy + 0.1 I, f [B, hw, dim]),
+        in fp32 as the original computes them."""
         b, _, h, w = y.shape
         grid_y, grid_x = torch.meshgrid(
             torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=y.device),
@@ -84,21 +131,10 @@ class GaussianProcessMatch(nn.Module):
         a = k_yy + SIGMA_NOISE * eye
         # MatchAnything's addition: +0.1 on diagonal entries that are exactly 0 (never true here; kept literal)
         a = a + SIGMA_NOISE * eye * (a == 0).to(a.dtype)
-        if self.solver == "inverse":
-            a_inv = torch.linalg.inv(a)
-        elif self.solver == "cholesky":
-            # A is SPD (eigenvalues >= 0.1): the factorisation cannot fail, so its info is not checked
-            low, _ = torch.linalg.cholesky_ex(a)
-            z = torch.linalg.solve_triangular(low, f, upper=False)
-            alpha = torch.linalg.solve_triangular(low.transpose(-1, -2), z, upper=True)
-            mu = k_xy @ alpha
-            return mu.transpose(1, 2).reshape(b, -1, x.shape[2], x.shape[3])
-        elif self.solver == "newton_schulz":
-            a_inv = newton_schulz_inverse(a, newton_schulz_iterations(n))
-        elif self.solver == "inverse_fp64":
-            mu = (k_xy.double() @ (torch.linalg.inv(a.double()) @ f.double())).float()
-            return mu.transpose(1, 2).reshape(b, -1, x.shape[2], x.shape[3])
-        else:
-            raise ValueError(f"unknown GP solver {self.solver!r}; choose one of {', '.join(GP_SOLVERS)}")
-        mu = k_xy @ (a_inv @ f)
-        return mu.transpose(1, 2).reshape(b, -1, x.shape[2], x.shape[3])
+        return k_xy, a, f
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Query features x, support features y [B, C, h, w] -> posterior mean [B, dim, h, w]."""
+        k_xy, a, f = self.kernel_system(x, y)
+        mu = solve_posterior(self.solver, k_xy, a, f)
+        return mu.transpose(1, 2).reshape(x.shape[0], -1, x.shape[2], x.shape[3])
