@@ -622,9 +622,9 @@ class CompiledOrEager:
     as some Jetson wheels are), said once in the log. The first call is a warm-up run outside any CUDA
     graph capture, so the choice is made before a capture."""
 
-    def __init__(self, fn: Any, dynamic: bool) -> None:
+    def __init__(self, fn: Any, dynamic: bool, fullgraph: bool = False) -> None:
         self.fn = fn
-        self.compiled: Any = torch.compile(fn, dynamic=dynamic)
+        self.compiled: Any = torch.compile(fn, dynamic=dynamic, fullgraph=fullgraph)
         self.fallback = ""  # why this runs uncompiled ("" while compiled): Matcher.info shows it
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
