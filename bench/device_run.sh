@@ -15,7 +15,7 @@ step() {  # step SECONDS CMD...: bounded and timed; a failure does not stop the 
   timeout "$lim" "$@" 2>&1 | grep -v -E "Warning|warnings.warn" || echo "!!! FAILED or timed out: $*"
   echo "--- $(( SECONDS - t0 )) s"
 }
-step "${GPU_TESTS_S:-120}" python3 -m pytest test/test_gpu.py -m gpu -q -p no:cacheprovider
+step "${GPU_TESTS_S:-300}" python3 -m pytest test/test_gpu.py -m gpu -q -p no:cacheprovider
 [ -n "${GEOMETRY_S:-60}" ] && step "${GEOMETRY_S:-60}" python3 bench/geometry_gpu.py
 for model in ${MODELS//,/ }; do
   for precision in ${PRECISIONS//,/ }; do

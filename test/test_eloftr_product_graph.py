@@ -131,7 +131,7 @@ def test_split_tf32_head_keeps_the_dual_softmax_matches(demo_model: Any, demo_pa
     """CUDA fp16's matching head multiplies fp32 features as TF32 splits (a_hi.b_hi + a_hi.b_lo + a_lo.b_hi in
     one GEMM): the split is exact, and the head keeps the fp32 head's matches and counts. Here the products
     run in fp32 (the CPU has no TF32): this checks the algebra; the tensor cores' share is the GPU run's
-    (bench/results/h200_2026-12-01/round3_*: fp16 keeps 99.7-99.8 % of fp32's matches)."""
+    (third round, bench/results/README.md: fp16 keeps 99.7-99.8 % of fp32's matches)."""
     cfg, _ = demo_model
     f, m0, m1, _ = _host_candidates(demo_model, demo_pair, {"resize_max": 416})
     t0, t1 = f["transformer0"], f["transformer1"]
@@ -235,7 +235,7 @@ def test_product_halves_run_only_the_rows_a_frame_needs(demo_model: Any, demo_pa
 def test_the_cuda_speed_form_keeps_the_matches_when_run_on_the_cpu(demo_model: Any, demo_pair: Any, head: str) -> None:
     """The product graph as CUDA builds it (compiled feature stack, log-sum-exp head — top-K, or the mask and
     a fixed-size nonzero —, compiled log-space fine level, row buckets), run here on the CPU: the host path's
-    match list, keypoints to float rounding. Their GPU timings are in bench/device/eloftr_speed.py."""
+    match list, keypoints to float rounding. Their GPU timings: bench/results/README.md."""
     cfg, state = demo_model
     params = {"threshold": 0.1, "resize_max": 256}
     pipe = EloftrPipeline(params, cfg)

@@ -4,7 +4,7 @@ The shift-and-add form is what the "inductor" mode compiles and what the Triton 
 must equal F.conv2d + bias + ReLU within fp32 rounding on each refiner's channel count (small spatial
 sizes, odd sizes, sides below the kernel size, batch 2), and the refiner's fused block chain (each 1x1
 conv's bias moved into the next block's kernel) must equal the plain blocks. The Triton kernel itself
-runs only on the device (bench/device/roma_refiner_speed.py checks its max |delta| there; its --dry-run
+runs only on the device (bench/roma_refiner_speed.py checks its max |delta| there; its --dry-run
 runs it under TRITON_INTERPRET=1 where Triton is installed).
 """
 from __future__ import annotations

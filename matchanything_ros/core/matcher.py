@@ -62,7 +62,8 @@ class MatcherConfig:
     engine_max_size: int = default("engine_max_size")
     engine_max_matches: int = default("engine_max_matches")
     timing_cache_path: str = default("timing_cache_path")
-    # how the variant runs (eloftr.options.EloftrOptions; None: its defaults): speed forms, not a parameter
+    # how the variant runs (eloftr.options.EloftrOptions, roma.options.RomaOptions; None: its defaults): speed
+    # forms, not a parameter
     options: Any = dataclasses.field(default=None, compare=True)
 
     def __post_init__(self) -> None:
@@ -71,6 +72,11 @@ class MatcherConfig:
                 object.__setattr__(self, f.name, PARAMS_BY_NAME[f.name].validate(getattr(self, f.name)))
         if (self.force_resize_width == 0) != (self.force_resize_height == 0):
             raise ConfigError("force_resize_width and force_resize_height must both be set (or both 0)")
+        if self.options is not None:
+            expected = options_type(self.variant)
+            if not isinstance(self.options, expected):
+                raise ConfigError(f"options for variant {self.variant} must be {expected.__name__} (or None), "
+                                  f"got {type(self.options).__name__}")
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "MatcherConfig":
@@ -84,6 +90,17 @@ class MatcherConfig:
     def to_params(self) -> dict[str, Any]:
         """The parameter values (core/params.py names; not `options`)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name in PARAMS_BY_NAME}
+
+
+def options_type(variant: str) -> type:
+    """The options class of `variant` (MatcherConfig.options)."""
+    if variant == "eloftr":
+        from .eloftr.options import EloftrOptions
+
+        return EloftrOptions
+    from .roma.options import RomaOptions
+
+    return RomaOptions
 
 
 def matcher_param_names() -> set[str]:
@@ -119,7 +136,7 @@ class Matcher:
         else:
             if not self.config.checkpoint_path:
                 raise CheckpointError(f"variant {self.config.variant} needs checkpoint_path (no bundled demo model)")
-            self.pipeline = cls(params)
+            self.pipeline = cls(params, options=self.config.options)
         self.checkpoint = params["checkpoint_path"]
         if not Path(self.checkpoint).is_file():
             raise CheckpointError(f"checkpoint file not found: {self.checkpoint}")
@@ -204,7 +221,9 @@ class Matcher:
         from .eloftr.model import compile_fallbacks  # torch backend only: other backends hold no modules
 
         graphs = getattr(self.backend, "graphs", None)
-        return [f for g in graphs.values() for f in compile_fallbacks(g)] if isinstance(graphs, dict) else []
+        fallbacks = [f for g in graphs.values() for f in compile_fallbacks(g)] if isinstance(graphs, dict) else []
+        verifier_fallback = getattr(self._torch_verifier, "compile_fallback", "")  # the CUDA geometric verifier
+        return fallbacks + ([verifier_fallback] if verifier_fallback else [])
 
     def close(self) -> None:
         self.backend.close()

@@ -182,7 +182,11 @@ def create_torch_backend(params: dict[str, Any], pipeline: Any, device: str) -> 
         state = load_state_dict(params["checkpoint_path"], pipeline.name)
     precision = params.get("precision", "fp32")
     graphs = pipeline.torch_graphs(state, device, precision=precision)
-    options = getattr(pipeline, "options", None)  # the variant's speed choices (EloftrOptions) that the backend runs
+    bind_graphs = getattr(pipeline, "bind_graphs", None)  # RoMa: its preprocessing feeds the graph built here
+    if bind_graphs is not None:
+        bind_graphs(graphs)
+    # the variant's speed choices (EloftrOptions, RomaOptions) that the backend runs
+    options = getattr(pipeline, "options", None)
     return TorchBackend(graphs, device, precision, keep_on_device=getattr(pipeline, "device_outputs", ()),
                         row_buckets=getattr(options, "row_buckets", True),
                         predict_rows=getattr(options, "predict_rows", True))

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # torch's numeric switches per precision on CUDA, set for each run and restored after. fp32 is IEEE fp32
 # (no TF32 anywhere: the parity bounds hold); fp16's fp32 islands run their convolutions in TF32, as
 # measured for the fp16 promise. No cuDNN autotuning: it tried algorithms with up to 34 GB of workspace
-# on an H200 for no measurable gain (bench/results/h200_2026-12-01/eloftr_speed.*).
+# on an H200 for no measurable gain (2026-12-01, bench/results/README.md).
 CUDA_NUMERICS: dict[str, dict[str, bool]] = {
     "fp32": {"cudnn_benchmark": False, "cudnn_tf32": False, "matmul_tf32": False},
     "fp16": {"cudnn_benchmark": False, "cudnn_tf32": True, "matmul_tf32": False},

@@ -25,9 +25,6 @@ from .config import WEBUI_SIZE_WH
 from .preprocess import resize_matrix, webui_matrices
 
 
-# fp32 forwards in true fp32 (the parity form). Benchmarks set True to measure TF32 convolutions: torch's
-# default for cuDNN (matmuls default to true fp32), which the original's fp32 timing ran with.
-FP32_CUDNN_TF32 = False
 # GPU memory (GiB) the fp32 graph's warm-up may take beyond what the process holds (the torch backend's bound,
 # `warmup_headroom_gib`): cuDNN's autotuning (on for fp32) tries algorithms with whatever workspace the allocator
 # grants, and with the backend's default bound (6 GiB) a process's first fp32 frame peaked at 6.8 GB (H200).
@@ -36,9 +33,9 @@ FP32_WARMUP_HEADROOM_GIB: float | None = 2.0
 
 
 @contextlib.contextmanager
-def fp32_math(cudnn_benchmark: bool) -> Iterator[None]:
-    """True fp32 (no TF32; convolutions in TF32 where FP32_CUDNN_TF32) in matmuls and convolutions, and
-    cuDNN autotuning as asked, for one forward.
+def fp32_math(cudnn_benchmark: bool, cudnn_tf32: bool = False) -> Iterator[None]:
+    """True fp32 (no TF32; convolutions in TF32 where `cudnn_tf32`, RomaOptions.fp32_cudnn_tf32) in matmuls and
+    convolutions, and cuDNN autotuning as asked, for one forward.
 
     The previous process-wide values are restored on exit: a RoMa matcher leaves no switch behind,
     and one made earlier (e.g. an fp16 one with autotuning) cannot change this one's numbers or memory."""
@@ -46,7 +43,7 @@ def fp32_math(cudnn_benchmark: bool) -> Iterator[None]:
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.backends.cudnn.flags(enabled=True, benchmark=cudnn_benchmark, deterministic=False,
-                                        allow_tf32=FP32_CUDNN_TF32):
+                                        allow_tf32=cudnn_tf32):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved_matmul
@@ -102,15 +99,16 @@ class RomaImageGraph(nn.Module):
     output_names = ("warp", "certainty")
 
     def __init__(self, net: RomaNet, coarse_res: int, upsample_res: int, cudnn_benchmark: bool = False,
-                 warmup_headroom_gib: float | None = None, webui: bool = False) -> None:
+                 warmup_headroom_gib: float | None = None, webui: bool = False, cudnn_tf32: bool = False) -> None:
         super().__init__()
         self.net = net
         self.stretch = StretchResize((coarse_res, upsample_res), webui)
         self.cudnn_benchmark = cudnn_benchmark
+        self.cudnn_tf32 = cudnn_tf32
         self.warmup_headroom_gib = warmup_headroom_gib  # read by the torch backend's capture
 
     def forward(self, image0: torch.Tensor, image1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(image0.device.type, enabled=False), fp32_math(self.cudnn_benchmark):
+        with torch.autocast(image0.device.type, enabled=False), fp32_math(self.cudnn_benchmark, self.cudnn_tf32):
             coarse0, fine0 = self.stretch(image0)
             coarse1, fine1 = self.stretch(image1)
             return self.net(coarse0, coarse1, fine0, fine1)

@@ -174,8 +174,8 @@ def local_correlation_gathered(f1: torch.Tensor, f2: torch.Tensor, flow: torch.T
     bilinear fractions of its flow: correlate f1 with the (2r+2)^2 integer-position f2 vectors around
     floor(flow) (channels-last rows: contiguous, coalesced reads, zero outside the map as grid_sample's
     zero padding), then blend neighbouring products with the bilinear weights. It never materialises the
-    C x h x w x (2r+1)^2 sampled window that grid_sample produces and re-reads. fused (None: on CUDA where
-    refiner_kernel.FUSED_WINDOW_DOTS, Triton and the kernel run): the products by one kernel (`window_dots`, fp32
+    C x h x w x (2r+1)^2 sampled window that grid_sample produces and re-reads. fused (None: on CUDA where Triton
+    and the kernel run; RomaOptions.fused_window_dots): the products by one kernel (`window_dots`, fp32
     accumulation) instead of gathered windows times f1 in chunks of `max_chunk_elems`."""
     b, c, h, w = f1.shape
     n = 2 * radius + 2
@@ -194,7 +194,7 @@ def local_correlation_gathered(f1: torch.Tensor, f2: torch.Tensor, flow: torch.T
     f2t = f2t.reshape(b * (h * w + 1), c)
     f1s = (f1 / (c**0.5)).permute(0, 2, 3, 1)
     if fused is None:
-        fused = (f1.is_cuda and refiner_kernel.FUSED_WINDOW_DOTS and refiner_kernel.triton_available()
+        fused = (f1.is_cuda and refiner_kernel.triton_available()
                  and refiner_kernel.kernel_runs_here("window_dots", f1.device))
     if fused:
         g = refiner_kernel.window_dots(f1s.reshape(b * h * w, c), f2t, index.reshape(b * h * w, n * n))
@@ -226,7 +226,8 @@ class ConvRefiner(nn.Module):
         super().__init__()
         self.radius = radius
         self.channels_last = False  # speed-form option: NHWC convolutions
-        self.gathered_correlation = False  # speed form: local_correlation_gathered
+        self.gathered_correlation = False  # speed form: local_correlation_gathered ...
+        self.window_dots = True  # ... with its products by the `window_dots` kernel where it runs
         # speed form on CUDA: "triton" / "inductor" = each block's depthwise conv + bias + ReLU (+ the previous
         # 1x1 conv's bias) as one fused kernel (refiner_kernel.py); None = cuDNN. Needs folded BatchNorms.
         self.fused_depthwise: str | None = None
@@ -250,8 +251,11 @@ class ConvRefiner(nn.Module):
         emb = self.disp_emb((DISP_EMB_SCALE * scale_factor * (flow - grid_a)).to(f1.dtype))
         parts = [f1, x_hat, emb]
         if self.radius:
-            corr = local_correlation_gathered if self.gathered_correlation else local_correlation
-            parts.append(corr(f1, f2, flow, self.radius).to(f1.dtype))
+            if self.gathered_correlation:
+                corr = local_correlation_gathered(f1, f2, flow, self.radius, fused=None if self.window_dots else False)
+            else:
+                corr = local_correlation(f1, f2, flow, self.radius)
+            parts.append(corr.to(f1.dtype))
         if self.channel_pad:
             parts.append(f1.new_zeros(b, self.channel_pad, h, w))
         x = torch.cat(parts, dim=1)
@@ -442,11 +446,13 @@ class RomaNet(nn.Module):
                 n += _fold_pairs(block)
         return n
 
-    def use_gathered_correlation(self) -> "RomaNet":
-        """Speed form: the refiners' local correlation by `local_correlation_gathered`."""
+    def use_gathered_correlation(self, window_dots: bool = True) -> "RomaNet":
+        """Speed form: the refiners' local correlation by `local_correlation_gathered`; `window_dots`: its products
+        by the Triton kernel where it runs (False: gathered windows and a batched GEMM)."""
         for refiner in self.decoder.conv_refiner.values():
             assert isinstance(refiner, ConvRefiner)
             refiner.gathered_correlation = True
+            refiner.window_dots = window_dots
         return self
 
     def pad_refiner_channels(self, multiple: int = 8) -> int:

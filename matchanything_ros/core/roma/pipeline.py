@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from ..errors import CheckpointError, ConfigError
 from ..params import PARAMS_BY_NAME
 from ..result import MatchResult
 from .config import RomaConfig
+from .options import RomaOptions
 from .preprocess import PreparedImage, model_to_original, prepare_image, prepare_stage1
 from .sampling import (DeviceSampler, SparseMatches, balanced_sample, seeded_generator, to_pixels, topk_sample,
                        valid_mask)
@@ -35,17 +36,6 @@ def _to_numpy(a: Any) -> np.ndarray:
 
 
 DINOV2_KEY_PREFIX = "dinov2."  # DINOv2 keys inside the combined state dict of `load_weights`
-# GP solver of the CUDA speed form: fp32 Cholesky + triangular solves, no host sync (CUDA-graph capturable)
-GPU_GP_SOLVER: "GpSolver" = "cholesky"
-# refiner blocks of the CUDA speed form (fp16 and fp32; refiner_kernel.MODES). "cudnn_nhwc": channels-last, cuDNN's
-# depthwise conv, its bias (+ the fp32 form's unfolded BatchNorm) + ReLU in one Triton pass, the 1x1 convs as
-# GEMMs with cuBLAS's bias epilogue. H200, 640x480 pair (bench/results/h200_2026-12-01/round3_call5_*, _call6_*):
-# fp16 79.7 -> 60.3 ms, fp32 273.5 -> 229.6 ms (IEEE fp32 still, summation order aside: parity unchanged).
-# None = cuDNN's modules, NCHW (also where Triton is missing); "triton" / "inductor" (fp16) measured slower.
-GPU_FUSED_DEPTHWISE: str | None = "cudnn_nhwc"
-# CUDA fp16 speed form: the refiners' channels (1377/1137/569) padded with zero channels to a multiple of this,
-# so the 1x1 convs run aligned GEMMs (None: unpadded)
-GPU_REFINER_CHANNEL_MULTIPLE: int | None = 8
 
 
 @dataclass
@@ -54,26 +44,38 @@ class RomaMeta:
     image1: PreparedImage
 
 
+# the dense graph's inputs where it stretch-resizes the stage-1 images itself (device_graph.RomaImageGraph)
+STAGE1_INPUTS = ("image0", "image1")
+
+
 class RomaPipeline:
     name = "roma"
     graphs = ("dense",)
 
     def __init__(self, config: dict[str, Any] | None = None, roma_config: RomaConfig | None = None,
-                 gp_solver: "GpSolver | None" = None) -> None:
+                 options: RomaOptions | None = None) -> None:
         config = dict(config or {})
         self.config = roma_config or RomaConfig.from_params(config)
         self.dinov2_path = str(PARAMS_BY_NAME["dinov2_path"].validate(config.get("dinov2_path", "")))
-        # None: "inverse" (the original's solve) on the CPU, GPU_GP_SOLVER on CUDA
-        self.gp_solver: GpSolver | None = gp_solver
-        # set by torch_graphs when it builds the image-fed graph (RomaImageGraph): preprocess then hands
-        # over the stage-1 images and the stretch-resize runs on the device
-        self.resize_on_device = False
-        self._device_sampler = DeviceSampler()  # the balanced sampler where the dense outputs are on CUDA
+        self.options = options or RomaOptions()
+        # the dense graph's inputs: four resized images (numpy stretch here), or the two stage-1 images where the
+        # graph resizes them itself (RomaImageGraph). Fixed once, by `bind_graphs` when the torch backend is built
+        # for this pipeline: torch_graphs changes nothing here
+        self.stage1_inputs = False
+        # the balanced sampler where the dense outputs are on CUDA
+        self._device_sampler = DeviceSampler(self.options.capture_sampler)
+
+    def bind_graphs(self, graphs: dict[str, "torch.nn.Module"]) -> None:
+        """Feed the dense graph the backend runs (from `torch_graphs`) the inputs it takes. Called once, when the
+        backend is built (backends.factory); ONNX Runtime and TensorRT run exported graphs of four images."""
+        from ..backends.torch_backend import graph_input_names
+
+        self.stage1_inputs = tuple(graph_input_names(graphs["dense"])) == STAGE1_INPUTS
 
     # --- VariantPipeline -----------------------------------------------------------------------
     def preprocess(self, image0: np.ndarray, image1: np.ndarray) -> tuple[dict[str, np.ndarray], RomaMeta]:
         c = self.config
-        if self.resize_on_device:
+        if self.stage1_inputs:
             s0, q0 = prepare_stage1(image0, c.webui_resize, "image0", webui_on_device=True)
             s1, q1 = prepare_stage1(image1, c.webui_resize, "image1", webui_on_device=True)
             return {"image0": s0[None], "image1": s1[None]}, RomaMeta(q0, q1)
@@ -158,7 +160,7 @@ class RomaPipeline:
             dinov2_state = {k[n:]: v for k, v in state_dict.items() if k.startswith(DINOV2_KEY_PREFIX)} or None
         if dinov2_state is None:
             dinov2_state = load_dinov2_state_dict(self.dinov2_path)
-        net = RomaNet(gp_solver or self.gp_solver or "inverse")
+        net = RomaNet(gp_solver or "inverse")
         load_state_dicts_into(net, roma, dinov2_state, "RoMa checkpoint", self.dinov2_path or "DINOv2 weights")
         return net.eval()
 
@@ -167,38 +169,39 @@ class RomaPipeline:
                      gp_solver: "GpSolver | None" = None, precision: str = "fp32",
                      resize_on_device: bool | None = None) -> dict[str, "torch.nn.Module"]:
         """{"dense": graph}. On the CPU (and for export): `RomaDenseGraph`, the exact form fed with the numpy
-        preprocessing. On CUDA (`resize_on_device` None = on CUDA): `RomaImageGraph`, fed with the stage-1
-        images, in the speed form — the refiners' local correlation gathered (`local_correlation_gathered`),
-        the GP by Cholesky (GPU_GP_SOLVER), and for precision fp16 half weights stored once with the
-        BatchNorms folded into the convolutions, the refiners' channels padded to aligned counts
-        (GPU_REFINER_CHANNEL_MULTIPLE), and in both precisions the refiner blocks in the form GPU_FUSED_DEPTHWISE
-        names (channels-last "cudnn_nhwc" by default). (channels_last for the whole net measured slower.)
-        gp_solver: None = the default of the device, "newton_schulz" for ONNX export."""
+        preprocessing. On CUDA, the speed form of `self.options` (RomaOptions): the GP by its CUDA solver, the
+        refiners' local correlation gathered, for precision fp16 half weights stored once with the BatchNorms
+        folded into the convolutions and the refiners' channels padded to aligned counts, and in both precisions
+        the refiner blocks in the fused form it names (channels-last "cudnn_nhwc" by default); fed with the
+        stage-1 images (`RomaImageGraph`) where `resize_on_device` (None: options.stage1_on_device on CUDA).
+        (channels_last for the whole net measured slower.) gp_solver: None = "inverse" on the CPU, the options'
+        on CUDA; "newton_schulz" for ONNX export. Pure: the pipeline learns the graph's inputs in `bind_graphs`."""
         import torch
 
         from .device_graph import FP32_WARMUP_HEADROOM_GIB, RomaImageGraph
         from .model import RomaDenseGraph
 
+        o = self.options
         on_gpu = torch.device(device).type == "cuda"
-        resize_on_device = on_gpu if resize_on_device is None else resize_on_device
-        solver = gp_solver or self.gp_solver or (GPU_GP_SOLVER if on_gpu else "inverse")
+        if resize_on_device is None:
+            resize_on_device = on_gpu and o.stage1_on_device
+        solver = gp_solver or cast("GpSolver", o.cuda_gp_solver if on_gpu else "inverse")  # RomaOptions checks it
         net = self.build_net(state_dict, dinov2_state, solver)
         if precision == "fp16":
             net.fold_batchnorms()
             net.half_weights()
-        if on_gpu:
-            net.use_gathered_correlation()
+        if on_gpu and o.gathered_correlation:
+            net.use_gathered_correlation(o.fused_window_dots)
         net.to(device)
-        if on_gpu and precision == "fp16" and GPU_REFINER_CHANNEL_MULTIPLE:
-            net.pad_refiner_channels(GPU_REFINER_CHANNEL_MULTIPLE)
+        if on_gpu and precision == "fp16" and o.refiner_channel_multiple:
+            net.pad_refiner_channels(o.refiner_channel_multiple)
         if on_gpu:
             # fp32 keeps its BatchNorms unfolded: only "cudnn_nhwc" (or None) takes them
-            mode = GPU_FUSED_DEPTHWISE if precision == "fp16" or GPU_FUSED_DEPTHWISE == "cudnn_nhwc" else None
-            net.use_fused_depthwise(mode)
+            blocks = o.refiner_blocks
+            net.use_fused_depthwise(blocks if precision == "fp16" or blocks == "cudnn_nhwc" else None)
         grid = self.config.coarse_res // 14
         net.dinov2.freeze_pos_embed(grid, grid)  # a constant for this input size (and in exported graphs)
         if resize_on_device:
-            self.resize_on_device = True
             # cuDNN autotuning: fp16 measured the same speed without it (82.4 vs 82.6 ms, H200) and less
             # memory; fp32 without it measured 736 ms inference (cuDNN's heuristic picks), with it 315 ms
             # (issue 13's run of the previous code): on for fp32 only
@@ -206,7 +209,7 @@ class RomaPipeline:
             return {"dense": RomaImageGraph(net, self.config.coarse_res, self.config.upsample_res,
                                             cudnn_benchmark=fp32,
                                             warmup_headroom_gib=FP32_WARMUP_HEADROOM_GIB if fp32 else None,
-                                            webui=self.config.webui_resize).eval()}
+                                            webui=self.config.webui_resize, cudnn_tf32=o.fp32_cudnn_tf32).eval()}
         return {"dense": RomaDenseGraph(net).eval()}
 
     def example_inputs(self, graph: str = "dense") -> dict[str, "torch.Tensor"]:

@@ -23,14 +23,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .options import REFINER_BLOCK_MODES
+
 log = logging.getLogger(__name__)
 
 KERNEL = 5  # the refiner blocks' depthwise kernel size
 PAD = KERNEL // 2
-# "cudnn_nhwc": the refiners channels-last — cuDNN's depthwise conv, bias (+ BatchNorm) + ReLU by one Triton pass
-# (bias_relu_nhwc_), the 1x1 convs as GEMMs with their bias in cuBLAS's epilogue;
-# "shifted": the eager reference form (slow; tests, benchmarks)
-MODES = ("triton", "cudnn_nhwc", "inductor", "shifted")
+MODES = REFINER_BLOCK_MODES  # the refiner blocks' fused forms (options.py says what each is)
 TRITON_BLOCK = 1024  # output pixels per Triton program (a few rows of one channel plane)
 # dynamo keeps at most `recompile_limit` compiled shapes per function; the refiners have 9 (pass 1:
 # 5 scales, pass 2: 4), each in one dtype
@@ -106,9 +105,6 @@ def bias_relu_nhwc_(x: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | N
 
 NHWC_TILE = 4096  # elements per program of bias_relu_nhwc (64 channels x 64 pixels, 128 B rows in fp16)
 
-# CUDA: the local correlation's window products by the `window_dots` kernel (False: gathered windows and a
-# batched GEMM, which writes and re-reads ~5 GB of windows a pair at 864: 6.4 ms fp16, H200)
-FUSED_WINDOW_DOTS = True
 WINDOW_DOTS_TILE = 8192  # elements (pixels x window rows x channels) a program of window_dots loads per step
 
 

@@ -181,10 +181,6 @@ def device_draws(m: torch.Tensor, certainty: torch.Tensor, n2: int, q1: torch.Te
     return m1[idx2], c1[idx2], idx1, idx2, density
 
 
-# CUDA: the balanced sampler replayed as one CUDA graph (DeviceSampler); False: eager (benchmarks compare)
-CAPTURE_DEVICE_SAMPLER = True
-
-
 @dataclass
 class _SamplerCapture:
     graph: "torch.cuda.CUDAGraph"
@@ -203,16 +199,17 @@ class DeviceSampler:
     is the same every frame (`race_noise`): made once, a constant of the capture — the draws equal the eager
     `balanced_sample` with `seeded_generator(seed)` bit for bit. Unseeded (seed < 0), the noise is drawn
     inside the graph from torch's default CUDA generator, which advances on every replay. Where a capture
-    fails (said once in the log), that key runs eagerly."""
+    fails (said once in the log), that key runs eagerly. capture=False: always eagerly (RomaOptions.capture_sampler)."""
 
-    def __init__(self) -> None:
+    def __init__(self, capture: bool = True) -> None:
+        self.capture = capture
         self._captures: dict[tuple[str, int, int, int], _SamplerCapture] = {}
         self._eager: set[tuple[str, int, int, int]] = set()
 
     def __call__(self, warp: torch.Tensor, certainty: torch.Tensor, num: int, seed: int) -> SparseMatches:
         m = warp.reshape(-1, 4).float()
         key = (str(m.device), int(m.shape[0]), int(num), int(seed))
-        if not CAPTURE_DEVICE_SAMPLER or key in self._eager:
+        if not self.capture or key in self._eager:
             return balanced_sample(m, certainty, num, seeded_generator(seed, m.device))
         with torch.inference_mode():
             cap = self._captures.get(key)
