@@ -85,7 +85,10 @@ def test_sizes_without_a_device_form_are_resampled_on_the_host(demo: Any, size: 
     cfg, state = demo
     assert not plan_stage1(size[0], size[1], settings).device
     pipe = EloftrPipeline({}, cfg)
-    pipe.settings, pipe.product, pipe.stage1_on_device = settings, True, True
+    pipe.settings = settings
+    product = EloftrProduct(pipe.build_net(state), pipe.threshold, pipe.max_matches, stage1=settings)
+    pipe.bind_graphs({"product": product})
+    assert pipe.product and pipe.stage1_on_device
     photo = camera_photo(*size)
     inputs, meta = pipe.preprocess(photo, photo)
     ref, _ = stage2_rgb(photo, settings)
@@ -107,7 +110,7 @@ def test_product_graph_with_stage1_on_device_gives_the_host_paths_matches(demo: 
     host_backend = TorchBackend(host.torch_graphs(state, "cpu"), "cpu")
     prod = EloftrPipeline(params, cfg)
     module = EloftrProduct(prod.build_net(state), prod.threshold, prod.max_matches, stage1=prod.settings).eval()
-    prod.product = prod.stage1_on_device = True
+    prod.bind_graphs({"product": module})
     prod_backend = TorchBackend({"product": module}, "cpu")
     inputs, _ = prod.preprocess(a, b)
     assert inputs["rgb0"].shape == (720, 1280, 3)  # the camera image itself goes to the graph

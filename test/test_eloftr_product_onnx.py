@@ -37,7 +37,7 @@ def test_product_graph_onnx_gives_the_host_paths_matches(tmp_path: Path) -> None
         None, {"rgb0": a, "rgb1": b})[0]
     n = int(out[0, 0])
     assert n == len(ref)
-    np.testing.assert_array_equal(out[1:n + 1, 0].astype(np.int64), host.last_coarse.i_ids)
-    np.testing.assert_array_equal(out[1:n + 1, 1].astype(np.int64), host.last_coarse.j_ids)
+    np.testing.assert_array_equal(out[1:n + 1, 0].astype(np.int64), ref.extras["coarse_i_ids"])
+    np.testing.assert_array_equal(out[1:n + 1, 1].astype(np.int64), ref.extras["coarse_j_ids"])
     np.testing.assert_allclose(out[1:n + 1, 6], ref.confidence, rtol=1e-4, atol=1e-6)
     assert "same list True" in log.getvalue()

@@ -85,8 +85,8 @@ def test_the_matcher_runs_it_with_precision_fp16_and_refuses_fp32(fp16_export: t
             Matcher(MatcherConfig.from_params({**params, "backend": "torch"})) as ref_m:
         assert m.info["precision"] == "fp16" and m.info["engine_file"].startswith("product=")
         got, ref = m.match(im0, im1), ref_m.match(im0, im1)
-        got_ij = list(zip(m.pipeline.last_coarse.i_ids.tolist(), m.pipeline.last_coarse.j_ids.tolist()))
-        ref_ij = list(zip(ref_m.pipeline.last_coarse.i_ids.tolist(), ref_m.pipeline.last_coarse.j_ids.tolist()))
+    got_ij = list(zip(got.extras["coarse_i_ids"].tolist(), got.extras["coarse_j_ids"].tolist()))
+    ref_ij = list(zip(ref.extras["coarse_i_ids"].tolist(), ref.extras["coarse_j_ids"].tolist()))
     assert got.extras["graph"] == "product" and len(ref) > 100
     assert abs(len(got) - len(ref)) <= FP16_MAX_COUNT_DIFF * len(ref)
     ref_at = {ij: k for k, ij in enumerate(ref_ij)}

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+import parity_rules as pr
 import pytest
 import torch
 from test_export_onnx import REF, exported_eloftr, seeded_eloftr_state
 
-import parity_rules as pr
-
+from matchanything_ros.core.eloftr.postprocess import CoarseMatches
 from matchanything_ros.core.engines.onnxruntime_backend import OnnxRuntimeBackend, choose_provider
 from matchanything_ros.core.errors import BackendUnavailableError, ConfigError
 
@@ -134,9 +134,9 @@ def test_ort_matches_torch_fp32_on_every_fixture_pair(size: int) -> None:
     try:
         for name, im0, im1 in _fixture_pairs():
             ref = run_pair(ref_pipe, ref_backend, im0, im1)
-            ref_coarse = ref_pipe.last_coarse
             got = run_pair(ort_pipe, ort_backend, im0, im1)
-            got_coarse = ort_pipe.last_coarse
+            ref_coarse, got_coarse = (CoarseMatches(r.result.extras["coarse_i_ids"], r.result.extras["coarse_j_ids"],
+                                                    r.result.confidence) for r in (ref, got))
             assert ref.result.extras["canvas0"] == size, name
             where = f"{name}@{size}"
             assert len(ref.result) >= 10, f"{where}: too few matches for a meaningful comparison"

@@ -97,10 +97,10 @@ def test_onnxruntime_runs_the_product_model_with_the_host_paths_matches(
                                             "model_file_path": str(product_dir)})) as m:
         assert m.info["engine_file"] == f"product={(product_dir / 'product.onnx').resolve()}"
         got = m.match(*camera_pair)
-        got_ij = (m.pipeline.last_coarse.i_ids.copy(), m.pipeline.last_coarse.j_ids.copy())
+        got_ij = (got.extras["coarse_i_ids"], got.extras["coarse_j_ids"])
     with Matcher(MatcherConfig.from_params({**params, "backend": "torch"})) as ref_m:
         ref = ref_m.match(*camera_pair)
-        ref_ij = (ref_m.pipeline.last_coarse.i_ids, ref_m.pipeline.last_coarse.j_ids)
+        ref_ij = (ref.extras["coarse_i_ids"], ref.extras["coarse_j_ids"])
     assert got.extras["graph"] == "product" and got.extras["matches_capped"] is False
     assert len(ref) > 300 and got.extras["coarse_matches_total"] == len(got) == len(ref)
     np.testing.assert_array_equal(got_ij[0], ref_ij[0])  # the same list, in the same (row-major) order
@@ -140,7 +140,7 @@ def test_with_a_forced_resize_the_product_model_fits_every_camera(tmp_path: Path
         for a, b in pairs:
             got, ref = m.match(a, b), ref_m.match(a, b)
             assert got.extras["graph"] == "product" and len(got) == len(ref) > 100
-            np.testing.assert_array_equal(m.pipeline.last_coarse.i_ids, ref_m.pipeline.last_coarse.i_ids)
-            np.testing.assert_array_equal(m.pipeline.last_coarse.j_ids, ref_m.pipeline.last_coarse.j_ids)
+            np.testing.assert_array_equal(got.extras["coarse_i_ids"], ref.extras["coarse_i_ids"])
+            np.testing.assert_array_equal(got.extras["coarse_j_ids"], ref.extras["coarse_j_ids"])
             np.testing.assert_allclose(got.keypoints1, ref.keypoints1, atol=1e-2)
             assert got.image0_size == (a.shape[1], a.shape[0])

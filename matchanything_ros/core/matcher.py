@@ -188,10 +188,9 @@ class Matcher:
         if changed <= GEOMETRY_PARAM_NAMES:  # verification runs after the graphs: nothing to rebuild
             self.config, self._torch_verifier = config, None
             return True
-        set_threshold = getattr(self.pipeline, "set_threshold", None)
-        if changed != {"threshold"} or set_threshold is None:
+        if changed != {"threshold"}:
             return False
-        if not set_threshold(config.threshold, getattr(self.backend, "graphs", {})):
+        if not self.pipeline.set_threshold(config.threshold, getattr(self.backend, "graphs", {})):
             return False
         self.config = config
         return True

@@ -49,8 +49,11 @@ class MatchResult:
         keep = np.asarray(self.geometry.inliers, bool)
         geometry = dataclasses.replace(self.geometry, inliers=np.ones(int(keep.sum()), bool),
                                        extras={**self.geometry.extras, "num_matches": len(keep)})
+        # per-match extras (e.g. ELoFTR's coarse cells, RoMa's model-size keypoints) follow their matches
+        extras = {k: v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == keep.shape else v
+                  for k, v in self.extras.items()}
         return dataclasses.replace(self, keypoints0=self.keypoints0[keep], keypoints1=self.keypoints1[keep],
-                                   confidence=self.confidence[keep], geometry=geometry)
+                                   confidence=self.confidence[keep], geometry=geometry, extras=extras)
 
     def to_json_dict(self) -> dict[str, Any]:
         return {

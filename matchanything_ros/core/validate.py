@@ -35,11 +35,11 @@ class RunOutput:
 
 def match_keys(pipeline: Any, result: MatchResult) -> np.ndarray:
     """Order-independent identity of each match row of `result` (just produced by `pipeline`)."""
-    coarse = getattr(pipeline, "last_coarse", None)
-    if coarse is not None:  # ELoFTR: rows are the coarse matches in order
-        if len(coarse.i_ids) != len(result):
-            raise ConfigError("ELoFTR result rows do not match the pipeline's coarse matches")
-        return coarse.i_ids.astype(np.int64) * _CELL_KEY + coarse.j_ids.astype(np.int64)
+    i_ids, j_ids = result.extras.get("coarse_i_ids"), result.extras.get("coarse_j_ids")
+    if i_ids is not None and j_ids is not None:  # ELoFTR: each row's coarse cells
+        if len(i_ids) != len(result):
+            raise ConfigError("ELoFTR result rows do not match their coarse matches")
+        return np.asarray(i_ids, np.int64) * _CELL_KEY + np.asarray(j_ids, np.int64)
     kp_model = result.extras.get("keypoints0_model")
     if kp_model is not None:  # RoMa topk: image0 grid points are fixed positions
         q = np.round(np.asarray(kp_model, np.float64) * 1000.0).astype(np.int64)

@@ -28,6 +28,25 @@ PIPELINES = {
 class VariantPipeline(Protocol):
     name: str
     graphs: tuple[str, ...]  # graph names in execution order
+    options: Any  # the variant's speed forms (EloftrOptions, RomaOptions): data, never a parameter
+    product_graph: str | None  # a one-graph export that runs instead of `graphs` (bound by the backend factory)
+
+    def load_weights(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The state dict of the files `params` names (checkpoint_path; RoMa also dinov2_path)."""
+        ...
+
+    def torch_graphs(self, state_dict: dict[str, Any], device: str = "cpu", *, precision: str = "fp32"
+                     ) -> dict[str, Any]:
+        """The torch modules of the graphs on `device` (the torch backend runs them)."""
+        ...
+
+    def bind_graphs(self, graphs: dict[str, Any]) -> None:
+        """Fix, once, which inputs preprocess makes: those of the torch graphs the backend was built with."""
+        ...
+
+    def set_threshold(self, threshold: float, graphs: dict[str, Any]) -> bool:
+        """Take a new threshold in place (True), or say a new matcher is needed (False)."""
+        ...
 
     @property
     def device_outputs(self) -> frozenset[str]:

@@ -134,7 +134,7 @@ def _tensorrt_backend(params: dict[str, Any], pipeline: Any, device: str, precis
     try:
         backend = cls(found.engines, trt_device, precision, variant=pipeline.name,
                       onnx_paths=found.onnx_paths or None, device_index=device_index,
-                      keep_on_device=getattr(pipeline, "device_outputs", ()))
+                      keep_on_device=pipeline.device_outputs)
     except EngineMismatchError as exc:  # the backend checks again, on the device it opened
         return None, f"stale TensorRT engine: {exc}"
     _bind_single_graph(pipeline, backend, found.engines)
@@ -146,7 +146,7 @@ def _bind_single_graph(pipeline: Any, backend: Any, models: dict[str, Path]) -> 
     the pipeline checks them against its own and switches to that graph (closing the backend if not)."""
     from ..engines.cache import META_PREFIX
 
-    single = getattr(pipeline, "product_graph", None)
+    single = pipeline.product_graph
     if single is None or single not in backend.graphs:
         return
     meta = backend.metadata(single)
@@ -170,24 +170,18 @@ def create_backend(params: dict[str, Any], pipeline: Any) -> Backend:
 
 
 def create_torch_backend(params: dict[str, Any], pipeline: Any, device: str) -> Backend:
-    from ..checkpoint import load_state_dict
     from .torch_backend import TorchBackend
 
     problem = torch_device_problem(device)
     if problem is not None:  # before the weights move to the device, which fails deep inside torch
         raise BackendUnavailableError(problem)
-    if hasattr(pipeline, "load_weights"):  # a variant with more than one weights file (RoMa + DINOv2)
-        state = pipeline.load_weights(params)
-    else:
-        state = load_state_dict(params["checkpoint_path"], pipeline.name)
+    state = pipeline.load_weights(params)
     precision = params.get("precision", "fp32")
     graphs = pipeline.torch_graphs(state, device, precision=precision)
-    bind_graphs = getattr(pipeline, "bind_graphs", None)  # RoMa: its preprocessing feeds the graph built here
-    if bind_graphs is not None:
-        bind_graphs(graphs)
+    pipeline.bind_graphs(graphs)  # its preprocessing feeds the graphs built here
     # the variant's speed choices (EloftrOptions, RomaOptions) that the backend runs
-    options = getattr(pipeline, "options", None)
-    return TorchBackend(graphs, device, precision, keep_on_device=getattr(pipeline, "device_outputs", ()),
+    options = pipeline.options
+    return TorchBackend(graphs, device, precision, keep_on_device=pipeline.device_outputs,
                         row_buckets=getattr(options, "row_buckets", True),
                         predict_rows=getattr(options, "predict_rows", True))
 
@@ -222,7 +216,7 @@ def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:
         models = _onnx_files(params, pipeline)
         if models is not None:
             backend = _import_backend("onnxruntime_backend", "OnnxRuntimeBackend")(
-                models, device, precision, keep_on_device=getattr(pipeline, "device_outputs", ()))
+                models, device, precision, keep_on_device=pipeline.device_outputs)
             _bind_single_graph(pipeline, backend, models)
             _note_tensorrt_fallback(fallback_note)
             log.info("backend: onnxruntime on %s (%s)", backend.device, ", ".join(map(str, models.values())))

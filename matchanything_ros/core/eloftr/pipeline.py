@@ -80,10 +80,11 @@ class EloftrPipeline:
         # dual softmax sums to <= 1). Below that the torch graph returns the full matrix instead.
         self.topk_exact = self.threshold >= 1.0 / (k + 1)
         self.coarse_full = coarse_mode == "full" or (coarse_mode == "auto" and not self.topk_exact)
-        self.last_coarse: CoarseMatches | None = None
         # the product graph's cap on matches per frame: the same bound the engines' fine graph has
         self.max_matches = int(_param(config, "engine_max_matches"))
-        self.product = False  # set by torch_graphs when it builds the product graph (torch on CUDA)
+        # which graphs run, fixed once when the backend is built (bind_graphs, bind_product_model): the product
+        # graph (torch on CUDA, or an exported product model) ...
+        self.product = False
         self.stage1_on_device = False  # ... and whether that graph resamples the camera images itself
 
     # the one-graph export (engines.export.export_eloftr_product): ONNX Runtime runs it instead of coarse + fine
@@ -98,6 +99,19 @@ class EloftrPipeline:
                 f"matcher has threshold {self.threshold} and engine_max_matches {self.max_matches}. Set those, or "
                 "export for these with `matchanything export --image-size WxH --threshold T --engine-max-matches N`")
         self.product = True
+
+    def bind_graphs(self, graphs: dict[str, "torch.nn.Module"]) -> None:
+        """Feed the graphs the torch backend runs (from `torch_graphs`): the product graph where there is one, with
+        the camera images themselves where it resamples them. Called once, when the backend is built."""
+        product = graphs.get(self.product_graph)
+        self.product = product is not None
+        self.stage1_on_device = product is not None and getattr(product, "stage1", None) is not None
+
+    def load_weights(self, params: dict[str, Any]) -> dict[str, "torch.Tensor"]:
+        """The released checkpoint's state dict (one file; loaded without executing pickled code)."""
+        from ..checkpoint import load_state_dict
+
+        return load_state_dict(params["checkpoint_path"], self.name)
 
     # --- VariantPipeline -----------------------------------------------------------------------
     def preprocess(self, image0: np.ndarray, image1: np.ndarray) -> tuple[dict[str, np.ndarray], EloftrMeta]:
@@ -123,7 +137,7 @@ class EloftrPipeline:
     device_outputs = frozenset({"feat_f0", "feat_f1"})
 
     def infer(self, backend: "Backend", inputs: dict[str, np.ndarray], meta: EloftrMeta) -> dict[str, Any]:
-        if "rgb0" in inputs:
+        if self.product:
             return self._infer_product(backend, inputs)
         assert meta.mask0 is not None and meta.mask1 is not None
         coarse = backend.run("coarse", inputs)
@@ -133,8 +147,9 @@ class EloftrPipeline:
                         getattr(backend, "name", "?"))
         cm = select_coarse_matches(coarse, meta.mask0, meta.mask1, self.threshold, self.model_config.border_rm,
                                    self.max_matches)
-        self.last_coarse = cm
-        cap_info = {"coarse_matches_total": cm.total, "matches_capped": cm.capped}
+        # the coarse cells of each match row: their identity for `validate` (MatchResult.extras)
+        cap_info = {"coarse_matches_total": cm.total, "matches_capped": cm.capped, "coarse_i_ids": cm.i_ids,
+                    "coarse_j_ids": cm.j_ids}
         if cm.capped:
             self._say_capped(cm.total, self.max_matches)
         if cm.i_ids.size == 0:
@@ -161,7 +176,6 @@ class EloftrPipeline:
         rows = rows[used] if not used.all() else rows
         cm = CoarseMatches(rows[:, col["i"]].astype(np.int64), rows[:, col["j"]].astype(np.int64),
                            rows[:, col["conf"]].copy(), truncated, count)
-        self.last_coarse = cm
         if truncated:
             log.warning("ELoFTR: %d coarse rows have all %d candidates above threshold %.4g; matches may be "
                         "truncated", truncated, self.model_config.candidates_per_cell, self.threshold)
@@ -169,12 +183,16 @@ class EloftrPipeline:
             self._say_capped(count, cap)
         return {"mkpts0_c": np.ascontiguousarray(rows[:, col["x0"]:col["y0"] + 1]),
                 "mkpts1_c": np.ascontiguousarray(rows[:, col["x1"]:col["y1"] + 1]), "mconf": cm.mconf,
-                "coarse_matches_total": count, "matches_capped": count > cap}
+                "coarse_matches_total": count, "matches_capped": count > cap, "coarse_i_ids": cm.i_ids,
+                "coarse_j_ids": cm.j_ids}
 
     def postprocess(self, outputs: dict[str, Any], meta: EloftrMeta) -> MatchResult:
         mconf = np.asarray(outputs["mconf"], np.float32)
         extras: dict[str, Any] = {"coarse_matches_total": int(outputs.get("coarse_matches_total", mconf.size)),
                                   "matches_capped": bool(outputs.get("matches_capped", False))}
+        for key in ("coarse_i_ids", "coarse_j_ids"):  # each match's coarse cell in image0 / image1
+            if key in outputs:
+                extras[key] = np.asarray(outputs[key], np.int64)
         if self.product:
             extras["graph"] = "product"
         return MatchResult(
@@ -226,14 +244,11 @@ class EloftrPipeline:
             product = self.options.product_graph and str(device).startswith("cuda")
         if product and str(device).startswith("cuda"):
             o = self.options
-            self.stage1_on_device = o.stage1_on_device
             graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches, o.head, o.fine, o.compiled,
                                               stage1=self.settings if o.stage1_on_device else None).eval()
-            self.product = True
         elif product and not full:
             graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches).eval()
-            self.product = True
-        return graphs
+        return graphs  # what runs is fixed by bind_graphs(graphs): building graphs changes nothing here
 
     def set_threshold(self, threshold: float, graphs: dict[str, Any]) -> bool:
         """Take a new threshold without rebuilding: True when these graphs serve it (the product graph reads

@@ -603,7 +603,7 @@ def find_engines(params: dict[str, Any], pipeline: Any, system: TensorRTSystem) 
         assert onnx_dir is not None
         plan = plan_engine_set(onnx_dir, system=system, **settings)
     graphs = list(plan.graphs) if plan is not None else list(pipeline.graphs)  # the export's, where known
-    single = getattr(pipeline, "product_graph", None)
+    single = pipeline.product_graph
     if given:
         base = Path(given).expanduser()
         if plan is None and single and (base / f"{single}{ENGINE_SUFFIX}").is_file():

@@ -301,7 +301,7 @@ def export_graphs(folder: Path, pipeline: Any) -> list[str]:
         graphs = None
     if isinstance(graphs, list) and graphs and all(isinstance(g, str) for g in graphs):
         return graphs
-    single = getattr(pipeline, "product_graph", None)  # a one-graph export wins over the split graphs
+    single = pipeline.product_graph  # a one-graph export wins over the split graphs
     if single and (folder / f"{single}{ONNX_SUFFIX}").is_file():
         return [single]
     return list(pipeline.graphs)

@@ -72,6 +72,12 @@ class RomaPipeline:
 
         self.stage1_inputs = tuple(graph_input_names(graphs["dense"])) == STAGE1_INPUTS
 
+    product_graph = None  # RoMa has no one-graph export to bind (VariantPipeline)
+
+    def set_threshold(self, threshold: float, graphs: dict[str, Any]) -> bool:
+        """RoMa's graphs take no threshold: a new one needs a new matcher (VariantPipeline)."""
+        return False
+
     # --- VariantPipeline -----------------------------------------------------------------------
     def preprocess(self, image0: np.ndarray, image1: np.ndarray) -> tuple[dict[str, np.ndarray], RomaMeta]:
         c = self.config
