@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from matchanything_ros.core.eloftr.config import EloftrConfig
-from matchanything_ros.core.eloftr.model import (EloftrCoarse, EloftrFine, EloftrNet, RepVGGBackbone,
-                                                 dual_softmax_confidence, fine_similarities, fuse_repvgg,
-                                                 gather_windows, topk_candidates)
+from matchanything_ros.core.eloftr.model import EloftrNet, RepVGGBackbone, fuse_repvgg
+from matchanything_ros.core.eloftr.graphs import (EloftrCoarse, EloftrFine, dual_softmax_confidence, fine_similarities,
+                                                  gather_windows, topk_candidates)
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
 from matchanything_ros.core.eloftr.postprocess import border_keep, select_coarse_matches
 import parity_rules as pr

@@ -16,7 +16,7 @@ import torch
 
 from matchanything_ros.core.backends.torch_backend import TorchBackend
 from matchanything_ros.core.checkpoint import load_state_dict
-from matchanything_ros.core.eloftr.model import EloftrFine, dual_softmax_confidence, topk_candidates
+from matchanything_ros.core.eloftr.graphs import EloftrFine, dual_softmax_confidence, topk_candidates
 from matchanything_ros.core.eloftr.product import (EloftrProduct, _tf32_split, lse_passing_mask, lse_topk_candidates,
                                                    select_on_device)
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline

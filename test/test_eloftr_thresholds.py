@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from matchanything_ros.core.checkpoint import load_state_dict
-from matchanything_ros.core.eloftr.model import CompiledOrEager
+from matchanything_ros.core.compiled import CompiledOrEager
 from matchanything_ros.core.eloftr.product import EloftrProduct, lse_passing_mask
 from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
 from matchanything_ros.core.eloftr.preprocess import stage2_rgb
@@ -132,7 +132,7 @@ def test_the_product_graph_reads_its_threshold_as_an_input(demo_pair: Any) -> No
 
 
 def compile_fallbacks_of(module: Any) -> list[str]:
-    from matchanything_ros.core.eloftr.model import compile_fallbacks
+    from matchanything_ros.core.compiled import compile_fallbacks
 
     return compile_fallbacks(module)
 

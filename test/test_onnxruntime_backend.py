@@ -102,7 +102,7 @@ class Recording:
 
 def _fine_margins(fine_inputs: dict[str, np.ndarray], cfg) -> np.ndarray:  # noqa: ANN001
     """Each match's fine-argmax margin (parity_rules.relative_margin) from the fine graph's inputs."""
-    from matchanything_ros.core.eloftr.model import fine_similarities, gather_windows
+    from matchanything_ros.core.eloftr.graphs import fine_similarities, gather_windows
 
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in fine_inputs.items()}
     with torch.inference_mode():

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from matchanything_ros.core.eloftr.config import EloftrConfig
-from matchanything_ros.core.eloftr.model import EloftrNet, fine_keypoints, fine_similarities
+from matchanything_ros.core.eloftr.model import EloftrNet
+from matchanything_ros.core.eloftr.graphs import fine_keypoints, fine_similarities
 from matchanything_ros.training.images import HELDOUT_IMAGES, TRAIN_IMAGES, load_skimage_rgb
 from matchanything_ros.training.losses import (coarse_targets, fine_log_probs, fine_targets, regression_offsets)
 from matchanything_ros.training.synthesis import PairBatch, PairSynthesizer, warp_points

@@ -89,8 +89,8 @@ def _worker_eloftr(out: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     import torch
 
     import parity_rules as pr
-    from matchanything_ros.core.eloftr.model import (EloftrFine, dual_softmax_confidence, fine_similarities,
-                                                     gather_windows)
+    from matchanything_ros.core.eloftr.graphs import (EloftrFine, dual_softmax_confidence, fine_similarities,
+                                                      gather_windows)
     from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
     from matchanything_ros.core.eloftr.postprocess import select_coarse_matches
     from reference import REFERENCE_ROOT, seeded_weights_module

@@ -521,7 +521,7 @@ class TorchVerifier:
 
         if not self.compiled:
             return geometry_fit
-        from .eloftr.model import CompiledOrEager  # the project's compile-or-fall-back wrapper
+        from .compiled import CompiledOrEager  # the project's compile-or-fall-back wrapper
 
         compiled = CompiledOrEager(geometry_fit, dynamic=False, fullgraph=True)
 

@@ -217,7 +217,7 @@ class Matcher:
         }
 
     def _compile_fallbacks(self) -> list[str]:
-        from .eloftr.model import compile_fallbacks  # torch backend only: other backends hold no modules
+        from .compiled import compile_fallbacks  # torch backend only: other backends hold no modules
 
         graphs = getattr(self.backend, "graphs", None)
         fallbacks = [f for g in graphs.values() for f in compile_fallbacks(g)] if isinstance(graphs, dict) else []

@@ -226,7 +226,7 @@ class EloftrPipeline:
         the ONNX exporter passes False (fixed-size top-K outputs). `speed_form` (default: on for fp16,
         which is not exact anyway) fuses RepVGG and uses SDPA + channels-last; fp32 stays the exact form.
         """
-        from .model import EloftrCoarse, EloftrFine
+        from .graphs import EloftrCoarse, EloftrFine
         from .product import EloftrProduct
 
         net = self.build_net(state_dict).to(device)

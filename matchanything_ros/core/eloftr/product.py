@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import (CompiledOrEager, EloftrFine, EloftrNet, _flat_cells, border_valid_cells,
-                    dual_softmax_confidence, topk_candidates)
+from .model import EloftrNet, _flat_cells
+from .graphs import EloftrFine, border_valid_cells, dual_softmax_confidence, topk_candidates
+from ..compiled import CompiledOrEager
 from .options import PRODUCT_HEADS
 
 log = logging.getLogger(__name__)

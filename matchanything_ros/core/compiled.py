@@ -1,0 +1,45 @@
+"""torch.compile with a way back: the compiled parts of the graphs (ELoFTR's features and fine level, the geometric
+verifier's fit) run eager when compiling fails, and say why."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class CompiledOrEager:
+    """`torch.compile(fn)`, falling back to `fn` for good if compiling fails (e.g. a torch without Triton,
+    as some Jetson wheels are), said once in the log. The first call is a warm-up run outside any CUDA
+    graph capture, so the choice is made before a capture."""
+
+    def __init__(self, fn: Any, dynamic: bool, fullgraph: bool = False) -> None:
+        self.fn = fn
+        self.compiled: Any = torch.compile(fn, dynamic=dynamic, fullgraph=fullgraph)
+        self.fallback = ""  # why this runs uncompiled ("" while compiled): Matcher.info shows it
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                # a recompile limit hit raises here instead of silently running eager from then on
+                with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                    return self.compiled(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise  # not a compiler failure: the eager function would need the memory too
+            except Exception as exc:  # noqa: BLE001  (any compiler failure: the eager function is the same maths)
+                name = getattr(self.fn, "__name__", str(self.fn))
+                self.fallback = f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                log.warning("torch.compile of %s failed (%s); running it uncompiled", name, self.fallback)
+                self.compiled = None
+        return self.fn(*args, **kwargs)
+
+
+def compile_fallbacks(module: Any) -> list[str]:
+    """The `CompiledOrEager` parts of a graph (attributes of it and of its submodules) that fell back to eager."""
+    if not isinstance(module, nn.Module):
+        return []
+    return [v.fallback for m in module.modules() for v in vars(m).values()
+            if isinstance(v, CompiledOrEager) and v.fallback]
