@@ -108,6 +108,11 @@ def diagnostics_after(client: NodeClient, name: str, at_least: int) -> dict[str,
 @pytest.mark.ros
 def test_inference_that_raises_n_times_is_logged_counted_and_the_node_recovers(faulty):
     node, io, client = faulty
+    # the node idle first: the fixture's last pairs may still be in flight and would take the first faults
+    # (a pair waits in the worker's one slot; once the newest pair is matched, none older is left)
+    stamp = io.next_stamp()
+    io.publish_pair(stamp)
+    io.wait_match(stamp)
     errors = int(client.latest_diagnostics(node_name=client.fqn)["match_errors"])
     plan = ["oom"] * 3 + ["cuda_error"] * 3 + ["host_memory"] * 2
     client.set_ok(inject_faults=",".join(plan))
