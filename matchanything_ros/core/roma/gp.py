@@ -22,13 +22,11 @@ whatever solved for alpha, and with it the CPU's rounding moves the original's o
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import nn
 
-GpSolver = Literal["inverse", "newton_schulz", "inverse_fp64", "cholesky"]
-GP_SOLVERS: tuple[str, ...] = ("inverse", "newton_schulz", "inverse_fp64", "cholesky")
+from .options import GP_SOLVERS, GpSolver  # noqa: F401  (the solve forms' names, torch-free, defined once there)
 
 KERNEL_T = 0.2
 SIGMA_NOISE = 0.1

@@ -8,8 +8,14 @@ module, so what one matcher runs never depends on what ran before it in the proc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from ..errors import ConfigError
+
+# the GP's solve forms (gp.solve_posterior): the original's fp32 inverse, the export form, a float64 diagnostic,
+# the CUDA speed form
+GpSolver = Literal["inverse", "newton_schulz", "inverse_fp64", "cholesky"]
+GP_SOLVERS: tuple[str, ...] = get_args(GpSolver)
 
 # the refiner blocks' fused forms (refiner_kernel.py). "triton": each block's depthwise conv + bias + ReLU as one
 # Triton kernel; "cudnn_nhwc": channels-last — cuDNN's depthwise conv, bias (+ BatchNorm) + ReLU by one Triton
@@ -46,8 +52,6 @@ class RomaOptions:
     fp32_cudnn_tf32: bool = False
 
     def __post_init__(self) -> None:
-        from .gp import GP_SOLVERS  # the solver names live with the solvers (imports torch)
-
         if self.cuda_gp_solver not in GP_SOLVERS:
             raise ConfigError(f"RomaOptions.cuda_gp_solver: {self.cuda_gp_solver!r} is not one of "
                               f"{', '.join(GP_SOLVERS)}")
