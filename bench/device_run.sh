@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# One device call: the benchmark matrix (bench/matrix.py) and the geometric verifier's GPU check
-# (bench/geometry_gpu.py), each bounded, results in $OUT/results.tar.gz and the log in $OUT/device_run.log.
+# One device call: the GPU tests, the geometric verifier's GPU check (bench/geometry_gpu.py) and the benchmark
+# matrix (bench/matrix.py), each bounded, results in $OUT/results/ (written as they come: a call cut short keeps
+# what finished) and the log in $OUT/device_run.log.
 # Usage on the GPU machine, repo root: bash bench/device_run.sh [MODELS] [PRECISIONS] [SIZES]
+# Environment: STEP_S, GPU_TESTS_S, GEOMETRY_S (seconds per step; GEOMETRY_S= or GPU_TESTS_S= skips it),
+# GPU_TESTS_K (pytest -k), GEOMETRY_ARGS, ROMA_SIZES, REBUILDS_FOR (model:precision pairs that run the
+# twelve-matchers check; default demo:fp16), BASELINE (NAME=VALUE,... options of a before/after run of the
+# demo model in fp16 at BASELINE_SIZES, tagged _baseline), LOG (the log file; several calls can share $OUT).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; RAW=/tmp/device_results; mkdir -p "$OUT" "$RAW"
+OUT=${OUT:-/tmp/out}; RAW=$OUT/results; mkdir -p "$OUT" "$RAW"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-exec > >(tee "$OUT/device_run.log") 2>&1
+exec > >(tee "${LOG:-$OUT/device_run.log}") 2>&1
 MODELS=${1:-demo,full,roma}; PRECISIONS=${2:-fp16,fp32}; SIZES=${3:-640x480,848x480,832x832,1024x768,1280x720,1920x1080}
 date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'host kernels',
@@ -15,13 +20,21 @@ step() {  # step SECONDS CMD...: bounded and timed; a failure does not stop the 
   timeout "$lim" "$@" 2>&1 | grep -v -E "Warning|warnings.warn" || echo "!!! FAILED or timed out: $*"
   echo "--- $(( SECONDS - t0 )) s"
 }
-step "${GPU_TESTS_S:-300}" python3 -m pytest test/test_gpu.py -m gpu -q -p no:cacheprovider
-[ -n "${GEOMETRY_S:-60}" ] && step "${GEOMETRY_S:-60}" python3 bench/geometry_gpu.py
+[ -n "${GPU_TESTS_S-300}" ] && step "${GPU_TESTS_S:-300}" python3 -m pytest test/test_gpu.py -m gpu -q -p no:cacheprovider \
+  -k "${GPU_TESTS_K:-}"
+# shellcheck disable=SC2086  # GEOMETRY_ARGS: several arguments
+[ -n "${GEOMETRY_S-120}" ] && step "${GEOMETRY_S:-120}" python3 bench/geometry_gpu.py ${GEOMETRY_ARGS:-}
 for model in ${MODELS//,/ }; do
   for precision in ${PRECISIONS//,/ }; do
+    rebuilds=--no-rebuilds
+    [[ ",${REBUILDS_FOR:-demo:fp16}," == *",$model:$precision,"* ]] && rebuilds=
     step "${STEP_S:-200}" python3 bench/matrix.py --out "$RAW/$model" --models "$model" --precisions "$precision" \
-      --sizes "$([ "$model" = roma ] && echo "${ROMA_SIZES:-640x480,1280x720}" || echo "$SIZES")" --runs 10
+      --sizes "$([ "$model" = roma ] && echo "${ROMA_SIZES:-640x480,1920x1080}" || echo "$SIZES")" --runs 10 $rebuilds
   done
 done
-tar -C "$RAW" -czf "$OUT/results.tar.gz" .
+if [ -n "${BASELINE:-}" ]; then
+  options=(); for o in ${BASELINE//,/ }; do options+=(--option "$o"); done
+  step "${STEP_S:-200}" python3 bench/matrix.py --out "$RAW/demo" --models demo --precisions fp16 --no-rebuilds \
+    --sizes "${BASELINE_SIZES:-848x480,1280x720,1920x1080}" --runs 10 --tag _baseline "${options[@]}"
+fi
 date -u

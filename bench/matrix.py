@@ -107,6 +107,10 @@ def worker(args: argparse.Namespace, model: str, precision: str) -> dict[str, An
 
     tmp = Path(tempfile.mkdtemp(prefix="matrix_"))
     base = {**model_config(model, tmp), "device": args.device, "backend": "torch", "precision": precision}
+    if args.option:  # another form of the variant (e.g. a default switched off, for a before/after in one call)
+        from matchanything_ros.core.matcher import options_type
+
+        base["options"] = options_type(base["variant"])(**dict(parse_option(o) for o in args.option))
     cells, keypoints, report = [], {}, {"model": model, "precision": precision}
     thresholds = THRESHOLDS if model != "roma" else [0.1]
     for size in args.sizes:
@@ -133,7 +137,7 @@ def worker(args: argparse.Namespace, model: str, precision: str) -> dict[str, An
                 cells.append({"size": size, "threshold": thr, "geometry": geometry, **cell, "build_s": first - t0,
                               "first_frame_s": first_frame_s,
                               "compile_fallbacks": matcher.info.get("compile_fallbacks", "")})
-                print(f"{model:5s} {precision} {size:>9s} thr {thr:<5}{' H' if geometry != 'none' else ''} "
+                print(f"{model:5s}{args.tag} {precision} {size:>9s} thr {thr:<5}{' H' if geometry != 'none' else ''} "
                       f"{cell['median_ms']:8.2f} ms (verify {cell['stages_ms'].get('verify', 0):.2f}) "
                       f"(p90 {cell['p90_ms']:.2f}, cpu {cell['host_cpu_ms']:.2f}, pre "
                       f"{cell['stages_ms']['preprocess']:.2f}) {cell['matches']:6d} matches"
@@ -145,13 +149,27 @@ def worker(args: argparse.Namespace, model: str, precision: str) -> dict[str, An
         if args.device == "cuda":
             torch.cuda.empty_cache()
     report["cells"] = cells
-    np.savez(Path(args.out) / f"kp_{model}_{precision}.npz",
+    np.savez(Path(args.out) / f"kp_{model}_{precision}{args.tag}.npz",
              **{f"{s}_{i}": k for s, kk in keypoints.items() for i, k in enumerate(kk)})
-    if model != "roma":
+    if model != "roma" and args.rebuilds:
         report["rebuilds"] = rebuilds(base, args)
         if args.device == "cuda":
             report["stage1_vs_host"] = stage1_vs_host(args.sizes)
     return report
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """--option NAME=VALUE -> (name, value): true/false, integers and floats as such, else the string."""
+    name, _, value = text.partition("=")
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return name, lowered == "true"
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
 
 
 def rebuilds(base: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -223,6 +241,11 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--option", action="append", default=[],
+                   help="NAME=VALUE of the variant's options (EloftrOptions / RomaOptions), repeatable")
+    p.add_argument("--no-rebuilds", dest="rebuilds", action="store_false",
+                   help="skip the twelve-matchers check (it times the network twelve more times)")
+    p.add_argument("--tag", default="", help="suffix of the result files (a form beside the defaults)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # MODEL:PRECISION, run in this process
     args = p.parse_args()
     args.sizes = args.sizes.split(",")
@@ -230,16 +253,19 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.worker:
         model, precision = args.worker.split(":")
-        (out / f"cells_{model}_{precision}.json").write_text(json.dumps(worker(args, model, precision), indent=1))
+        report = worker(args, model, precision)
+        report["options"] = args.option
+        (out / f"cells_{model}_{precision}{args.tag}.json").write_text(json.dumps(report, indent=1))
         return 0
     reports, failed = [], 0
     for model in args.models.split(","):
         for precision in args.precisions.split(","):
             cmd = [sys.executable, __file__, "--worker", f"{model}:{precision}", "--out", str(out), "--runs",
                    str(args.runs), "--warmup", str(args.warmup), "--device", args.device, "--sizes",
-                   ",".join(args.sizes)]
+                   ",".join(args.sizes), "--tag", args.tag, *[f"--option={o}" for o in args.option],
+                   *([] if args.rebuilds else ["--no-rebuilds"])]
             rc = subprocess.run(cmd).returncode
-            path = out / f"cells_{model}_{precision}.json"
+            path = out / f"cells_{model}_{precision}{args.tag}.json"
             failed += rc != 0
             reports.append(json.loads(path.read_text()) if path.exists() else {"model": model, "precision": precision,
                                                                                 "error": f"exit {rc}"})
@@ -248,9 +274,9 @@ def main() -> int:
     if args.device == "cuda":
         device = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                                 capture_output=True, text=True).stdout.strip()
-    (out / "matrix.json").write_text(json.dumps({"device": device, "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                         time.gmtime()),
-                                                 "reports": reports}, indent=1))
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    (out / f"matrix{args.tag}.json").write_text(json.dumps({"device": device, "date": stamp, "reports": reports},
+                                                           indent=1))
     print(json.dumps([r for r in reports if "fp16_within_1px_of_fp32" in r]))
     return 1 if failed else 0
 

@@ -227,11 +227,16 @@ def test_product_halves_run_only_the_rows_a_frame_needs(demo_model: Any, demo_pa
         rows = product.rows_for(state_[-1].numpy(), cap)
         part = product.back(state_, rows)
     count = int(whole[0, 0])
-    assert 64 <= count <= rows < cap and rows & (rows - 1) == 0  # a power-of-two bucket that holds them
+    buckets = product.row_buckets(cap)
+    assert 64 <= count <= rows < cap and rows in buckets  # the smallest bucket that holds them
+    assert buckets.index(rows) == 0 or buckets[buckets.index(rows) - 1] < count
     assert whole.shape[0] == 1 + cap and part.shape[0] == 1 + rows
     torch.testing.assert_close(part, whole[:1 + rows], rtol=0, atol=0)
     assert product.rows_for(np.array([[0.0, 0, cap]]), cap) == 64
     assert product.rows_for(np.array([[cap + 5.0, 0, cap]]), cap) == cap
+    # padding stays under a quarter of the rows above 1024, at every count up to the default cap
+    for n in range(1025, 20001, 97):
+        assert n <= product.rows_for(np.array([[float(n), 0, 20000]]), 20000) <= max(1.25 * n, 1024)
 
 
 @pytest.mark.parametrize("head", ["lse_compiled", "lse_nonzero"])
@@ -256,3 +261,36 @@ def test_the_cuda_speed_form_keeps_the_matches_when_run_on_the_cpu(demo_model: A
     torch.testing.assert_close(fast[1:1 + n, 2:6], ref[1:1 + n, 2:6], rtol=0, atol=1e-3)
     torch.testing.assert_close(fast[1:1 + n, 6], ref[1:1 + n, 6], rtol=1e-4, atol=1e-6)  # confidences
     assert (fast[1 + n:, 6] == 0).all()  # padding rows
+
+
+def test_the_network_on_the_valid_region_and_its_reach_keeps_every_match(demo_model: Any, demo_pair: Any) -> None:
+    """`reach_crop` (CUDA's default): a 16:9 camera's stage-2 image fills 9/16 of its square canvas; the
+    network runs on the valid rows plus its receptive field's reach instead of the whole canvas. The matches
+    are those of the whole canvas (float rounding of the convolutions aside); a crop that leaves out the reach
+    changes them (so this test can tell)."""
+    import cv2
+
+    cfg, state = demo_model
+    pipe = EloftrPipeline({"threshold": 0.1, "resize_max": 512}, cfg)
+    wide = [np.ascontiguousarray(cv2.resize(x, (1280, 720), interpolation=cv2.INTER_AREA)) for x in demo_pair]
+    a, b = (torch.from_numpy(stage2_rgb(x, pipe.settings)[0]) for x in wide)
+
+    class NoReach(EloftrProduct):
+        def network_reach(self) -> int:
+            return 0
+
+    net = pipe.build_net(state)
+    whole, cropped, short = (cls(net, 0.1, pipe.max_matches, reach_crop=crop)
+                             for cls, crop in ((EloftrProduct, False), (EloftrProduct, True), (NoReach, True)))
+    assert tuple(a.shape[:2]) == (288, 512)
+    assert whole.network_extent(tuple(a.shape), tuple(b.shape)) is None
+    assert cropped.network_extent(tuple(a.shape), tuple(b.shape)) == (416, 512)  # 288 + 117 px, in 32s
+    with torch.inference_mode():
+        ref, got, bad = whole(a, b), cropped(a, b), short(a, b)
+    n = int(ref[0, 0])
+    assert int(got[0, 0]) == n > 100
+    torch.testing.assert_close(got[1:1 + n, :2], ref[1:1 + n, :2], rtol=0, atol=0)  # same (i, j), same order
+    torch.testing.assert_close(got[1:1 + n, 2:6], ref[1:1 + n, 2:6], rtol=0, atol=1e-3)
+    torch.testing.assert_close(got[1:1 + n, 6], ref[1:1 + n, 6], rtol=1e-4, atol=1e-6)
+    m = min(n, int(bad[0, 0]))
+    assert int(bad[0, 0]) != n or not torch.allclose(bad[1:1 + m, 2:7], ref[1:1 + m, 2:7], rtol=1e-4, atol=1e-3)

@@ -564,9 +564,11 @@ class TorchVerifier:
         if failure is not None:
             return failure
         n = len(k0)
-        pad = np.zeros((padded_size(n), 4), np.float64)
+        # built in the verifier's dtype by numpy (single-threaded): torch's CPU cast of a frame's ~37k values
+        # runs on its OpenMP pool, whose threads then spin-wait (87 ms of host CPU per 13 ms frame, H100 host)
+        pad = np.zeros((padded_size(n), 4), torch.empty((), dtype=self.dtype).numpy().dtype)
         pad[:n, :2], pad[:n, 2:] = k0, k1
-        data = torch.from_numpy(pad).to(device=self.device, dtype=self.dtype)
+        data = torch.from_numpy(pad).to(device=self.device)
         Kinv0 = Kinv1 = None
         if model == "essential":
             K0, _ = check_intrinsics(options.K0, "K0")

@@ -42,6 +42,9 @@ class EloftrOptions:
     fp32_island: str = "fpn_backbone12"
     # the product graph resamples the camera images itself (stage 1 on the device, bit for bit)
     stage1_on_device: bool = True
+    # ... and runs the network on the valid region plus its reach, not the whole square canvas (a 16:9
+    # camera's image fills 54 % of it; the matches are the whole canvas's: product.network_extent)
+    reach_crop: bool = True
     # the torch backend runs the product graph's fine level in captured row buckets (a frame pays for its
     # matches, not for the cap) ...
     row_buckets: bool = True

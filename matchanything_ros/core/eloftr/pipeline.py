@@ -245,7 +245,8 @@ class EloftrPipeline:
         if product and str(device).startswith("cuda"):
             o = self.options
             graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches, o.head, o.fine, o.compiled,
-                                              stage1=self.settings if o.stage1_on_device else None).eval()
+                                              stage1=self.settings if o.stage1_on_device else None,
+                                              reach_crop=o.reach_crop).eval()
         elif product and not full:
             graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches).eval()
         return graphs  # what runs is fixed by bind_graphs(graphs): building graphs changes nothing here
