@@ -43,8 +43,10 @@ class EloftrOptions:
     # the product graph resamples the camera images itself (stage 1 on the device, bit for bit)
     stage1_on_device: bool = True
     # ... and runs the network on the valid region plus its reach, not the whole square canvas (a 16:9
-    # camera's image fills 54 % of it; the matches are the whole canvas's: product.network_extent)
-    reach_crop: bool = True
+    # camera's image fills 54 % of it; the matches are the whole canvas's: product.network_extent). Off: on an
+    # H100 the demo model ran 0.1-0.2 ms slower with it (1280x720: 6.66 vs 6.54 ms), the padding copies of its
+    # maps costing more than the rows it saves; the full-size model's deeper backbone is not measured with it
+    reach_crop: bool = False
     # the torch backend runs the product graph's fine level in captured row buckets (a frame pays for its
     # matches, not for the cap) ...
     row_buckets: bool = True
