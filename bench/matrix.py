@@ -108,9 +108,7 @@ def worker(args: argparse.Namespace, model: str, precision: str) -> dict[str, An
     tmp = Path(tempfile.mkdtemp(prefix="matrix_"))
     base = {**model_config(model, tmp), "device": args.device, "backend": "torch", "precision": precision}
     if args.option:  # another form of the variant (e.g. a default switched off, for a before/after in one call)
-        from matchanything_ros.core.matcher import options_type
-
-        base["options"] = options_type(base["variant"])(**dict(parse_option(o) for o in args.option))
+        base["options"] = variant_options(base["variant"], args.option)
     cells, keypoints, report = [], {}, {"model": model, "precision": precision}
     thresholds = THRESHOLDS if model != "roma" else [0.1]
     for size in args.sizes:
@@ -158,18 +156,20 @@ def worker(args: argparse.Namespace, model: str, precision: str) -> dict[str, An
     return report
 
 
-def parse_option(text: str) -> tuple[str, Any]:
-    """--option NAME=VALUE -> (name, value): true/false, integers and floats as such, else the string."""
-    name, _, value = text.partition("=")
-    lowered = value.lower()
-    if lowered in ("true", "false"):
-        return name, lowered == "true"
-    for kind in (int, float):
-        try:
-            return name, kind(value)
-        except ValueError:
-            pass
-    return name, value
+def variant_options(variant: str, items: list[str]) -> Any:
+    """--option NAME=VALUE items -> the variant's options object, each value read as its field's default's type
+    (true/false for switches); a name the options do not have stops the run."""
+    from matchanything_ros.core.matcher import options_type
+
+    cls = options_type(variant)
+    defaults, fields = cls(), {}
+    for item in items:
+        name, _, text = item.partition("=")
+        if not hasattr(defaults, name):
+            raise SystemExit(f"--option {item}: {cls.__name__} has no field {name!r}")
+        kind = type(getattr(defaults, name))
+        fields[name] = text.lower() in ("true", "1") if kind is bool else kind(text)
+    return cls(**fields)
 
 
 def rebuilds(base: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
