@@ -183,3 +183,29 @@ def test_roma_captured_sampler_draws_what_the_eager_sampler_draws() -> None:
     assert captured.stage1_index is not None and eager.stage1_index is not None
     assert np.array_equal(captured.stage1_index, eager.stage1_index)
     assert np.array_equal(captured.matches, eager.matches) and np.array_equal(captured.confidence, eager.confidence)
+
+
+@pytest.mark.parametrize("model", ["homography", "essential"])  # essential: the fundamental path, calibrated
+def test_cuda_verifier_is_compiled_once_captured_once_and_agrees_with_the_cpu(model: str) -> None:
+    """The matcher's CUDA verifier (compiled by default, captured) gives the CPU eager fit's verdict on real
+    matches, and a new inlier threshold or match count replays the same capture: no recompile, no re-capture."""
+    from matchanything_ros.core.geometry import GeometryOptions
+    from matchanything_ros.core.geometry_torch import TorchVerifier
+    from test_geometry_compiled import (CASES, FIXTURE, MOTORCYCLE_K_LEFT, MOTORCYCLE_K_RIGHT, assert_same_verdict,
+                                        compiled_graph_count)
+
+    with np.load(FIXTURE) as data:
+        k0, k1 = data[f"{CASES[model]}_k0"], data[f"{CASES[model]}_k1"]
+    intrinsics = {"K0": MOTORCYCLE_K_LEFT, "K1": MOTORCYCLE_K_RIGHT} if model == "essential" else {}
+    cuda, cpu = TorchVerifier("cuda"), TorchVerifier("cpu", compiled=False)
+    assert cuda.compiled and cuda.cuda_graphs
+    graphs_before = compiled_graph_count()
+    for threshold, rows in ((1.0, slice(None)), (2.0, slice(None)), (1.0, slice(None, None, 3))):
+        options = GeometryOptions(model, threshold, seed=7, **intrinsics)
+        f0, f1 = k0[rows], k1[rows]
+        assert_same_verdict(model, cuda.verify(f0, f1, options), cpu.verify(f0, f1, options), f0, f1, threshold)
+    assert cuda.compile_fallback == "" and cuda.compiled
+    assert compiled_graph_count() == graphs_before + 1 and len(cuda._captured) == 1
+    device_ms = cuda.fit_device_ms(model, 7, len(k0))
+    assert device_ms is not None
+    print(f"{model}: {len(k0)} matches, the captured compiled fit {device_ms:.3f} ms on {torch.cuda.get_device_name()}")

@@ -108,8 +108,10 @@ def check_intrinsics(K: Any, name: str) -> tuple[np.ndarray | None, str]:
 
 
 def _degenerate_reason(points: np.ndarray, which: str) -> str:
-    spread = points - points.mean(axis=0)
-    singular = np.linalg.svd(spread, compute_uv=False)
+    # the spread's singular values from its 2x2 scatter matrix; the mean as a matrix-vector product (an SVD of
+    # the N x 2 array and numpy's axis-0 mean cost ~0.6 ms at 10,000 matches: over half the GPU verifier's budget)
+    spread = points - (np.ones(len(points)) @ points) / len(points)
+    singular = np.sqrt(np.linalg.eigvalsh(spread.T @ spread)[::-1].clip(min=0))
     if singular[0] <= 1e-9 * max(1.0, float(np.abs(points).max())):
         return f"all {len(points)} keypoints in {which} are the same point"
     if singular[1] <= COLLINEAR_RATIO * singular[0]:
@@ -128,8 +130,8 @@ def check_input(keypoints0: np.ndarray, keypoints1: np.ndarray, options: Geometr
     if n < minimal_sample:
         return GeometryResult.failure(model, n, TOO_FEW_MATCHES,
                                       f"{n} matches, fewer than the {minimal_sample} a {model} needs"), k0, k1
-    bad = ~(np.isfinite(k0).all(axis=1) & np.isfinite(k1).all(axis=1))
-    if bad.any():
+    if not (np.isfinite(k0).all() and np.isfinite(k1).all()):  # the per-row count only when there is one
+        bad = ~(np.isfinite(k0).all(axis=1) & np.isfinite(k1).all(axis=1))
         return GeometryResult.failure(model, n, NON_FINITE,
                                       f"{int(bad.sum())} of {n} matches have non-finite coordinates"), k0, k1
     for points, which in ((k0, "image0"), (k1, "image1")):

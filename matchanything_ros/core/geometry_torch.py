@@ -19,10 +19,10 @@
    geometric error with the model kept on its manifold (rank 2 for F; singular values 1, 1, 0 for E,
    in closed form). The inliers are the matches within the threshold of the final model.
 
-On CUDA `TorchVerifier` captures it in a CUDA graph per row bucket and replays it; with `compiled=True` the
-captured function is the torch.compile'd one (fullgraph, fixed shapes: one compilation per row bucket), fused
-kernels in fewer launches. It runs on the CPU too (the
-tests exercise it there, compiled and eager); the CPU path of the matcher uses OpenCV instead
+On CUDA `TorchVerifier` runs it torch.compile'd (fullgraph, the row count dynamic and the threshold an input:
+one compilation per model, fused kernels in far fewer launches), captured in a CUDA graph per row bucket and
+replayed. It runs on the CPU too (the tests exercise it there, compiled and eager); the CPU path of the
+matcher uses OpenCV instead
 (core/geometry.py). The only matrices inverted are symmetric positive definite (normal equations plus a
 shift), inverted by Gauss-Jordan elimination without pivoting, which is stable for them: plain tensor
 arithmetic, no solver library call that could synchronise or refuse to be captured.
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -51,14 +51,18 @@ MAGSAC_SIGMA_QUANTILE = 3.04  # the largest threshold is this many of the larges
 INVERSE_ITERATIONS = 4  # power steps on (A^T A)^-1 for a null vector
 LO_COST_SLACK = 1.1  # the locally optimised model is refused only when its truncated cost is this much higher
 REFINE_ITERATIONS = 2  # Levenberg-Marquardt steps on the inliers' geometric error at the end
-# All compiled fits of a process share one TorchDynamo cache (one per function), an entry per (model, seed,
-# threshold, row count); past this many the next compile falls back to eager (said once), never silently.
+# All compiled fits of a process share one TorchDynamo cache (one per function), an entry per (model, seed);
+# past this many the next compile falls back to eager (said once), never silently.
 COMPILED_FITS_PER_PROCESS = 64
+# The compiled fit's row count: every frame up to it is padded to it, larger ones to the next power of two. Its
+# shapes are fixed (TorchDynamo's dynamic row count still recompiles per power of two), so this is one compilation
+# per model in practice; the fit is launch-bound on a GPU, so the padding rows cost little there.
+COMPILED_ROWS = 16_384
 _BIG = 1e30
 _BIG_RESIDUAL = 1e15  # stands for a non-finite residual (its square stays finite in fp32)
 
 
-def magsac_weights(err2: torch.Tensor, max_threshold_px: float) -> torch.Tensor:
+def magsac_weights(err2: torch.Tensor, max_threshold_px: float | torch.Tensor) -> torch.Tensor:
     """MAGSAC++ weights of squared residuals (pixels^2): the inlier likelihood marginalised over a noise
     sigma uniform up to max_threshold / MAGSAC_SIGMA_QUANTILE. For 2 degrees of freedom it is the upper
     incomplete gamma function of order 1/2, an erfc: erfc(r / (sqrt 2 sigma_max)) - erfc(k / sqrt 2) for
@@ -340,14 +344,16 @@ def refine(model: str, M: torch.Tensor, weights: torch.Tensor, norm: Normalised,
 
 
 def fit_padded(model: str, kp0: torch.Tensor, kp1: torch.Tensor, num_valid: torch.Tensor, sample_u: torch.Tensor,
-               threshold_px: float, Kinv0: torch.Tensor | None = None, Kinv1: torch.Tensor | None = None,
+               threshold_px: float | torch.Tensor, Kinv0: torch.Tensor | None = None,
+               Kinv1: torch.Tensor | None = None,
                preview_u: torch.Tensor | None = None, finalists: int = FINALISTS,
                refine_iterations: int = REFINE_ITERATIONS) -> tuple[torch.Tensor, ...]:
     """Fit `model` to the first `num_valid` rows of kp0/kp1 [N, 2] (fixed N; the rest is padding).
 
     sample_u: [S, m] uniform numbers in [0, 1) choosing each minimal sample's matches. preview_u: [P]
     uniform numbers choosing the matches every hypothesis is first scored on; the `finalists` best are then
-    scored on all matches (None: every hypothesis against every match). Returns device tensors: matrix
+    scored on all matches (None: every hypothesis against every match). threshold_px: a float, or a 0-d tensor
+    (an input of a compiled or captured fit: a new threshold needs no recompile). Returns device tensors: matrix
     [3, 3] (pixels; calibrated coordinates for E), inlier flags [N] bool, their count (0-d int64) and
     whether a model was found (0-d bool). Nothing here waits for the device."""
     N = kp0.shape[0]
@@ -356,7 +362,9 @@ def fit_padded(model: str, kp0: torch.Tensor, kp1: torch.Tensor, num_valid: torc
     count = num_valid.reshape(()).to(torch.int64)
     valid = index < count
     norm = Normalised(kp0, kp1, valid, count, Kinv0, Kinv1)
-    thr2 = float(threshold_px) ** 2
+    threshold = (threshold_px.to(dtype) if isinstance(threshold_px, torch.Tensor)
+                 else torch.full((), float(threshold_px), dtype=dtype, device=kp0.device))
+    thr2 = threshold * threshold
 
     # hypotheses from minimal samples (with replacement: a repeated match makes a hypothesis that scores badly)
     picks = (sample_u.to(dtype) * count.to(dtype)).to(torch.int64).clamp(min=0)
@@ -383,7 +391,7 @@ def fit_padded(model: str, kp0: torch.Tensor, kp1: torch.Tensor, num_valid: torc
 
     # local optimisation: IRLS with MAGSAC++ weights, then Levenberg-Marquardt on the manifold with them
     weight_valid = valid.to(dtype)
-    max_threshold = max(float(threshold_px), MAGSAC_MAX_THRESHOLD_PX[model])
+    max_threshold = threshold.clamp_min(MAGSAC_MAX_THRESHOLD_PX[model])
     lo = current
     for _ in range(IRLS_ITERATIONS):
         weights = magsac_weights(squared_errors(model, lo.unsqueeze(0), norm)[0], max_threshold) * weight_valid
@@ -439,50 +447,95 @@ def padded_size(n: int, granule: int = 1024) -> int:
     return max(granule, -(-int(n) // granule) * granule)
 
 
+VERDICT_HEADER = 11  # a packed verdict: the 3x3 matrix, found, the inlier count, then one flag per row
+
+
+def pack_verdict(matrix: torch.Tensor, inliers: torch.Tensor, num_inliers: torch.Tensor,
+                 found: torch.Tensor) -> torch.Tensor:
+    """fit_padded's outputs as one vector [VERDICT_HEADER + N] in the matrix's dtype, so that the verdict reaches
+    the host in one copy (the inlier count is exact in it: at most 2^24 rows)."""
+    dtype = matrix.dtype
+    return torch.cat([matrix.reshape(9), found.to(dtype).reshape(1), num_inliers.to(dtype).reshape(1),
+                      inliers.to(dtype)])
+
+
 class _CapturedFit:
-    """fit_padded for one (model, seed, threshold, row count) captured in a CUDA graph: static input buffers,
-    filled and replayed each frame (one launch instead of about a thousand). All captures of a verifier share
-    one memory pool, so their scratch memory is that of the largest, not the sum: safe in any replay order
-    because they run one at a time, read only static buffers made outside the pool, and their outputs are
-    copied to the host before the next replay."""
+    """The fit for one (model, seed, row count) captured in a CUDA graph: static device buffers for the frame,
+    its match count, the inlier threshold and the intrinsics (all inputs: a new threshold is a fill, not a new
+    capture), filled from pinned host buffers and replayed each frame (one launch instead of about a thousand);
+    the packed verdict comes back by one copy into a pinned buffer. All captures of a verifier share one memory
+    pool, so their scratch memory is that of the largest, not the sum: safe in any replay order because they
+    run one at a time, read only static buffers made outside the pool, and their outputs are copied to the
+    host before the next replay."""
 
     def __init__(self, fit: Any, rows: int, calibrated: bool, device: torch.device, dtype: torch.dtype,
                  pool: Any) -> None:
+        self.rows = rows
         self.data = torch.zeros(rows, 4, device=device, dtype=dtype)
         self.count = torch.ones((), device=device, dtype=torch.int64)
-        self.kinv = [torch.eye(3, device=device, dtype=dtype) for _ in range(2)] if calibrated else [None, None]
+        self.threshold = torch.ones((), device=device, dtype=dtype)
+        self.kinv = torch.eye(3, device=device, dtype=dtype).repeat(2, 1, 1) if calibrated else None
+        self.data_host = torch.zeros(rows, 4, dtype=dtype, pin_memory=True)
+        self.kinv_host = torch.zeros(2, 3, 3, dtype=dtype, pin_memory=True)
+        self.verdict_host = torch.zeros(VERDICT_HEADER + rows, dtype=dtype, pin_memory=True)
+        self.done = torch.cuda.Event(blocking=True)  # the host sleeps on it instead of spinning a core
         self.fit = fit
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.no_grad():
-            self._run()  # warm-up outside the capture (allocations, lazy initialisation)
+            self._run()  # warm-up outside the capture (compilation, allocations, lazy initialisation)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool), torch.no_grad():
-            self.outputs = self._run()
+            self.verdict = self._run()
 
-    def _run(self) -> tuple[torch.Tensor, ...]:
-        return tuple(self.fit(self.data[:, :2], self.data[:, 2:], self.count, self.kinv[0], self.kinv[1]))
+    def _run(self) -> torch.Tensor:
+        kinv = (None, None) if self.kinv is None else (self.kinv[0], self.kinv[1])
+        return self.fit(self.data, self.count, self.threshold, *kinv)
 
-    def __call__(self, data: torch.Tensor, count: int, Kinv0: torch.Tensor | None,
-                 Kinv1: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        self.data.copy_(data)
-        self.count.fill_(count)
-        for static, value in zip(self.kinv, (Kinv0, Kinv1)):
-            if static is not None and value is not None:
-                static.copy_(value)
+    def launch(self, frame: np.ndarray, threshold: float, Kinv: np.ndarray | None) -> Callable[[], np.ndarray]:
+        """Queue the fit of frame [n, 4] (kp0, kp1) on the device -> a function that waits for it and returns the
+        packed verdict on the host (valid until the next launch)."""
+        n = len(frame)
+        staged = self.data_host.numpy()
+        staged[:n], staged[n:] = frame, 0  # numpy, single-threaded (torch's CPU copy would spin its OpenMP pool)
+        self.data.copy_(self.data_host, non_blocking=True)
+        self.count.fill_(n)
+        self.threshold.fill_(threshold)
+        if self.kinv is not None and Kinv is not None:
+            self.kinv_host.numpy()[:] = Kinv
+            self.kinv.copy_(self.kinv_host, non_blocking=True)
         self.graph.replay()
-        return self.outputs
+        self.verdict_host.copy_(self.verdict, non_blocking=True)
+        self.done.record()
+        return self._collect
+
+    def _collect(self) -> np.ndarray:
+        self.done.synchronize()  # the one wait for the device
+        return self.verdict_host.numpy()
+
+    def device_ms(self, repeat: int) -> float:
+        """The device time of one replay (milliseconds, the mean of `repeat` back to back): the fit alone,
+        without the copies and the host's work around it."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeat):
+            self.graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / repeat
 
 
 class TorchVerifier:
     """`verify(kp0, kp1, options) -> GeometryResult` on a torch device, same contract as geometry.verify.
 
-    Keeps the sample tables per (model, seed); pads each frame to `padded_size` rows. Each (model, seed,
-    threshold, row count) gets its own fit: `compiled` (off by default) runs it under torch.compile
-    (fullgraph, fixed shapes, so one compilation each; a compiler failure falls back to eager for good, said
-    once in the log and in `compile_fallback`). On CUDA it is then captured once in a CUDA graph and replayed
-    (`cuda_graphs=False`: not captured; a capture that fails falls back to uncaptured, logged once).
+    Keeps the sample tables per (model, seed); pads each frame to `rows_for(n)` rows. The threshold, the
+    frame's match count and the intrinsics are inputs of the fit, so one fit per (model, seed) serves every
+    setting. `compiled` (None: on CUDA) runs it under torch.compile (fullgraph, fixed shapes: one compilation
+    per model and seed for every frame up to COMPILED_ROWS matches, the first such frame's stall; a compiler
+    failure falls back to eager for good, said once in the log and in `compile_fallback`). On CUDA each row
+    count is then captured once in a CUDA graph and replayed (`cuda_graphs=False`: not captured; a capture that
+    fails falls back to uncaptured, logged once), and the input is checked on the host while the device fits.
     `preview=False` scores every hypothesis against every match (slower; for comparison)."""
 
     def __init__(self, device: Any = "cpu", num_hypotheses: int = DEFAULT_HYPOTHESES,
@@ -494,14 +547,13 @@ class TorchVerifier:
         self._host_dtype = torch.empty((), dtype=dtype).numpy().dtype  # the padded frame is built in it, by numpy
         self.preview = preview
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        # Off unless asked: the compiled fit is measured on an H100 (0.52 ms replayed, 10,000 matches) but its
-        # compile stalls (one per model, threshold and row bucket; a minute each on a 2-core CPU) are not yet
-        # measured on a GPU. The captured eager fit is the measured default (1.8-3.4 ms, H100)
-        self.compiled = bool(compiled)
+        # On CUDA the captured eager fit is launch-bound (about a thousand small kernels: 2.5-3.4 ms, H100); the
+        # compiled one fuses them. On the CPU the eager fit is the one measured (the matcher uses OpenCV there).
+        self.compiled = self.device.type == "cuda" if compiled is None else bool(compiled)
         self.compile_fallback = ""  # why fits run uncompiled although compiled was asked ("" otherwise)
         self._tables: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._fits: dict[tuple[str, int, float, int], Any] = {}
-        self._captured: dict[tuple[str, int, float, int], _CapturedFit] = {}
+        self._fits: dict[tuple[str, int], Any] = {}
+        self._captured: dict[tuple[str, int, int], _CapturedFit] = {}
         self._graph_pool: Any = None
 
     def tables(self, model: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -510,15 +562,16 @@ class TorchVerifier:
             self._tables[key] = sample_tables(self.num_hypotheses, TORCH_MINIMAL_SAMPLE[model], seed, self.device)
         return self._tables[key]
 
-    def _make_fit(self, model: str, seed: int, threshold: float) -> Any:
-        """fit_padded with this verifier's settings fixed: (kp0, kp1, count, Kinv0, Kinv1) -> its outputs;
-        under torch.compile when `compiled` (it is the compiled function's one entry point)."""
+    def _make_fit(self, model: str, seed: int) -> Any:
+        """fit_padded with this verifier's settings fixed: (data [N, 4], count, threshold, Kinv0, Kinv1) -> the
+        packed verdict; under torch.compile when `compiled` (it is the compiled function's one entry point)."""
         samples, preview = self.tables(model, seed)
         preview_u = preview if self.preview else None
 
-        def geometry_fit(kp0: torch.Tensor, kp1: torch.Tensor, count: torch.Tensor, kinv0: torch.Tensor | None,
-                         kinv1: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-            return fit_padded(model, kp0, kp1, count, samples, threshold, kinv0, kinv1, preview_u)
+        def geometry_fit(data: torch.Tensor, count: torch.Tensor, threshold: torch.Tensor,
+                         kinv0: torch.Tensor | None, kinv1: torch.Tensor | None) -> torch.Tensor:
+            return pack_verdict(*fit_padded(model, data[:, :2], data[:, 2:], count, samples, threshold, kinv0, kinv1,
+                                            preview_u))
 
         if not self.compiled:
             return geometry_fit
@@ -526,7 +579,7 @@ class TorchVerifier:
 
         compiled = CompiledOrEager(geometry_fit, dynamic=False, fullgraph=True)
 
-        def compiled_fit(*args: Any) -> tuple[torch.Tensor, ...]:
+        def compiled_fit(*args: Any) -> torch.Tensor:
             with torch._dynamo.config.patch(recompile_limit=COMPILED_FITS_PER_PROCESS):
                 outputs = compiled(*args)
             if compiled.fallback and self.compiled:  # compile no more fits for this verifier
@@ -535,50 +588,78 @@ class TorchVerifier:
 
         return compiled_fit
 
-    def _fit(self, model: str, options: GeometryOptions, data: torch.Tensor, n: int, Kinv0: torch.Tensor | None,
-             Kinv1: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        threshold = float(options.threshold_px)
-        key = (model, options.seed, threshold, len(data))
+    def _launch(self, model: str, options: GeometryOptions, frame: np.ndarray,
+                Kinv: np.ndarray | None) -> Callable[[], np.ndarray]:
+        """Start the fit of frame [n, 4] -> a function returning its packed verdict on the host (on CUDA the
+        device works until it is called; elsewhere the fit is done already)."""
+        key = (model, options.seed)
         if key not in self._fits:
-            self._fits[key] = self._make_fit(model, options.seed, threshold)
+            self._fits[key] = self._make_fit(model, options.seed)
         fit = self._fits[key]
+        rows, n = self.rows_for(len(frame)), len(frame)
         if self.cuda_graphs:
             try:
-                if key not in self._captured:
+                captured = self._captured.get((*key, rows))
+                if captured is None:
                     if self._graph_pool is None:
                         self._graph_pool = torch.cuda.graph_pool_handle()
-                    self._captured[key] = _CapturedFit(fit, len(data), Kinv0 is not None, self.device, self.dtype,
-                                                       self._graph_pool)
-                return self._captured[key](data, n, Kinv0, Kinv1)
+                    captured = self._captured[(*key, rows)] = _CapturedFit(fit, rows, Kinv is not None, self.device,
+                                                                           self.dtype, self._graph_pool)
+                return captured.launch(frame, float(options.threshold_px), Kinv)
             except RuntimeError as exc:  # a torch or driver that cannot capture this: uncaptured from now on
                 logging.getLogger(__name__).warning("geometry: CUDA graph capture failed (%s); verifying without a "
                                                     "graph", exc)
                 self.cuda_graphs = False
+        # built in the verifier's dtype by numpy (single-threaded): torch's CPU cast of a frame's ~37k values
+        # runs on its OpenMP pool, whose threads then spin-wait (87 ms of host CPU per 13 ms frame, H100 host)
+        pad = np.zeros((rows, 4), self._host_dtype)
+        pad[:n] = frame
+        data = torch.from_numpy(pad).to(device=self.device)
+        kinv = ((None, None) if Kinv is None else
+                tuple(torch.from_numpy(Kinv[i]).to(device=self.device, dtype=self.dtype) for i in range(2)))
         with torch.no_grad():
-            return fit(data[:, :2], data[:, 2:], torch.tensor(n, device=self.device), Kinv0, Kinv1)
+            verdict = fit(data, torch.tensor(n, device=self.device),
+                          torch.tensor(float(options.threshold_px), dtype=self.dtype, device=self.device), *kinv)
+        host = verdict.cpu().numpy()
+        return lambda: host
+
+    def rows_for(self, n: int) -> int:
+        """The row count a frame of n matches is padded to: COMPILED_ROWS or more when compiled, else the next
+        multiple of 1,024 (`padded_size`: the uncompiled fit's cost follows its rows)."""
+        return max(COMPILED_ROWS, 1 << (int(n) - 1).bit_length()) if self.compiled else padded_size(n)
+
+    def fit_device_ms(self, model: str, seed: int, n: int, repeat: int = 50) -> float | None:
+        """The device time of the captured fit a frame of n matches runs (ms; None: none captured yet)."""
+        captured = self._captured.get((model, seed, self.rows_for(n)))
+        return None if captured is None else captured.device_ms(repeat)
 
     def verify(self, keypoints0: np.ndarray, keypoints1: np.ndarray, options: GeometryOptions) -> GeometryResult | None:
         if options.model == "none":
             return None
         model = options.model
-        failure, k0, k1 = check_input(keypoints0, keypoints1, options, TORCH_MINIMAL_SAMPLE[model])
+        k0, k1 = np.asarray(keypoints0).reshape(-1, 2), np.asarray(keypoints1).reshape(-1, 2)
+        n = len(k0)
+        Kinv = None
+        if model == "essential":
+            K0, why0 = check_intrinsics(options.K0, "K0")
+            K1, why1 = check_intrinsics(options.K1, "K1")
+            if K0 is not None and K1 is not None and not (why0 or why1):
+                Kinv = np.stack([np.linalg.inv(K0), np.linalg.inv(K1)]).astype(self._host_dtype)
+        if k0.shape != k1.shape or n < TORCH_MINIMAL_SAMPLE[model] or (model == "essential" and Kinv is None):
+            failure, _, _ = check_input(keypoints0, keypoints1, options, TORCH_MINIMAL_SAMPLE[model])
+            assert failure is not None  # each of these is a failure check_input reports (or raises)
+            return failure
+        frame = np.empty((n, 4), self._host_dtype)
+        frame[:, :2], frame[:, 2:] = k0, k1
+        # the fit is queued first and the input checked while the device works (they cost the host ~0.3 ms at
+        # 10,000 matches); a rejected frame's verdict is waited for and dropped
+        collect = self._launch(model, options, frame, Kinv)
+        failure, _, _ = check_input(k0, k1, options, TORCH_MINIMAL_SAMPLE[model])
+        verdict = collect()
         if failure is not None:
             return failure
-        n = len(k0)
-        # built in the verifier's dtype by numpy (single-threaded): torch's CPU cast of a frame's ~37k values
-        # runs on its OpenMP pool, whose threads then spin-wait (87 ms of host CPU per 13 ms frame, H100 host)
-        pad = np.zeros((padded_size(n), 4), self._host_dtype)
-        pad[:n, :2], pad[:n, 2:] = k0, k1
-        data = torch.from_numpy(pad).to(device=self.device)
-        Kinv0 = Kinv1 = None
-        if model == "essential":
-            K0, _ = check_intrinsics(options.K0, "K0")
-            K1, _ = check_intrinsics(options.K1, "K1")
-            assert K0 is not None and K1 is not None  # check_input accepted them
-            Kinv0 = torch.from_numpy(np.linalg.inv(K0)).to(device=self.device, dtype=self.dtype)
-            Kinv1 = torch.from_numpy(np.linalg.inv(K1)).to(device=self.device, dtype=self.dtype)
-        matrix, inliers, num_inliers, found = self._fit(model, options, data, n, Kinv0, Kinv1)
-        if not bool(found):  # the one wait for the device: the verdict goes to the host from here
+        if not verdict[9]:  # found
             return GeometryResult.failure(model, n, NO_MODEL_FOUND,
                                           f"no {model} fits the {n} matches (threshold {options.threshold_px:g} px)")
-        return GeometryResult(model, matrix.double().cpu().numpy(), inliers[:n].cpu().numpy(), int(num_inliers))
+        return GeometryResult(model, verdict[:9].astype(np.float64).reshape(3, 3),
+                              verdict[VERDICT_HEADER:VERDICT_HEADER + n] > 0, int(verdict[10]))

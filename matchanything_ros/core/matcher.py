@@ -186,7 +186,9 @@ class Matcher:
         if not changed:
             return True
         if changed <= GEOMETRY_PARAM_NAMES:  # verification runs after the graphs: nothing to rebuild
-            self.config, self._torch_verifier = config, None
+            if "geometry_max_iterations" in changed:  # the verifier's batch size; the rest are inputs of its fits
+                self._torch_verifier = None
+            self.config = config
             return True
         if changed != {"threshold"}:
             return False
