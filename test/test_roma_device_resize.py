@@ -1,12 +1,10 @@
-"""RoMa's stretch-resize as banded MatMuls inside the graph (the CUDA speed form), checked on the CPU.
+"""RoMa's stretch-resize as two MatMuls inside the graph (the CUDA speed form), checked on the CPU.
 
 * The MatMul resize vs the bit-exact numpy path on real photos (the fixtures' images), at the
   fixtures' sizes and at the defaults (640x480 -> 560 / 864): float32 summation order is the only
   difference, bounded by RESIZE_TOL (measured here ~1e-7; the issue expects ~1e-7).
-* The banded form vs the dense products of the same float32 matrices at camera sizes, and the
-  multiply-adds it saves at 1920x1080 (why it exists).
 * The stage-1 host part hands over exactly what the numpy path resizes.
-* It exports to ONNX as Gathers and MatMuls and ONNX Runtime reproduces it.
+* It exports to ONNX as MatMuls and ONNX Runtime reproduces it.
 * The gathered local correlation equals the grid_sample one (flows reaching past the borders too).
 * The whole speed-form graph (image-fed, Cholesky GP, folded BatchNorms, gathered correlation) through the
   pipeline and the torch backend reproduces the official dense output of a fixture pair within the
@@ -15,7 +13,6 @@
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +21,7 @@ import torch
 import parity_rules as pr
 import roma_util as ru
 from matchanything_ros.core.roma.config import WEBUI_SIZE_WH
-from matchanything_ros.core.roma.device_graph import BAND_BLOCK, RomaImageGraph, StretchResize
+from matchanything_ros.core.roma.device_graph import RomaImageGraph, StretchResize
 from matchanything_ros.core.roma.model import (ConvRefiner, fold_batchnorm, local_correlation,
                                                local_correlation_gathered)
 from matchanything_ros.core.roma.preprocess import prepare_image, prepare_stage1, resize_matrix, webui_stage
@@ -74,7 +71,7 @@ def test_matmul_resize_matches_numpy_at_default_sizes() -> None:
                          ids=lambda s: f"{s[0]}x{s[1]}")
 def test_the_web_ui_stage_on_the_device_matches_numpy_at_camera_sizes(size: tuple[int, int]) -> None:
     """The camera image straight to the graph: OpenCV's INTER_AREA shrink and INTER_LINEAR stretch to 640x480
-    composed with the stretch-resize into the same two (banded) matrices (the host does no per-pixel work)."""
+    composed with the stretch-resize into the same two MatMuls (the host does no per-pixel work)."""
     from test_eloftr_device_stage1 import camera_photo
 
     img = camera_photo(*size)
@@ -86,69 +83,6 @@ def test_the_web_ui_stage_on_the_device_matches_numpy_at_camera_sizes(size: tupl
     err = max(np.abs(coarse - ref.coarse).max(), np.abs(fine - ref.fine).max())
     print(f"{size[0]}x{size[1]} -> 640x480 -> 560/864: max |diff| {err:.3g}")
     assert err <= RESIZE_TOL, f"max |diff| {err:.3g}"
-
-
-def _camera_photo_from_fixture(width: int, height: int) -> np.ndarray:
-    import cv2
-
-    return cv2.resize(_photo(PAIR_NAMES[0]), (width, height), interpolation=cv2.INTER_AREA)
-
-
-@pytest.mark.parametrize("size", [(640, 480), (1280, 720), (1920, 1080)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_banded_resize_equals_the_dense_matmuls_at_camera_sizes(size: tuple[int, int]) -> None:
-    """The blocked-banded products vs `Wh @ (X @ Ww^T)` of the same float32 matrices (in float64): every nonzero
-    weight is in a block's run, so only float32 summation order differs."""
-    w, h = size
-    img = _camera_photo_from_fixture(w, h)
-    module = StretchResize((560, 864), webui=True)
-    with torch.inference_mode():
-        got = [t[0].numpy() for t in module(torch.from_numpy(img)[None])]
-    x = (img.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)).astype(np.float64)  # as forward's input
-    for s, out in zip(module.sizes, got):
-        wh, ww = module.dense_matrices(h, w, s)
-        ref = wh.astype(np.float64) @ (x @ ww.T.astype(np.float64))
-        assert out.shape == ref.shape == (3, s, s)
-        err = float(np.abs(out - ref).max())
-        print(f"{w}x{h} -> {s}: banded vs dense max |diff| {err:.3g}")
-        assert err <= RESIZE_TOL, f"{w}x{h} -> {s}: max |diff| {err:.3g}"
-
-
-def test_banded_resize_does_5x_fewer_multiply_adds_at_1920x1080() -> None:
-    """The reason for the banded form: at a 1920x1080 camera the dense products are ~12 GMAC an image (true fp32,
-    ~1 ms a pair on an H100). Counted from the stored gather/weight shapes, per channel."""
-    w, h = 1920, 1080
-    module = StretchResize((560, 864), webui=True)
-    dense = banded = 0
-    for s in module.sizes:
-        width, height = module.weights(h, w, s, torch.device("cpu"))
-        for band, n_in in ((width, w), (height, h)):
-            nb, length = band.gather.shape
-            assert band.gather.dtype == torch.int64 and band.weights.dtype == torch.float32
-            assert band.weights.shape == (nb, length, BAND_BLOCK) and length <= n_in
-            assert (nb - 1) * BAND_BLOCK < band.n_out == s <= nb * BAND_BLOCK
-        dense += h * w * s + s * h * s  # width pass on H rows, then height pass on S columns
-        banded += h * width.weights.numel() + s * height.weights.numel()  # nb * L * B multiply-adds a row
-    print(f"1920x1080 -> {module.sizes}: dense {3 * dense / 1e9:.2f} GMAC, banded {3 * banded / 1e9:.3f} GMAC "
-          f"an image ({dense / banded:.1f}x fewer)")
-    assert dense >= 5 * banded
-
-    # CPU timing, for information only (the form is for CUDA; the CPU's gather is relatively slow)
-    img = torch.from_numpy(_camera_photo_from_fixture(w, h))[None]
-    mats = [tuple(torch.from_numpy(m) for m in module.dense_matrices(h, w, s)) for s in module.sizes]
-
-    def dense_form() -> list[torch.Tensor]:
-        x = img.squeeze(0).permute(2, 0, 1).float() / 255.0
-        return [(wh @ (x @ ww.T))[None] for wh, ww in mats]
-
-    with torch.inference_mode():
-        times = {}
-        for name, fn in (("dense", dense_form), ("banded", lambda: module(img))):
-            fn()
-            start = time.perf_counter()
-            fn()
-            times[name] = (time.perf_counter() - start) * 1e3
-    print(f"CPU ({torch.get_num_threads()} threads), one image at 1920x1080: dense {times['dense']:.0f} ms, "
-          f"banded {times['banded']:.0f} ms")
 
 
 def test_stage1_is_what_the_numpy_path_resizes() -> None:
@@ -182,9 +116,9 @@ def test_stretch_exports_to_onnx_as_matmuls() -> None:
         torch.onnx.export(module, (x,), buf, input_names=["image"], output_names=["coarse", "fine"],
                           opset_version=17, dynamo=False)
     model = onnx.load_from_string(buf.getvalue())
-    nodes = [n.op_type for n in model.graph.node]
-    assert nodes.count("MatMul") == 4 and nodes.count("Gather") == 4  # per size and axis: a band's Gather + MatMul
-    assert not set(nodes) & {"Resize", "Loop", "GatherElements", "GatherND"}, set(nodes)
+    ops = {n.op_type for n in model.graph.node}
+    assert [n.op_type for n in model.graph.node].count("MatMul") == 4
+    assert not ops & {"Resize", "Loop", "Gather"}, ops
     sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"image": img[None]})
     for g, e in zip(got, expected):

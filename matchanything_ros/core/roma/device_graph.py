@@ -1,16 +1,12 @@
-"""The "dense" graph fed with stage-1 images: the stretch-resize runs on the device, as banded MatMuls.
+"""The "dense" graph fed with stage-1 images: the stretch-resize runs on the device, as MatMuls.
 
 torchvision's antialiased bicubic resize is linear and separable, so each image's coarse and fine
 inputs are `Wh @ X @ Ww^T` per channel with fixed matrices (`preprocess.resize_matrix`, built from
-the same taps as the bit-exact numpy path, once per input size). The matrices are banded (an output
-pixel reads a short run of input pixels), so each is stored blocked: per block of output columns
-the run of inputs that holds all its nonzero weights, and those weights. That is a Gather and a
-batched MatMul per axis, two of each per image and size (ONNX/TensorRT run them natively), with
-~15-20x fewer multiply-adds than the dense products at 1920x1080 (~12 GMAC an image dense, ~1 ms
-a pair on an H100 in true fp32), and the host only hands over the uint8 image (0.9 MB at 640x480)
-instead of resizing 4 images in numpy (~270 ms). The result deviates from the numpy path by float32
-summation order only (bounded in test/test_roma_device_resize.py); the numpy path stays the exact
-one (CPU parity, ONNX export).
+the same taps as the bit-exact numpy path, once per input size). That is two MatMuls per image and
+size (ONNX/TensorRT run them natively), and the host only hands over the uint8 image (0.9 MB at
+640x480) instead of resizing 4 images in numpy (~270 ms). The result deviates from the numpy path
+by float32 summation order only (bounded in test/test_roma_device_resize.py); the numpy path stays
+the exact one (CPU parity, ONNX export).
 
 The graph has fixed shapes per input size (`capture_key`), so the torch backend captures it whole
 in a CUDA graph. cuDNN/TF32 settings it needs are set for its own forward only and restored after.
@@ -18,7 +14,7 @@ in a CUDA graph. cuDNN/TF32 settings it needs are set for its own forward only a
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -53,54 +49,6 @@ def fp32_math(cudnn_benchmark: bool, cudnn_tf32: bool = False) -> Iterator[None]
         torch.backends.cuda.matmul.allow_tf32 = saved_matmul
 
 
-# Output pixels per block of the banded resize. A block reads ~BAND_BLOCK * n_in / n_out inputs plus the taps'
-# reach (~15-20 input pixels at 1920x1080), so the multiply-adds fall with the block size until that reach
-# dominates: 32 does ~15-22x fewer than the dense products at 1920x1080 per size (64: ~8-12x). Smaller blocks
-# save little more and make the GEMMs narrower (16 columns) and the batch of them longer; the gathered copy is
-# ~1.1-1.2x the input either way.
-BAND_BLOCK = 32
-
-
-class Band(NamedTuple):
-    """One axis of a resize, blocked: output j = sum_l x[gather[b, l]] * weights[b, l, j - b*B] (b = j // B)."""
-    gather: torch.Tensor  # [nb, L] int64: the L consecutive inputs that hold every nonzero weight of block b
-    weights: torch.Tensor  # [nb, L, B] float32; the columns past n_out (padding to nb*B) are zero
-    n_out: int
-
-
-def banded(matrix: np.ndarray, block: int = BAND_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """A one-axis resize matrix [n_in, n_out] (out = x @ matrix) -> (index [nb, L] int64, weights [nb, L, block]
-    float32), L the widest block's run of nonzero rows. Checked to hold the matrix exactly: a weight left out
-    would be a silent error in every frame."""
-    n_in, n_out = matrix.shape
-    nb = -(-n_out // block)
-    padded = np.zeros((n_in, nb * block), np.float32)
-    padded[:, :n_out] = matrix
-    blocks = padded.reshape(n_in, nb, block)
-    used = (blocks != 0).any(axis=2)  # [n_in, nb]: input rows with a nonzero weight in the block
-    first = used.argmax(axis=0)  # an all-zero block (none in a resize) gets 0 and any run
-    last = n_in - 1 - used[::-1].argmax(axis=0)
-    length = min(int((np.where(used.any(axis=0), last - first, 0) + 1).max()), n_in)
-    start = np.minimum(first, n_in - length)  # every run the same length L, inside the input
-    index = start[:, None] + np.arange(length)
-    weights = np.ascontiguousarray(blocks[index, np.arange(nb)[:, None], :])  # [nb, L, block]
-    rebuilt = np.zeros_like(blocks)
-    rebuilt[index, np.arange(nb)[:, None], :] = weights
-    if not np.array_equal(rebuilt, blocks):
-        raise AssertionError(f"banded resize {n_in} -> {n_out}: a nonzero weight lies outside its block's run")
-    return index.astype(np.int64), weights
-
-
-def apply_band(x: torch.Tensor, band: Band) -> torch.Tensor:
-    """x [..., n_in] -> [..., n_out] along the last axis: a Gather of each block's run, one batched MatMul over
-    the blocks, a Slice of the padding."""
-    nb, length = band.gather.shape
-    lead = x.shape[:-1]
-    runs = x[..., band.gather].reshape(-1, nb, length).transpose(0, 1)  # [nb, M, L]: the blocks as the batch
-    y = torch.matmul(runs, band.weights)  # [nb, M, B]
-    return y.transpose(0, 1).reshape(*lead, nb * band.weights.shape[-1])[..., :band.n_out]
-
-
 class StretchResize(nn.Module):
     """Stage-1 image [1, H, W, 3] (uint8 or float32, 0..255) -> [1, 3, S, S] float32 in [0, 1] per size S.
     `webui`: the input is the camera image and the web UI's stage (to 640x480, `preprocess.webui_matrices`)
@@ -110,33 +58,25 @@ class StretchResize(nn.Module):
         super().__init__()
         self.sizes = sizes
         self.webui = webui
-        # (device, H, W, S) -> (width Band, height Band); plain tensors, made on first use of a size (the
+        # (device, H, W, S) -> (Wh [S, H], Ww^T [W, S]); plain tensors, made on first use of a size (the
         # torch backend's eager warm-up) so a CUDA-graph capture never copies from the host
-        self._weights: dict[tuple[str, int, int, int], tuple[Band, Band]] = {}
+        self._weights: dict[tuple[str, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def dense_matrices(self, h: int, w: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(Wh [S, H], Ww [S, W]) float32: the resize as dense matrices, out = Wh @ X @ Ww^T per channel."""
-        if self.webui and (int(w), int(h)) != WEBUI_SIZE_WH:
-            ry, rx = webui_matrices(int(w), int(h))  # float64: composed before the one rounding to float32
-            wh = (resize_matrix(WEBUI_SIZE_WH[1], int(size)).astype(np.float64) @ ry).astype(np.float32)
-            ww = (resize_matrix(WEBUI_SIZE_WH[0], int(size)).astype(np.float64) @ rx).astype(np.float32)
-            return wh, ww
-        return resize_matrix(int(h), int(size)), resize_matrix(int(w), int(size))
-
-    def weights(self, h: int, w: int, size: int, device: torch.device) -> tuple[Band, Band]:
+    def weights(self, h: int, w: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (str(device), int(h), int(w), int(size))
         found = self._weights.get(key)
         if found is None:
             if len(self._weights) >= 16:  # images of ever new sizes (no web-UI stage): bound the memory
                 self._weights.clear()
-
-            def band(matrix: np.ndarray) -> Band:  # [n_out, n_in], as resize_matrix
-                index, weights = banded(matrix.T)
-                return Band(torch.from_numpy(index).to(device), torch.from_numpy(weights).to(device),
-                            matrix.shape[0])
-
-            wh, ww = self.dense_matrices(h, w, size)
-            found = self._weights[key] = (band(ww), band(wh))
+            if self.webui and (int(w), int(h)) != WEBUI_SIZE_WH:
+                ry, rx = webui_matrices(int(w), int(h))  # float64: composed before the one rounding to float32
+                wh_np = (resize_matrix(WEBUI_SIZE_WH[1], int(size)).astype(np.float64) @ ry).astype(np.float32)
+                ww_np = (resize_matrix(WEBUI_SIZE_WH[0], int(size)).astype(np.float64) @ rx).astype(np.float32)
+            else:
+                wh_np, ww_np = resize_matrix(int(h), int(size)), resize_matrix(int(w), int(size))
+            wh = torch.from_numpy(wh_np).to(device)
+            wwt = torch.from_numpy(np.ascontiguousarray(ww_np.T)).to(device)
+            found = self._weights[key] = (wh, wwt)
         return found
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
@@ -144,9 +84,8 @@ class StretchResize(nn.Module):
         x = image.squeeze(0).permute(2, 0, 1).float() / 255.0  # [3, H, W], as the numpy path's / 255.0 in float32
         out = []
         for size in self.sizes:
-            width, height = self.weights(h, w, size, image.device)
-            y = apply_band(x, width)  # width pass, then height pass, as the numpy path
-            out.append(apply_band(y.transpose(-1, -2), height).transpose(-1, -2)[None])
+            wh, wwt = self.weights(h, w, size, image.device)
+            out.append((wh @ (x @ wwt))[None])  # width pass, then height pass, as the numpy path
         return out
 
 

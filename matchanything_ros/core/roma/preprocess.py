@@ -78,7 +78,7 @@ def _aa_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
 def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     """The antialiased bicubic resize along one axis as a dense float32 matrix W [n_out, n_in]
     (out = W x), from the same taps as the numpy path; the identity where the axis keeps its size
-    (the numpy path skips that axis). Two of them per size make the device's resize (stored banded there)."""
+    (the numpy path skips that axis). Two of them per size make the resize two MatMuls on the device."""
     if n_in == n_out:
         return np.eye(n_out, dtype=_F32)
     first, weights = _aa_taps(n_in, n_out)
@@ -138,7 +138,7 @@ def webui_stage(image_rgb: np.ndarray) -> np.ndarray:
 def webui_matrices(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """`webui_stage` of a width x height image as two float64 matrices (Ry [480, height], Rx [640, width]):
     its resizes are linear maps per axis (OpenCV's INTER_AREA / INTER_LINEAR), composed here so that the device
-    graph does the web-UI stage and the stretch in the same two (banded) matrix products per size."""
+    graph does the web-UI stage and the stretch in the same two MatMuls per size."""
     from ..images import cv2_resize_matrix
 
     ry, rx = np.eye(height), np.eye(width)
