@@ -19,13 +19,13 @@
    geometric error with the model kept on its manifold (rank 2 for F; singular values 1, 1, 0 for E,
    in closed form). The inliers are the matches within the threshold of the final model.
 
-On CUDA `TorchVerifier` runs it torch.compile'd (fullgraph, the row count dynamic and the threshold an input:
-one compilation per model, fused kernels in far fewer launches), captured in a CUDA graph per row bucket and
-replayed. It runs on the CPU too (the tests exercise it there, compiled and eager); the CPU path of the
-matcher uses OpenCV instead
-(core/geometry.py). The only matrices inverted are symmetric positive definite (normal equations plus a
-shift), inverted by Gauss-Jordan elimination without pivoting, which is stable for them: plain tensor
-arithmetic, no solver library call that could synchronise or refuse to be captured.
+On CUDA `TorchVerifier` runs it torch.compile'd (fullgraph, fixed shapes: every frame up to COMPILED_ROWS
+matches padded to one, the threshold an input, so one compilation per model; fused kernels in far fewer
+launches), captured in a CUDA graph and replayed. It runs on the CPU too (the tests exercise it there,
+compiled and eager); the CPU path of the matcher uses OpenCV instead (core/geometry.py). The only matrices
+inverted are symmetric positive definite (normal equations plus a shift), inverted by Gauss-Jordan elimination
+without pivoting, which is stable for them: plain tensor arithmetic, no solver library call that could
+synchronise or refuse to be captured.
 """
 from __future__ import annotations
 
@@ -470,7 +470,6 @@ class _CapturedFit:
 
     def __init__(self, fit: Any, rows: int, calibrated: bool, device: torch.device, dtype: torch.dtype,
                  pool: Any) -> None:
-        self.rows = rows
         self.data = torch.zeros(rows, 4, device=device, dtype=dtype)
         self.count = torch.ones((), device=device, dtype=torch.int64)
         self.threshold = torch.ones((), device=device, dtype=dtype)
@@ -621,8 +620,7 @@ class TorchVerifier:
         with torch.no_grad():
             verdict = fit(data, torch.tensor(n, device=self.device),
                           torch.tensor(float(options.threshold_px), dtype=self.dtype, device=self.device), *kinv)
-        host = verdict.cpu().numpy()
-        return lambda: host
+        return lambda: verdict.cpu().numpy()
 
     def rows_for(self, n: int) -> int:
         """The row count a frame of n matches is padded to: COMPILED_ROWS or more when compiled, else the next
