@@ -7,8 +7,8 @@
 # GPU_TESTS_K (pytest -k), GEOMETRY_ARGS, ROMA_SIZES, REBUILDS_FOR (model:precision pairs that run the
 # twelve-matchers check; default demo:fp16), BASELINE (NAME=VALUE,... options of a before/after run of
 # BASELINE_MODEL (default demo) in fp16 at BASELINE_SIZES, tagged _baseline), LOG (the log file; several calls
-# can share $OUT), BEFORE_TREE (an older checkout's package and bench/: its demo and RoMa fp16 cells, tagged
-# _before, for a before/after on one card).
+# can share $OUT), BEFORE_TREE (an older checkout's package and bench/: the fp16 cells of BEFORE_MODELS, default
+# "demo roma", tagged _before, for a before/after on one card; RoMa at 1920x1080 only).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; RAW=$OUT/results; mkdir -p "$OUT" "$RAW"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1

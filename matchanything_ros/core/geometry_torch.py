@@ -459,6 +459,12 @@ def pack_verdict(matrix: torch.Tensor, inliers: torch.Tensor, num_inliers: torch
                       inliers.to(dtype)])
 
 
+def unpack_verdict(verdict: np.ndarray, n: int) -> tuple[np.ndarray, bool, int, np.ndarray]:
+    """A packed verdict on the host -> (matrix float64 [3, 3], found, inlier count, flags bool [n]), copies."""
+    return (verdict[:9].astype(np.float64).reshape(3, 3), bool(verdict[9]), int(verdict[10]),
+            verdict[VERDICT_HEADER:VERDICT_HEADER + n] > 0)
+
+
 class _CapturedFit:
     """The fit for one (model, seed, row count) captured in a CUDA graph: static device buffers for the frame,
     its match count, the inlier threshold and the intrinsics (all inputs: a new threshold is a fill, not a new
@@ -654,11 +660,10 @@ class TorchVerifier:
         # 10,000 matches); a rejected frame's verdict is waited for and dropped
         collect = self._launch(model, options, frame, Kinv)
         failure, _, _ = check_input(k0, k1, options, TORCH_MINIMAL_SAMPLE[model])
-        verdict = collect()
+        matrix, found, num_inliers, inliers = unpack_verdict(collect(), n)
         if failure is not None:
             return failure
-        if not verdict[9]:  # found
+        if not found:
             return GeometryResult.failure(model, n, NO_MODEL_FOUND,
                                           f"no {model} fits the {n} matches (threshold {options.threshold_px:g} px)")
-        return GeometryResult(model, verdict[:9].astype(np.float64).reshape(3, 3),
-                              verdict[VERDICT_HEADER:VERDICT_HEADER + n] > 0, int(verdict[10]))
+        return GeometryResult(model, matrix, inliers, num_inliers)
