@@ -8,7 +8,8 @@
 # twelve-matchers check; default demo:fp16), BASELINE (NAME=VALUE,... options of a before/after run of
 # BASELINE_MODEL (default demo) in fp16 at BASELINE_SIZES, tagged _baseline), LOG (the log file; several calls
 # can share $OUT), BEFORE_TREE (an older checkout's package and bench/: the fp16 cells of BEFORE_MODELS, default
-# "demo roma", tagged _before, for a before/after on one card; RoMa at 1920x1080 only).
+# "demo roma", tagged _before, for a before/after on one card; RoMa at 1920x1080 only; and its
+# bench/geometry_gpu.py after this checkout's).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; RAW=$OUT/results; mkdir -p "$OUT" "$RAW"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -22,9 +23,18 @@ step() {  # step SECONDS CMD...: bounded and timed; a failure does not stop the 
   timeout "$lim" "$@" 2>&1 | grep -v -E "Warning|warnings.warn" || echo "!!! FAILED or timed out: $*"
   echo "--- $(( SECONDS - t0 )) s"
 }
+if [ -n "${BEFORE_TREE:-}" ]; then  # the fixtures and the bundled model from this checkout (to carry less)
+  mkdir -p "$BEFORE_TREE/test"
+  [ -e "$BEFORE_TREE/test/fixtures" ] || ln -s "$PWD/test/fixtures" "$BEFORE_TREE/test/fixtures"
+  [ -e "$BEFORE_TREE/matchanything_ros/data" ] || ln -s "$PWD/matchanything_ros/data" "$BEFORE_TREE/matchanything_ros/data"
+fi
 # the verifier's benchmark first: its compilations land in Inductor's on-disk cache, which the tests then reuse
 # shellcheck disable=SC2086  # GEOMETRY_ARGS: several arguments
 [ -n "${GEOMETRY_S-240}" ] && step "${GEOMETRY_S:-240}" python3 bench/geometry_gpu.py ${GEOMETRY_ARGS:-}
+if [ -n "${BEFORE_TREE:-}" ] && [ -n "${GEOMETRY_S-240}" ]; then  # the older checkout's verifier, on this card
+  # shellcheck disable=SC2086
+  step "${GEOMETRY_S:-240}" env PYTHONPATH="$BEFORE_TREE" python3 "$BEFORE_TREE/bench/geometry_gpu.py" ${GEOMETRY_ARGS:-}
+fi
 [ -n "${GPU_TESTS_S-300}" ] && step "${GPU_TESTS_S:-300}" python3 -m pytest test/test_gpu.py -m gpu -q -p no:cacheprovider \
   -k "${GPU_TESTS_K:-}"
 for model in ${MODELS//,/ }; do
@@ -42,9 +52,6 @@ if [ -n "${BASELINE:-}" ]; then
     --sizes "${BASELINE_SIZES:-848x480,1280x720,1920x1080}" --runs 10 --tag _baseline "${options[@]}"
 fi
 if [ -n "${BEFORE_TREE:-}" ]; then  # the same cells from an older checkout of bench/ and the package, on this card
-  mkdir -p "$BEFORE_TREE/test"  # the fixtures and the bundled model from this checkout (to carry less)
-  [ -e "$BEFORE_TREE/test/fixtures" ] || ln -s "$PWD/test/fixtures" "$BEFORE_TREE/test/fixtures"
-  [ -e "$BEFORE_TREE/matchanything_ros/data" ] || ln -s "$PWD/matchanything_ros/data" "$BEFORE_TREE/matchanything_ros/data"
   for model in ${BEFORE_MODELS:-demo roma}; do
     step "${STEP_S:-200}" env PYTHONPATH="$BEFORE_TREE" python3 "$BEFORE_TREE/bench/matrix.py" --out "$RAW/$model" \
       --models "$model" --precisions fp16 --no-rebuilds --runs 10 --tag _before \
