@@ -133,3 +133,18 @@ def test_reconfigure_closes_the_old_matcher_on_the_worker_thread():
     assert done.wait(5)
     assert events["processed"] == [("b.ckpt", "last")]
     worker.stop()
+
+
+def test_a_pair_submitted_right_after_a_reconfiguration_runs_with_the_new_config():
+    """A parameter change (reconfigure) and the next pair can reach the waiting worker in one hand-over (its
+    wake-up and the pair together, as on a loaded machine): the pair runs with the new config, not the old."""
+    worker, events, done = make_worker()
+    worker.start("first.ckpt")
+    wait_for(lambda: worker.matcher is not None)
+    time.sleep(0.05)  # the worker waits on the slot
+    with worker.slot._cond:  # both land before the worker thread can look
+        worker.reconfigure("second.ckpt")
+        worker.submit("last")
+    assert done.wait(5.0)
+    assert events["processed"] == [("second.ckpt", "last")]
+    assert worker.stop()

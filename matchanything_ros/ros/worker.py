@@ -142,6 +142,11 @@ class MatcherWorker(Generic[T]):
         item = self.slot.take(timeout=0.5)
         if item is None or self._stop:
             return
+        # a reconfiguration asked for while this thread waited applies to this pair too: its wake-up and a pair
+        # that arrives just after it reach `take` together, and the pair came after the change
+        has_config, config = self._take_config()
+        if has_config:
+            self._rebuild(config)
         if self.matcher is None:
             if self._on_unprocessed is not None:
                 self._on_unprocessed(item)
