@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,9 @@ def load_skimage_rgb(name: str) -> np.ndarray:
 def pack_images(names: list[str], path: Path) -> None:
     """Write the named photos into one .npz (key = name) for machines without scikit-image data."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **{n: load_skimage_rgb(n) for n in names})
+    # Any: numpy's stubs type savez_compressed's keyword arguments as its allow_pickle flag
+    arrays: dict[str, Any] = {n: load_skimage_rgb(n) for n in names}
+    np.savez_compressed(path, **arrays)
 
 
 def load_packed_images(path: Path) -> dict[str, np.ndarray]:
