@@ -134,19 +134,15 @@ class MatcherWorker(Generic[T]):
             return has, config
 
     def _step(self) -> None:
-        """One turn: a pending reconfiguration, else the next item (waiting up to 0.5 s for one)."""
+        """One turn: a pending reconfiguration, then the next item (waiting up to 0.5 s for one, unless a
+        reconfiguration is already pending). The reconfiguration is looked for after the wait too: its wake-up
+        and a pair that arrives just after it reach `take` together, and that pair runs with the new config."""
+        item = None if self._has_pending else self.slot.take(timeout=0.5)
         has_config, config = self._take_config()
         if has_config:
             self._rebuild(config)
-            return
-        item = self.slot.take(timeout=0.5)
         if item is None or self._stop:
             return
-        # a reconfiguration asked for while this thread waited applies to this pair too: its wake-up and a pair
-        # that arrives just after it reach `take` together, and the pair came after the change
-        has_config, config = self._take_config()
-        if has_config:
-            self._rebuild(config)
         if self.matcher is None:
             if self._on_unprocessed is not None:
                 self._on_unprocessed(item)
