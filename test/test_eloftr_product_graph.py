@@ -263,6 +263,36 @@ def test_the_cuda_speed_form_keeps_the_matches_when_run_on_the_cpu(demo_model: A
     assert (fast[1 + n:, 6] == 0).all()  # padding rows
 
 
+@pytest.mark.parametrize("shapes", ["16:9 both", "16:9 and 9:16", "9:16 both"])
+@pytest.mark.parametrize("cap", [None, 150])
+def test_the_head_on_the_valid_cells_keeps_every_match(demo_model: Any, demo_pair: Any, shapes: str,
+                                                       cap: int | None) -> None:
+    """`head_on_valid_cells` (CUDA's default): the log-space head's similarity matrix over the valid cells only
+    (a 16:9 camera: 36x64 of 64x64 cells here) gives the whole canvas's matches — the same (i, j) canvas
+    cells in the same order, the same keypoints, confidences to float rounding —, also for a frame over the
+    cap (the most confident kept) and for image pairs of different orientation."""
+    import cv2
+
+    cfg, state = demo_model
+    pipe = EloftrPipeline({"threshold": 0.1, "resize_max": 512}, cfg)
+    size0, size1 = {"16:9 both": ((1280, 720), (1280, 720)), "16:9 and 9:16": ((1280, 720), (720, 1280)),
+                    "9:16 both": ((720, 1280), (720, 1280))}[shapes]
+    a, b = (torch.from_numpy(stage2_rgb(np.ascontiguousarray(cv2.resize(x, wh, interpolation=cv2.INTER_AREA)),
+                                        pipe.settings)[0]) for x, wh in zip(demo_pair, (size0, size1)))
+    net = pipe.build_net(state)
+    max_matches = cap or pipe.max_matches
+    whole, block = (EloftrProduct(net, 0.1, max_matches, "lse_nonzero", head_on_valid_cells=on) for on in (False, True))
+    assert block.head_block(tuple(a.shape), 64) == ((36, 64) if size0[0] > size0[1] else (64, 36))
+    with torch.inference_mode():
+        ref, got = whole(a, b), block(a, b)
+    n = min(int(ref[0, 0]), max_matches)
+    assert int(got[0, 0]) == int(ref[0, 0]) > 300 and (cap is None or int(ref[0, 0]) > cap)
+    torch.testing.assert_close(got[1:1 + n, :2], ref[1:1 + n, :2], rtol=0, atol=0)  # same canvas cells, order
+    torch.testing.assert_close(got[1:1 + n, 2:6], ref[1:1 + n, 2:6], rtol=0, atol=1e-4)
+    torch.testing.assert_close(got[1:1 + n, 6], ref[1:1 + n, 6], rtol=1e-5, atol=1e-7)
+    assert (got[1 + n:, :2] == 0).all() and (got[1 + n:, 6] == 0).all()  # padding rows: cell 0, confidence 0
+
+
 def test_the_network_on_the_valid_region_and_its_reach_keeps_every_match(demo_model: Any, demo_pair: Any) -> None:
     """`reach_crop` (CUDA's default): a 16:9 camera's stage-2 image fills 9/16 of its square canvas; the
     network runs on the valid rows plus its receptive field's reach instead of the whole canvas. The matches

@@ -47,6 +47,9 @@ class EloftrOptions:
     # H100 the demo model ran 0.1-0.2 ms slower with it (1280x720: 6.66 vs 6.54 ms), the padding copies of its
     # maps costing more than the rows it saves; the full-size model's deeper backbone is not measured with it
     reach_crop: bool = False
+    # the log-space head on the valid cells only, not the whole square canvas (product.valid_cell_block): the
+    # same matches; a 16:9 camera's similarity matrix has 32 % of the canvas's entries (59x104 of 104x104 cells)
+    head_on_valid_cells: bool = True
     # the torch backend runs the product graph's fine level in captured row buckets (a frame pays for its
     # matches, not for the cap) ...
     row_buckets: bool = True

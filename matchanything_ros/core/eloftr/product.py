@@ -134,6 +134,20 @@ def select_passing(
     return i_ids, j_ids, torch.where(used, mconf, torch.zeros_like(mconf)), count, torch.zeros_like(count)
 
 
+def valid_cell_block(t: torch.Tensor, mask: torch.Tensor, block: tuple[int, int]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coarse features [1,C,H,W] and their mask [1,H,W] -> the top-left `block` (rows, cols) of both, and the
+    canvas cell of each block cell [rows*cols] (int64, row-major). The dual softmax of cells outside the valid
+    region weighs nothing (their similarity is -1e9, exp of it 0), so the head on the valid block computes the
+    same confidences as on the whole canvas, for a 16:9 camera on 32 % of the similarity matrix's entries.
+    Block cells are row-major like canvas cells, so the row-major order of the matches is kept."""
+    rows, cols = block
+    width = t.shape[-1]
+    r = torch.arange(rows, device=t.device)[:, None] * width
+    cells = (r + torch.arange(cols, device=t.device)[None, :]).flatten()
+    return t[:, :, :rows, :cols], mask[:, :rows, :cols], cells
+
+
 def keep_most_confident_lse(sim: torch.Tensor, lse_row: torch.Tensor, lse_col: torch.Tensor, passed: torch.Tensor,
                             threshold: torch.Tensor, max_matches: int
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -215,7 +229,8 @@ class EloftrProduct(nn.Module):
     threshold_t: torch.Tensor
 
     def __init__(self, net: EloftrNet, threshold: float, max_matches: int, head: str = "dsmax",
-                 fine: str = "exact", compiled: str = "none", stage1: Any = None, reach_crop: bool = False) -> None:
+                 fine: str = "exact", compiled: str = "none", stage1: Any = None, reach_crop: bool = False,
+                 head_on_valid_cells: bool = False) -> None:
         super().__init__()
         if head not in PRODUCT_HEADS:
             raise ValueError(f"head must be one of {PRODUCT_HEADS}, got {head!r}")
@@ -238,6 +253,8 @@ class EloftrProduct(nn.Module):
         # written in place (`set_threshold`) without recompiling or re-capturing anything
         self.register_buffer("threshold_t", torch.tensor(float(threshold), dtype=torch.float32), persistent=False)
         self.head_kind = head
+        # the log-space head on the valid cells' block only (`valid_cell_block`), not the whole canvas
+        self.head_on_valid_cells = bool(head_on_valid_cells)
         # the network sees the valid region plus its reach, not the whole square canvas (`network_extent`)
         self.reach_crop = bool(reach_crop)
         self.fine = EloftrFine(net.cfg, fast=fine != "exact", compiled=fine == "fast_compiled")
@@ -312,6 +329,14 @@ class EloftrProduct(nn.Module):
             return min(s0, -(-(valid + reach) // granule) * granule)
 
         return side(max(shape0[0], shape1[0])), side(max(shape0[1], shape1[1]))
+
+    def head_block(self, shape: tuple[int, ...], side: int) -> tuple[int, int]:
+        """(rows, cols) of coarse cells the log-space head runs on for a stage-2 image of `shape` whose canvas
+        has `side` cells a side: its valid cells with `head_on_valid_cells`, else the whole canvas."""
+        if not self.head_on_valid_cells:
+            return side, side
+        _, rows, cols = self.canvas_geometry(shape[0], shape[1])
+        return rows, cols
 
     def canvas_geometry(self, h: int, w: int) -> tuple[int, int, int]:
         """-> (canvas side, valid coarse rows, valid coarse cols) of an h x w stage-2 image."""
@@ -389,9 +414,9 @@ class EloftrProduct(nn.Module):
     def keep_most_confident(self, state: tuple[torch.Tensor, ...], cap: int) -> tuple[torch.Tensor, ...]:
         """front()'s state of a frame over the cap (lse head) -> the same state selecting the most confident
         matches. Writes into front's own buffers (a captured front's static outputs, which back reads)."""
-        sim, lse_row, lse_col, passed = state[5:9]
+        sim, lse_row, lse_col, passed, cells0, cells1 = state[5:11]
         i_ids, j_ids, mconf = keep_most_confident_lse(sim, lse_row, lse_col, passed, self.threshold_t, cap)
-        for buf, new in zip(state[2:5], (i_ids, j_ids, mconf)):
+        for buf, new in zip(state[2:5], (cells0[i_ids], cells1[j_ids], mconf)):
             buf.copy_(new)
         return state
 
@@ -421,7 +446,7 @@ class EloftrProduct(nn.Module):
     # only. The exported graph (one fixed shape for ONNX/TensorRT) is forward(): every row up to the cap.
     def front(self, rgb0: torch.Tensor, rgb1: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """-> (feat_f0, feat_f1, i_ids, j_ids, mconf [cap], header [1, 7]): everything before the fine level.
-        The lse head inserts its (sim, lse_row, lse_col, passed) before the header (at 5..8), for
+        The lse head inserts its (sim, lse_row, lse_col, passed, cells0, cells1) before the header (at 5..10), for
         `keep_most_confident`: they exist anyway, so a captured front keeps them at no cost."""
         cfg = self.cfg
         rgb0, rgb1 = self.stage1_rgb(rgb0), self.stage1_rgb(rgb1)
@@ -433,11 +458,14 @@ class EloftrProduct(nn.Module):
         t0, t1 = feats["transformer0"], feats["transformer1"]
         cap = self.cap_of(tuple(rgb0.shape))  # rgb0 is stage 2 here
         if self._passing is not None:
+            b0, m0, cells0 = valid_cell_block(t0, mask0, self.head_block(tuple(rgb0.shape), t0.shape[-1]))
+            b1, m1, cells1 = valid_cell_block(t1, mask1, self.head_block(tuple(rgb1.shape), t1.shape[-1]))
             with tf32_head(t0) as split:
                 sim, lse_row, lse_col, passed, count = self._passing(
-                    t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model, cfg.border_rm, self.threshold_t, split)
+                    b0, b1, m0, m1, cfg.dsmax_temperature, cfg.d_model, cfg.border_rm, self.threshold_t, split)
             i_ids, j_ids, mconf, count, truncated = select_passing(sim, lse_row, lse_col, passed, count, cap)
-            selection: tuple[torch.Tensor, ...] = (sim, lse_row, lse_col, passed)
+            i_ids, j_ids = cells0[i_ids], cells1[j_ids]  # block cells -> canvas cells (padding rows stay 0)
+            selection: tuple[torch.Tensor, ...] = (sim, lse_row, lse_col, passed, cells0, cells1)
         else:
             if self.head_kind == "dsmax":  # the original's head (bit-exact on the CPU)
                 conf = dual_softmax_confidence(t0, t1, mask0, mask1, cfg.dsmax_temperature, cfg.d_model)
