@@ -58,8 +58,22 @@ COMPILED_FITS_PER_PROCESS = 64
 # shapes are fixed (TorchDynamo's dynamic row count still recompiles per power of two), so this is one compilation
 # per model in practice; the fit is launch-bound on a GPU, so the padding rows cost little there.
 COMPILED_ROWS = 16_384
+SUM_OF_PRODUCTS_MAX_K = 9  # inner dimensions up to this are written out as sums under torch.compile (`mm`)
 _BIG = 1e30
 _BIG_RESIDUAL = 1e15  # stands for a non-finite residual (its square stays finite in fp32)
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b; under torch.compile, where the inner dimension is small (3x3 and 9x9 models, a model against every
+    match), as a sum of products that the compiler fuses into the surrounding kernels instead of a GEMM launch
+    each (the fit is launch-bound on a GPU). Eager keeps the GEMM (one kernel instead of k)."""
+    k = a.shape[-1]
+    if not torch.compiler.is_compiling() or k > SUM_OF_PRODUCTS_MAX_K:
+        return a @ b
+    total = a[..., :, 0:1] * b[..., 0:1, :]
+    for j in range(1, k):
+        total = total + a[..., :, j:j + 1] * b[..., j:j + 1, :]
+    return total
 
 
 def magsac_weights(err2: torch.Tensor, max_threshold_px: float | torch.Tensor) -> torch.Tensor:
@@ -110,7 +124,7 @@ def smallest_eigvec(M: torch.Tensor, start: torch.Tensor, iterations: int = INVE
     inverse = adjugate3(shifted) if n == 3 else spd_inverse(shifted)
     v = start.expand(M.shape[:-1]).unsqueeze(-1)
     for _ in range(iterations):
-        v = inverse @ v
+        v = mm(inverse, v)
         v = v / v.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(M.dtype).tiny)
     return v.squeeze(-1)
 
@@ -139,7 +153,7 @@ def square_to_quad(q: torch.Tensor) -> torch.Tensor:
 
 def homography_4pt(p0: torch.Tensor, p1: torch.Tensor) -> torch.Tensor:
     """[S, 4, 2] x2 -> [S, 3, 3] homographies with p1 ~ H p0."""
-    return square_to_quad(p1) @ adjugate3(square_to_quad(p0))
+    return mm(square_to_quad(p1), adjugate3(square_to_quad(p0)))
 
 
 def epipolar_rows(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
@@ -210,16 +224,16 @@ def squared_errors(model: str, M: torch.Tensor, norm: Normalised, rows: torch.Te
     x0, x1 = (norm.x0, norm.x1) if rows is None else (norm.x0[rows], norm.x1[rows])
     h0 = torch.cat([x0, torch.ones_like(x0[:, :1])], 1).T  # [3, N]
     if model == "homography":
-        mapped = M @ h0  # [S, 3, N]
+        mapped = mm(M, h0)  # [S, 3, N]
         w = mapped[:, 2]
         du = (mapped[:, 0] / w - x1[:, 0]) / norm.jac1[0]
         dv = (mapped[:, 1] / w - x1[:, 1]) / norm.jac1[1]
         err = du * du + dv * dv
     else:
         h1 = torch.cat([x1, torch.ones_like(x1[:, :1])], 1).T
-        Fx0 = M[:, :2] @ h0  # [S, 2, N]: the first two rows of F x0
-        Ftx1 = M[:, :, :2].transpose(1, 2) @ h1  # [S, 2, N]: of F^T x1
-        residual = (M.flatten(1) @ epipolar_rows(x0, x1).T)  # [S, N]: x1^T F x0
+        Fx0 = mm(M[:, :2], h0)  # [S, 2, N]: the first two rows of F x0
+        Ftx1 = mm(M[:, :, :2].transpose(1, 2), h1)  # [S, 2, N]: of F^T x1
+        residual = mm(M.flatten(1), epipolar_rows(x0, x1).T)  # [S, N]: x1^T F x0
         jac0, jac1 = norm.jac0, norm.jac1
         grad2 = ((Fx0[:, 0] * jac1[0]) ** 2 + (Fx0[:, 1] * jac1[1]) ** 2
                  + (Ftx1[:, 0] * jac0[0]) ** 2 + (Ftx1[:, 1] * jac0[1]) ** 2)
@@ -234,7 +248,7 @@ def weighted_fit(model: str, M: torch.Tensor, weights: torch.Tensor, norm: Norma
     x0, x1 = norm.x0, norm.x1
     if model == "homography":
         rows = homography_rows(x0, x1)  # [N, 2, 9]
-        w_scale = (torch.cat([x0, torch.ones_like(x0[:, :1])], 1) @ M[2])  # h3 . x0
+        w_scale = mm(torch.cat([x0, torch.ones_like(x0[:, :1])], 1), M[2:].T)[:, 0]  # h3 . x0
         scale = weights / (w_scale * w_scale).clamp_min(1e-12)
         rows = rows.reshape(-1, 9)
         scale = scale.repeat_interleave(2)
@@ -242,7 +256,7 @@ def weighted_fit(model: str, M: torch.Tensor, weights: torch.Tensor, norm: Norma
         rows = epipolar_rows(x0, x1)  # [N, 9]
         h0 = torch.cat([x0, torch.ones_like(x0[:, :1])], 1)
         h1 = torch.cat([x1, torch.ones_like(x1[:, :1])], 1)
-        Fx0, Ftx1 = h0 @ M.T, h1 @ M
+        Fx0, Ftx1 = mm(h0, M.T), mm(h1, M)
         grad2 = ((Fx0[:, 0] * norm.jac1[0]) ** 2 + (Fx0[:, 1] * norm.jac1[1]) ** 2
                  + (Ftx1[:, 0] * norm.jac0[0]) ** 2 + (Ftx1[:, 1] * norm.jac0[1]) ** 2)
         scale = weights / grad2.clamp_min(1e-12)
@@ -259,17 +273,17 @@ def _outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def rank2(F: torch.Tensor) -> torch.Tensor:
     """[..., 3, 3] -> the nearest rank-2 matrices (Frobenius): F's smallest singular direction removed."""
     start = _start_vector(3, F)
-    v3 = smallest_eigvec(F.transpose(-1, -2) @ F, start)
-    return F - _outer((F @ v3.unsqueeze(-1)).squeeze(-1), v3)
+    v3 = smallest_eigvec(mm(F.transpose(-1, -2), F), start)
+    return F - _outer(mm(F, v3.unsqueeze(-1)).squeeze(-1), v3)
 
 
 def essential_projection(E: torch.Tensor) -> torch.Tensor:
     """[..., 3, 3] -> the nearest essential matrices (singular values 1, 1, 0), in closed form: remove the
     smallest singular direction, then divide by the square root of E^T E on the remaining plane."""
     start = _start_vector(3, E)
-    v3 = smallest_eigvec(E.transpose(-1, -2) @ E, start)
-    E2 = E - _outer((E @ v3.unsqueeze(-1)).squeeze(-1), v3)
-    S = E2.transpose(-1, -2) @ E2
+    v3 = smallest_eigvec(mm(E.transpose(-1, -2), E), start)
+    E2 = E - _outer(mm(E, v3.unsqueeze(-1)).squeeze(-1), v3)
+    S = mm(E2.transpose(-1, -2), E2)
     plane = _batched_eye(3, S) - _outer(v3, v3)
     trace = S.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     square_sum = (S * S).sum((-2, -1))[..., None, None]
@@ -277,7 +291,7 @@ def essential_projection(E: torch.Tensor) -> torch.Tensor:
     s_sum = (trace + 2 * s1s2).sqrt()  # their sum
     root = (S + s1s2 * plane) / s_sum  # sqrt(S) on the plane
     root_inverse = (s_sum * plane - root) / s1s2  # its inverse there (2x2: (trace I - R) / det)
-    return E2 @ root_inverse
+    return mm(E2, root_inverse)
 
 
 def on_manifold(model: str, M: torch.Tensor, norm: Normalised) -> torch.Tensor:
@@ -285,8 +299,8 @@ def on_manifold(model: str, M: torch.Tensor, norm: Normalised) -> torch.Tensor:
     if model == "fundamental":
         M = rank2(M)
     elif model == "essential":  # the essential manifold lives in calibrated coordinates
-        E = essential_projection(norm.T1.T @ M @ norm.T0)
-        M = norm.T1_inv.T @ E @ norm.T0_inv
+        E = essential_projection(mm(mm(norm.T1.T, M), norm.T0))
+        M = mm(mm(norm.T1_inv.T, E), norm.T0_inv)
     return M / M.flatten(-2).norm(dim=-1).clamp_min(1e-30)[..., None, None]
 
 
@@ -296,14 +310,14 @@ def signed_residuals(model: str, M: torch.Tensor, norm: Normalised) -> torch.Ten
     x0, x1 = norm.x0, norm.x1
     h0 = torch.cat([x0, torch.ones_like(x0[:, :1])], 1).T
     if model == "homography":
-        mapped = M @ h0
+        mapped = mm(M, h0)
         du = (mapped[:, 0] / mapped[:, 2] - x1[:, 0]) / norm.jac1[0]
         dv = (mapped[:, 1] / mapped[:, 2] - x1[:, 1]) / norm.jac1[1]
         return torch.cat([du, dv], dim=1)
     h1 = torch.cat([x1, torch.ones_like(x1[:, :1])], 1).T
-    Fx0 = M[:, :2] @ h0
-    Ftx1 = M[:, :, :2].transpose(1, 2) @ h1
-    residual = M.flatten(1) @ epipolar_rows(x0, x1).T
+    Fx0 = mm(M[:, :2], h0)
+    Ftx1 = mm(M[:, :, :2].transpose(1, 2), h1)
+    residual = mm(M.flatten(1), epipolar_rows(x0, x1).T)
     grad2 = ((Fx0[:, 0] * norm.jac1[0]) ** 2 + (Fx0[:, 1] * norm.jac1[1]) ** 2
              + (Ftx1[:, 0] * norm.jac0[0]) ** 2 + (Ftx1[:, 1] * norm.jac0[1]) ** 2)
     return residual / grad2.sqrt()
@@ -334,7 +348,7 @@ def refine(model: str, M: torch.Tensor, weights: torch.Tensor, norm: Normalised,
         JJ = J @ J.T
         g = J @ r0
         lhs = JJ + damping * torch.diag(JJ.diagonal() + 1e-12)
-        delta = -(spd_inverse(lhs) @ g)
+        delta = -mm(spd_inverse(lhs), g.unsqueeze(-1)).squeeze(-1)
         candidate = f + delta
         candidate = candidate / candidate.norm().clamp_min(1e-30)
         better = (residuals(candidate.unsqueeze(0))[0] ** 2).sum() < (r0 ** 2).sum()
@@ -374,7 +388,7 @@ def fit_padded(model: str, kp0: torch.Tensor, kp1: torch.Tensor, num_valid: torc
         hypotheses = homography_4pt(s0, s1)
     else:
         rows = epipolar_rows(s0, s1)  # [S, 8, 9]
-        normal = rows.transpose(1, 2) @ rows
+        normal = mm(rows.transpose(1, 2), rows)
         hypotheses = smallest_eigvec(normal, _start_vector(9, normal)).reshape(-1, 3, 3)
     hypotheses = hypotheses / hypotheses.flatten(1).norm(dim=1).clamp_min(1e-30)[:, None, None]
     hypotheses = torch.nan_to_num(hypotheses)

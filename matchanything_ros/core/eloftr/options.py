@@ -48,7 +48,7 @@ class EloftrOptions:
     # maps costing more than the rows it saves; the full-size model's deeper backbone is not measured with it
     reach_crop: bool = False
     # the log-space head on the valid cells only, not the whole square canvas (product.valid_cell_block): the
-    # same matches; a 16:9 camera's similarity matrix has 32 % of the canvas's entries (59x104 of 104x104 cells)
+    # same matches; a 16:9 camera's similarity matrix has 29 % of the canvas's entries (56x104 of 104x104 cells)
     head_on_valid_cells: bool = True
     # the torch backend runs the product graph's fine level in captured row buckets (a frame pays for its
     # matches, not for the cap) ...
