@@ -141,6 +141,9 @@ def test_twelve_thresholds_compile_once_and_a_recompile_limit_is_reported() -> N
     """The threshold as a tensor: twelve values, one compiled graph, no fall-back. The same function given
     the threshold as a Python float (a constant of the compiled code, as before) recompiles per value and,
     at torch's recompile limit, falls back to eager: that is now said (`fallback`, Matcher.info), not silent."""
+    # TorchDynamo counts compilations per code object for the whole process: start from none, so that the
+    # product graphs other tests compiled here (lse_passing_mask at their sizes) do not count toward the limit
+    torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     t0, t1 = torch.randn(1, 64, 8, 8, generator=g), torch.randn(1, 64, 8, 8, generator=g)
     mask = torch.ones(1, 8, 8, dtype=torch.bool)
@@ -157,3 +160,24 @@ def test_twelve_thresholds_compile_once_and_a_recompile_limit_is_reported() -> N
     assert as_input.fallback == "" and as_input.compiled is not None
     assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
     assert as_constant.compiled is None and "recompile" in as_constant.fallback.lower()
+
+
+def test_a_part_compiled_per_camera_size_keeps_compiling_past_torchs_limit() -> None:
+    """The product graph's feature stack and head compile once per camera size and precision, and TorchDynamo
+    counts the compilations of a function for the whole process: a process serving several sizes passes
+    torch's limit. With its own limit (COMPILED_SHAPES_PER_PROCESS) such a part stays compiled; without, it
+    falls back to eager at torch's limit and says so. (Torch's limit is lowered to 2 here to keep this fast.)"""
+    def own_limit(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 + 1
+
+    def torchs_limit(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 + 1
+
+    per_size = CompiledOrEager(own_limit, dynamic=False, recompile_limit=4)
+    default = CompiledOrEager(torchs_limit, dynamic=False)
+    with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=2):
+        for side in (3, 5, 7):  # three "camera sizes"
+            x = torch.arange(float(side))
+            assert torch.equal(per_size(x), x * 2 + 1) and torch.equal(default(x), x * 2 + 1)
+    assert per_size.fallback == "" and per_size.compiled is not None
+    assert default.compiled is None and "recompile" in default.fallback.lower()

@@ -14,18 +14,26 @@ log = logging.getLogger(__name__)
 class CompiledOrEager:
     """`torch.compile(fn)`, falling back to `fn` for good if compiling fails (e.g. a torch without Triton,
     as some Jetson wheels are), said once in the log. The first call is a warm-up run outside any CUDA
-    graph capture, so the choice is made before a capture."""
+    graph capture, so the choice is made before a capture.
 
-    def __init__(self, fn: Any, dynamic: bool, fullgraph: bool = False) -> None:
+    `recompile_limit` (None: torch's, 8): how many compilations of fn's code a process keeps before falling
+    back. TorchDynamo counts them per code object, so every instance wrapping the same function shares the
+    count: a fixed-shape part compiled once per camera size and precision needs more than 8 in a process that
+    serves several."""
+
+    def __init__(self, fn: Any, dynamic: bool, fullgraph: bool = False, recompile_limit: int | None = None) -> None:
         self.fn = fn
         self.compiled: Any = torch.compile(fn, dynamic=dynamic, fullgraph=fullgraph)
         self.fallback = ""  # why this runs uncompiled ("" while compiled): Matcher.info shows it
+        # a recompile limit hit raises instead of silently running eager from then on
+        self._config: dict[str, Any] = {"fail_on_recompile_limit_hit": True}
+        if recompile_limit is not None:
+            self._config["recompile_limit"] = int(recompile_limit)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is not None:
             try:
-                # a recompile limit hit raises here instead of silently running eager from then on
-                with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                with torch._dynamo.config.patch(**self._config):
                     return self.compiled(*args, **kwargs)
             except torch.OutOfMemoryError:
                 raise  # not a compiler failure: the eager function would need the memory too

@@ -567,8 +567,8 @@ class TorchVerifier:
         self.preview = preview
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         # On CUDA the captured eager fit is launch-bound (about a thousand small kernels: 2.1 / 3.4 / 3.8 ms for
-        # H / F / E at 10,000 matches, H100); the compiled one fuses them (0.53 / 1.42 / 1.57 ms, after one 24-28 s
-        # compile per model). On the CPU the eager fit is the one measured (the matcher uses OpenCV there).
+        # H / F / E at 10,000 matches, H100); the compiled one fuses them (H200: 0.47 / 0.66 / 0.74 ms, after one
+        # 14-58 s compile per model). On the CPU the eager fit is the one measured (the matcher uses OpenCV there).
         self.compiled = self.device.type == "cuda" if compiled is None else bool(compiled)
         self.compile_fallback = ""  # why fits run uncompiled although compiled was asked ("" otherwise)
         self._tables: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -597,11 +597,11 @@ class TorchVerifier:
             return geometry_fit
         from .compiled import CompiledOrEager  # the project's compile-or-fall-back wrapper
 
-        compiled = CompiledOrEager(geometry_fit, dynamic=False, fullgraph=True)
+        compiled = CompiledOrEager(geometry_fit, dynamic=False, fullgraph=True,
+                                   recompile_limit=COMPILED_FITS_PER_PROCESS)
 
         def compiled_fit(*args: Any) -> torch.Tensor:
-            with torch._dynamo.config.patch(recompile_limit=COMPILED_FITS_PER_PROCESS):
-                outputs = compiled(*args)
+            outputs = compiled(*args)
             if compiled.fallback and self.compiled:  # compile no more fits for this verifier
                 self.compiled, self.compile_fallback = False, compiled.fallback
             return outputs

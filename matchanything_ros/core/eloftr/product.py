@@ -206,6 +206,10 @@ def select_on_device(
 
 
 FINE_CHUNK = 4096  # fine-level rows per step of the product graph (bounds its memory)
+# The compiled feature stack and head compile once per (canvas, valid region, precision): a process serving
+# several camera sizes in fp16 and fp32 passes torch's default limit of 8; past this many a new one runs
+# uncompiled (logged, Matcher.info)
+COMPILED_SHAPES_PER_PROCESS = 64
 PRODUCT_COLUMNS = ("i", "j", "x0", "y0", "x1", "y1", "conf")  # columns of EloftrProduct's `matches` rows
 
 
@@ -262,14 +266,17 @@ class EloftrProduct(nn.Module):
         # between the cuDNN convolutions
         self._features: Any = self._features_channels_last
         if compiled == "features":
-            self._features = CompiledOrEager(self._features_channels_last, dynamic=False)
+            self._features = CompiledOrEager(self._features_channels_last, dynamic=False,
+                                             recompile_limit=COMPILED_SHAPES_PER_PROCESS)
         # u8 / 255 as numpy computes it (a table: a device division by a scalar may round differently)
         self.register_buffer("u8_to_unit", torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(255.0)),
                              persistent=False)
         self._lse: Any = lse_topk_candidates
         if head == "lse_compiled":
-            self._lse = CompiledOrEager(lse_topk_candidates, dynamic=False)
-        self._passing = CompiledOrEager(lse_passing_mask, dynamic=False) if head == "lse_nonzero" else None
+            self._lse = CompiledOrEager(lse_topk_candidates, dynamic=False,
+                                        recompile_limit=COMPILED_SHAPES_PER_PROCESS)
+        self._passing = (CompiledOrEager(lse_passing_mask, dynamic=False, recompile_limit=COMPILED_SHAPES_PER_PROCESS)
+                         if head == "lse_nonzero" else None)
 
     @property
     def threshold(self) -> float:
