@@ -165,7 +165,7 @@ def test_twelve_thresholds_compile_once_and_a_recompile_limit_is_reported() -> N
 def test_a_part_compiled_per_camera_size_keeps_compiling_past_torchs_limit() -> None:
     """The product graph's feature stack and head compile once per camera size and precision, and TorchDynamo
     counts the compilations of a function for the whole process: a process serving several sizes passes
-    torch's limit. With its own limit (COMPILED_SHAPES_PER_PROCESS) such a part stays compiled; without, it
+    torch's limit. With its own limit (compiled.FIXED_SHAPE_COMPILES) such a part stays compiled; without, it
     falls back to eager at torch's limit and says so. (Torch's limit is lowered to 2 here to keep this fast.)"""
     def own_limit(x: torch.Tensor) -> torch.Tensor:
         return x * 2 + 1

@@ -10,6 +10,12 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+# The recompile limit of the fixed-shape parts (the product graph's feature stack and head, the verifier's fit):
+# they compile once per shape (camera size and precision; verifier model and seed), and TorchDynamo counts a
+# function's compilations for the whole process, so a process serving several passes torch's default of 8.
+# Past this many a new one runs uncompiled, logged and shown in Matcher.info.
+FIXED_SHAPE_COMPILES = 64
+
 
 class CompiledOrEager:
     """`torch.compile(fn)`, falling back to `fn` for good if compiling fails (e.g. a torch without Triton,

@@ -51,9 +51,6 @@ MAGSAC_SIGMA_QUANTILE = 3.04  # the largest threshold is this many of the larges
 INVERSE_ITERATIONS = 4  # power steps on (A^T A)^-1 for a null vector
 LO_COST_SLACK = 1.1  # the locally optimised model is refused only when its truncated cost is this much higher
 REFINE_ITERATIONS = 2  # Levenberg-Marquardt steps on the inliers' geometric error at the end
-# All compiled fits of a process share one TorchDynamo cache (one per function), an entry per (model, seed);
-# past this many the next compile falls back to eager (said once), never silently.
-COMPILED_FITS_PER_PROCESS = 64
 # The compiled fit's row count: every frame up to it is padded to it, larger ones to the next power of two. Its
 # shapes are fixed (TorchDynamo's dynamic row count still recompiles per power of two), so this is one compilation
 # per model in practice; the fit is launch-bound on a GPU, so the padding rows cost little there.
@@ -595,10 +592,12 @@ class TorchVerifier:
 
         if not self.compiled:
             return geometry_fit
-        from .compiled import CompiledOrEager  # the project's compile-or-fall-back wrapper
+        # the project's compile-or-fall-back wrapper; all fits of a process share one compile cache, an entry
+        # per (model, seed)
+        from .compiled import FIXED_SHAPE_COMPILES, CompiledOrEager
 
         compiled = CompiledOrEager(geometry_fit, dynamic=False, fullgraph=True,
-                                   recompile_limit=COMPILED_FITS_PER_PROCESS)
+                                   recompile_limit=FIXED_SHAPE_COMPILES)
 
         def compiled_fit(*args: Any) -> torch.Tensor:
             outputs = compiled(*args)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .model import EloftrNet, _flat_cells
 from .graphs import EloftrFine, border_valid_cells, dual_softmax_confidence, topk_candidates
-from ..compiled import CompiledOrEager
+from ..compiled import FIXED_SHAPE_COMPILES, CompiledOrEager
 from .options import PRODUCT_HEADS
 
 log = logging.getLogger(__name__)
@@ -206,10 +206,6 @@ def select_on_device(
 
 
 FINE_CHUNK = 4096  # fine-level rows per step of the product graph (bounds its memory)
-# The compiled feature stack and head compile once per (canvas, valid region, precision): a process serving
-# several camera sizes in fp16 and fp32 passes torch's default limit of 8; past this many a new one runs
-# uncompiled (logged, Matcher.info)
-COMPILED_SHAPES_PER_PROCESS = 64
 PRODUCT_COLUMNS = ("i", "j", "x0", "y0", "x1", "y1", "conf")  # columns of EloftrProduct's `matches` rows
 
 
@@ -267,15 +263,15 @@ class EloftrProduct(nn.Module):
         self._features: Any = self._features_channels_last
         if compiled == "features":
             self._features = CompiledOrEager(self._features_channels_last, dynamic=False,
-                                             recompile_limit=COMPILED_SHAPES_PER_PROCESS)
+                                             recompile_limit=FIXED_SHAPE_COMPILES)
         # u8 / 255 as numpy computes it (a table: a device division by a scalar may round differently)
         self.register_buffer("u8_to_unit", torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(255.0)),
                              persistent=False)
         self._lse: Any = lse_topk_candidates
         if head == "lse_compiled":
             self._lse = CompiledOrEager(lse_topk_candidates, dynamic=False,
-                                        recompile_limit=COMPILED_SHAPES_PER_PROCESS)
-        self._passing = (CompiledOrEager(lse_passing_mask, dynamic=False, recompile_limit=COMPILED_SHAPES_PER_PROCESS)
+                                        recompile_limit=FIXED_SHAPE_COMPILES)
+        self._passing = (CompiledOrEager(lse_passing_mask, dynamic=False, recompile_limit=FIXED_SHAPE_COMPILES)
                          if head == "lse_nonzero" else None)
 
     @property
