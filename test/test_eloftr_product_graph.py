@@ -293,34 +293,101 @@ def test_the_head_on_the_valid_cells_keeps_every_match(demo_model: Any, demo_pai
     assert (got[1 + n:, :2] == 0).all() and (got[1 + n:, 6] == 0).all()  # padding rows: cell 0, confidence 0
 
 
-def test_the_network_on_the_valid_region_and_its_reach_keeps_every_match(demo_model: Any, demo_pair: Any) -> None:
-    """`reach_crop` (CUDA's default): a 16:9 camera's stage-2 image fills 9/16 of its square canvas; the
-    network runs on the valid rows plus its receptive field's reach instead of the whole canvas. The matches
-    are those of the whole canvas (float rounding of the convolutions aside); a crop that leaves out the reach
-    changes them (so this test can tell)."""
+class _NoEdges(EloftrProduct):
+    """A crop without its far-field edges: the convolutions' zero padding at the crop's edge."""
+
+    def edges_for(self, side: int, extent: Any, device: torch.device) -> Any:
+        return None
+
+
+class _ShortReach(EloftrProduct):
+    """A crop with its edges but a third of their reach (in whole coarse cells)."""
+
+    def network_extent(self, shape0: tuple[int, ...], shape1: tuple[int, ...]) -> Any:
+        extent = super().network_extent(shape0, shape1)
+        if extent is None:
+            return None
+        rows, cols = (max(shape0[0], shape1[0]), max(shape0[1], shape1[1]))
+        reach = -(-self.net.backbone.edge_reach() // 3)
+        g = self.cfg.coarse_stride  # not the canvas granule, which would round it back up
+        return (rows if extent[0] == rows else -(-(rows + reach) // g) * g,
+                cols if extent[1] == cols else -(-(cols + reach) // g) * g)
+
+
+@pytest.mark.parametrize("camera", ["16:9", "9:16"])
+def test_the_network_on_the_valid_region_and_its_edge_reach_keeps_every_match(demo_model: Any, demo_pair: Any,
+                                                                           camera: str) -> None:
+    """`reach_crop`: a 16:9 camera's stage-2 image fills 9/16 of its square canvas; the network runs on the
+    valid rows plus the backbone's edge reach, its stride-1 blocks given the far field's term at the crop's
+    edge. The matches are those of the whole canvas (float rounding of the convolutions aside); the same crop
+    without the edges, or with them but a third of the reach, changes them (so this test can tell)."""
     import cv2
 
     cfg, state = demo_model
     pipe = EloftrPipeline({"threshold": 0.1, "resize_max": 512}, cfg)
-    wide = [np.ascontiguousarray(cv2.resize(x, (1280, 720), interpolation=cv2.INTER_AREA)) for x in demo_pair]
+    size = (1280, 720) if camera == "16:9" else (720, 1280)
+    wide = [np.ascontiguousarray(cv2.resize(x, size, interpolation=cv2.INTER_AREA)) for x in demo_pair]
     a, b = (torch.from_numpy(stage2_rgb(x, pipe.settings)[0]) for x in wide)
-
-    class NoReach(EloftrProduct):
-        def network_reach(self) -> int:
-            return 0
-
     net = pipe.build_net(state)
-    whole, cropped, short = (cls(net, 0.1, pipe.max_matches, reach_crop=crop)
-                             for cls, crop in ((EloftrProduct, False), (EloftrProduct, True), (NoReach, True)))
-    assert tuple(a.shape[:2]) == (288, 512)
+    whole, cropped, no_edges, short = (cls(net, 0.1, pipe.max_matches, reach_crop=crop)
+                                       for cls, crop in ((EloftrProduct, False), (EloftrProduct, True),
+                                                         (_NoEdges, True), (_ShortReach, True)))
+    assert net.backbone.edge_reach() == 24  # the demo model: 53 px of receptive field
     assert whole.network_extent(tuple(a.shape), tuple(b.shape)) is None
-    assert cropped.network_extent(tuple(a.shape), tuple(b.shape)) == (416, 512)  # 288 + 117 px, in 32s
+    extent = (320, 512) if camera == "16:9" else (512, 320)  # 288 + 24 px, in 32s
+    assert tuple(a.shape[:2]) == ((288, 512) if camera == "16:9" else (512, 288))
+    assert cropped.network_extent(tuple(a.shape), tuple(b.shape)) == extent
     with torch.inference_mode():
-        ref, got, bad = whole(a, b), cropped(a, b), short(a, b)
+        ref, got, bad, bad_short = whole(a, b), cropped(a, b), no_edges(a, b), short(a, b)
     n = int(ref[0, 0])
     assert int(got[0, 0]) == n > 100
     torch.testing.assert_close(got[1:1 + n, :2], ref[1:1 + n, :2], rtol=0, atol=0)  # same (i, j), same order
     torch.testing.assert_close(got[1:1 + n, 2:6], ref[1:1 + n, 2:6], rtol=0, atol=1e-3)
     torch.testing.assert_close(got[1:1 + n, 6], ref[1:1 + n, 6], rtol=1e-4, atol=1e-6)
-    m = min(n, int(bad[0, 0]))
-    assert int(bad[0, 0]) != n or not torch.allclose(bad[1:1 + m, 2:7], ref[1:1 + m, 2:7], rtol=1e-4, atol=1e-3)
+    for wrong in (bad, bad_short):
+        m = min(n, int(wrong[0, 0]))
+        assert int(wrong[0, 0]) != n or not torch.allclose(wrong[1:1 + m, 2:7], ref[1:1 + m, 2:7], rtol=1e-4,
+                                                           atol=1e-3)
+
+
+def test_the_far_field_edges_give_the_released_models_features_on_the_valid_region() -> None:
+    """The released model's depth (14 blocks at 1/8: 127 px of receptive field) with seeded weights: on a
+    crop of the valid rows plus 63 px, with the far-field edges, the coarse features of every valid cell and
+    the fine features of every pixel the fine windows read equal the whole canvas's; without the edges they
+    do not, nor with a shorter reach."""
+    from reference import REFERENCE_ROOT, seeded_weights_module
+
+    index = REFERENCE_ROOT / "eloftr" / "manifest.json"
+    seeded = seeded_weights_module(REFERENCE_ROOT).seeded_state_dict(index, 0)
+    pipe = EloftrPipeline({"threshold": 0.1})
+    net = pipe.build_net({k.removeprefix("matcher."): v for k, v in seeded.items()})
+    assert net.backbone.edge_reach() == 63
+    product = EloftrProduct(net, 0.1, pipe.max_matches, reach_crop=True)
+    side, valid = 384, 192
+    g = torch.Generator().manual_seed(3)
+    rgb = [torch.randint(0, 256, (valid, side, 3), dtype=torch.uint8, generator=g) for _ in range(2)]
+    # smooth content (a random image's features saturate): a blurred photo-like field
+    rgb = [torch.nn.functional.avg_pool2d(x.permute(2, 0, 1)[None].float(), 9, 1, 4)[0].permute(1, 2, 0)
+           .to(torch.uint8) for x in rgb]
+    (image0, mask0), (image1, mask1) = product.model_input(rgb[0]), product.model_input(rgb[1])
+    extent = product.network_extent(tuple(rgb[0].shape), tuple(rgb[1].shape))
+    assert extent == (256, 384)  # 192 + 63 px, in 32s
+    crop = product.crop_sizes(tuple(rgb[0].shape), tuple(rgb[1].shape))
+    with torch.inference_mode():
+        whole = product._features_channels_last(image0, image1, mask0, mask1, crop)
+        cut = product._features_channels_last(image0, image1, mask0, mask1, crop, extent,
+                                              product.edges_for(side, extent, image0.device))
+        plain = product._features_channels_last(image0, image1, mask0, mask1, crop, extent, None)
+        short = product._features_channels_last(image0, image1, mask0, mask1, crop, (224, side),
+                                                product.edges_for(side, (224, side), image0.device))
+    rows_c, rows_f = valid // 8, valid + 2  # valid cells; the fine windows reach one pixel past them
+
+    def gap(feats: dict[str, torch.Tensor], key: str, rows: int) -> float:
+        ref = whole[key][..., :rows, :]
+        return float((feats[key][..., :rows, :] - ref).abs().max() / ref.abs().max())
+
+    for key, rows in (("feats_c0", rows_c), ("feats_c1", rows_c), ("transformer0", rows_c),
+                      ("transformer1", rows_c), ("feat_f0", rows_f), ("feat_f1", rows_f)):
+        assert gap(cut, key, rows) < 1e-5, key  # float rounding (measured 5e-7 - 9e-7)
+    # without the edges (measured 1.1e-4), or with them on 32 px past the valid rows (1.2e-4), it differs
+    assert gap(plain, "feats_c0", rows_c) > 5e-5 and gap(short, "feats_c0", rows_c) > 5e-5

@@ -23,6 +23,15 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
 
 
+# A cropped map's far-field term for one block: (values, where) added to its pre-activation as values * where,
+# values [1, C, 1, W] (the row past the crop) or [1, C, H, 1], where a one-hot row or column of the crop's last
+Edge = tuple[torch.Tensor, torch.Tensor]
+# how far the fine FPN's error at a crop's edge reaches back (canvas px): two 3x3 convolutions at 1/4 (8), the
+# x2 upsampling from 1/4 (4), two at 1/2 (4), the upsampling from 1/2 (2), entering one 1/4 cell (4) before the
+# edge, and the fine windows' 1-px ring past the valid region; rounded up
+FPN_EDGE_REACH = 24
+
+
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int, padding: int, eps: float) -> nn.Sequential:
     seq = nn.Sequential()
     seq.add_module("conv", nn.Conv2d(cin, cout, kernel, stride, padding, bias=False))
@@ -57,13 +66,27 @@ class RepVGGBlock(nn.Module):
         self.rbr_identity = nn.BatchNorm2d(cin, eps=eps) if cin == cout and stride == 1 else None
         self.rbr_reparam: nn.Conv2d | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, edge: Edge | None = None) -> torch.Tensor:
+        """`edge`: a cropped map's far-field term (`EloftrNet.far_field_edges`), added where the 3x3 taps read
+        past the crop's last row or column, which the convolution's zero padding left out."""
         if self.rbr_reparam is not None:
-            return F.relu(self.rbr_reparam(x))
-        out = self.rbr_dense(x) + self.rbr_1x1(x)
+            pre = self.rbr_reparam(x)
+            return F.relu(pre if edge is None else torch.addcmul(pre, *edge))
+        conv, bn = self.rbr_dense  # (the edge comes before the BatchNorm: it is a term of the convolution)
+        dense = conv(x)
+        if edge is not None:
+            dense = torch.addcmul(dense, *edge)
+        out = bn(dense) + self.rbr_1x1(x)
         if self.rbr_identity is not None:
             out = out + self.rbr_identity(x)
         return F.relu(out)
+
+    def edge_kernel(self) -> torch.Tensor:
+        """The 3x3 kernel whose taps reach a neighbouring row or column: the fused one, else the dense branch's
+        (the 1x1 and identity branches read no neighbour)."""
+        conv = self.rbr_reparam if self.rbr_reparam is not None else self.rbr_dense.conv
+        assert isinstance(conv, nn.Conv2d)
+        return conv.weight
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -104,11 +127,38 @@ class RepVGGBackbone(nn.Module):
         self.layer2 = nn.Sequential(RepVGGBlock(d0, d1, 2, eps), *[RepVGGBlock(d1, d1, 1, eps) for _ in range(n2 - 1)])
         self.layer3 = nn.Sequential(RepVGGBlock(d1, d2, 2, eps), *[RepVGGBlock(d2, d2, 1, eps) for _ in range(n3 - 1)])
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x1 = self.layer1(self.layer0(x))
-        x2 = self.layer2(x1)
-        x3 = self.layer3(x2)
+    def forward(self, x: torch.Tensor, edges: dict[str, Edge] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x1 = self.run_layer("layer1", self.run_layer("layer0", x, edges), edges)
+        x2 = self.run_layer("layer2", x1, edges)
+        x3 = self.run_layer("layer3", x2, edges)
         return x3, x2, x1
+
+    def run_layer(self, name: str, x: torch.Tensor, edges: dict[str, Edge] | None = None) -> torch.Tensor:
+        """One of layer0..layer3; `edges` by block name ("layer1.0", ...), see RepVGGBlock.forward."""
+        layer = getattr(self, name)
+        named = [(name, layer)] if isinstance(layer, RepVGGBlock) else [(f"{name}.{i}", b) for i, b in enumerate(layer)]
+        for block_name, block in named:
+            x = block(x, None if edges is None else edges.get(block_name))
+        return x
+
+    def edge_reach(self) -> int:
+        """Canvas pixels past the valid region that a crop of the network must keep when its stride-1 blocks
+        get far-field edges (`EloftrNet.far_field_edges`). A block's edge is exact when its input row past the
+        crop lies beyond the reach of every valid pixel (`fwd`: the receptive field so far, each 3x3 tap one
+        input sample); where it is not, its error stays within the reach of the blocks after it (`back`) plus
+        its own output spacing of the crop's edge, which must stay clear of the valid region. The fine FPN
+        runs on the crop with zero padding and clamped upsampling at its edge: that error reaches
+        FPN_EDGE_REACH. Released model: 63 px (instead of the 127 px of its whole receptive field)."""
+        n1, n2, n3 = (len(self.layer1), len(self.layer2), len(self.layer3))
+        # (input spacing, output spacing) of each block in order; a stride-1 block gets an edge
+        blocks = ([(1, 2)] + [(2, 2)] * n1 + [(2, 4)] + [(4, 4)] * (n2 - 1) + [(4, 8)] + [(8, 8)] * (n3 - 1))
+        reach = [s_in for s_in, _ in blocks]
+        need = FPN_EDGE_REACH
+        for k, (s_in, s_out) in enumerate(blocks):
+            if s_in == s_out:
+                need = max(need, min(sum(reach[:k]), sum(reach[k + 1:]) + s_out))
+        return need
 
 
 def fuse_repvgg(module: nn.Module) -> nn.Module:
@@ -368,21 +418,66 @@ class EloftrNet(nn.Module):
             return x
         return x.float() if part in FP32_ISLANDS[self.fp32_island] else x.half()
 
-    def _backbone(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _backbone(self, x: torch.Tensor, edges: dict[str, Edge] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = self.backbone
         if self.explicit_casts:  # each layer's input cast to its weights' dtype: one Cast per island border
-            x1 = b.layer1(self._as_for("backbone.layer1", b.layer0(self._as_for("backbone.layer0", x))))
-            x2 = b.layer2(self._as_for("backbone.layer2", x1))
-            return b.layer3(self._as_for("backbone.layer3", x2)), x2, x1
+            x0 = b.run_layer("layer0", self._as_for("backbone.layer0", x), edges)
+            x1 = b.run_layer("layer1", self._as_for("backbone.layer1", x0), edges)
+            x2 = b.run_layer("layer2", self._as_for("backbone.layer2", x1), edges)
+            return b.run_layer("layer3", self._as_for("backbone.layer3", x2), edges), x2, x1
         if not self._in_fp32("backbone.layer0", x):
-            return self.backbone(x)
+            return b(x, edges)
         with torch.autocast("cuda", enabled=False):
-            x1 = b.layer1(b.layer0(x.float()))
-            x2 = b.layer2(x1)
+            x1 = b.run_layer("layer1", b.run_layer("layer0", x.float(), edges), edges)
+            x2 = b.run_layer("layer2", x1, edges)
         if self._in_fp32("backbone.layer3", x):
             with torch.autocast("cuda", enabled=False):
-                return b.layer3(x2), x2, x1
-        return b.layer3(x2), x2, x1
+                return b.run_layer("layer3", x2, edges), x2, x1
+        return b.run_layer("layer3", x2, edges), x2, x1
+
+    @torch.no_grad()
+    def far_field_edges(self, side: int, rows: int, cols: int, device: torch.device) -> dict[str, Edge]:
+        """The edges (RepVGGBlock.forward) of a run on the top-left rows x cols of a side x side canvas whose
+        pixels past the valid region are zero, one of rows, cols < side (`RepVGGBackbone.edge_reach`).
+
+        Past the reach of every valid pixel, a block's input is the same as with an all-zero canvas: the far
+        field, which depends on the canvas alone. Its row (or column) just past the crop, through the kernel's
+        taps that reach it, is what the zero padding at the crop's edge left out of the crop's last row. Made
+        from a run of the backbone on a zero canvas in the caller's precision context (autocast, fp32
+        islands), each block's term in the dtype its convolution runs in."""
+        if not (rows < side) ^ (cols < side):
+            raise ValueError(f"far-field edges need one side of the crop cropped: {rows}x{cols} of {side}")
+        inputs: dict[str, torch.Tensor] = {}
+        hooks = [block.register_forward_pre_hook(lambda _m, args, name=name: inputs.__setitem__(name, args[0]))
+                 for name, block in self.backbone.named_modules()
+                 if isinstance(block, RepVGGBlock) and block.stride == 1]
+        zero = torch.zeros(1, 1, side, side, device=device)
+        if self.channels_last:
+            zero = zero.contiguous(memory_format=torch.channels_last)
+        try:
+            self._backbone(zero)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        edges: dict[str, Edge] = {}
+        for name, far in inputs.items():
+            block = self.backbone.get_submodule(name)
+            assert isinstance(block, RepVGGBlock)
+            kernel = block.edge_kernel()
+            spacing = side // far.shape[-1]
+            r, c = rows // spacing, cols // spacing
+            with torch.autocast(device.type, enabled=False):  # the block's own dtype, set explicitly
+                if rows < side:  # the row past the crop through the kernel's bottom taps
+                    values = F.conv2d(far[:, :, r:r + 1, :c].to(kernel.dtype), kernel[:, :, 2:, :], padding=(0, 1))
+                    where = torch.zeros(1, 1, r, 1, dtype=kernel.dtype, device=device)
+                    where[:, :, -1] = 1
+                else:  # the column past the crop through the kernel's right taps
+                    values = F.conv2d(far[:, :, :r, c:c + 1].to(kernel.dtype), kernel[:, :, :, 2:], padding=(1, 0))
+                    where = torch.zeros(1, 1, 1, c, dtype=kernel.dtype, device=device)
+                    where[..., -1] = 1
+            edges[name] = (values, where)
+        return edges
 
     def to_speed_form(self) -> "EloftrNet":
         """Fused RepVGG, SDPA attention, channels-last convolutions (in place; not bit-exact)."""
@@ -399,22 +494,23 @@ class EloftrNet(nn.Module):
 
     def features(
         self, image0: torch.Tensor, image1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor,
-        valid: tuple[tuple[int, int], tuple[int, int]] | None = None,
+        valid: tuple[tuple[int, int], tuple[int, int]] | None = None, edges: dict[str, Edge] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Backbone + transformer + fine FPN; every intermediate the parity tests look at.
 
         `valid`: the transformer's crop sizes when the caller knows them on the host (see CoarseTransformer).
+        `edges`: the images are a crop of their canvas; the backbone's far-field edges (`far_field_edges`).
         """
         if self.channels_last:
             image0 = image0.contiguous(memory_format=torch.channels_last)
             image1 = image1.contiguous(memory_format=torch.channels_last)
         if image0.shape == image1.shape:  # the original batches the pair when sizes agree
-            c, x2, x1 = self._backbone(torch.cat([image0, image1], 0))
+            c, x2, x1 = self._backbone(torch.cat([image0, image1], 0), edges)
             c0, c1 = c[:1], c[1:]
             x2_0, x2_1, x1_0, x1_1 = x2[:1], x2[1:], x1[:1], x1[1:]
         else:
-            c0, x2_0, x1_0 = self._backbone(image0)
-            c1, x2_1, x1_1 = self._backbone(image1)
+            c0, x2_0, x1_0 = self._backbone(image0, edges)
+            c1, x2_1, x1_1 = self._backbone(image1, edges)
         if self.explicit_casts:  # the transformer is never an fp32 island: fp16 in, fp16 out
             c0, c1 = c0.half(), c1.half()
         t0, t1 = self.loftr_coarse(c0, c1, mask0, mask1, valid)

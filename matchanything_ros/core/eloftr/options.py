@@ -42,11 +42,11 @@ class EloftrOptions:
     fp32_island: str = "fpn_backbone12"
     # the product graph resamples the camera images itself (stage 1 on the device, bit for bit)
     stage1_on_device: bool = True
-    # ... and runs the network on the valid region plus its reach, not the whole square canvas (a 16:9
-    # camera's image fills 54 % of it; the matches are the whole canvas's: product.network_extent). Off: on an
-    # H100 the demo model ran 0.1-0.2 ms slower with it (1280x720: 6.66 vs 6.54 ms), the padding copies of its
-    # maps costing more than the rows it saves; the full-size model's deeper backbone is not measured with it
-    reach_crop: bool = False
+    # ... and runs the backbone and the fine FPN on the valid region plus the backbone's edge reach, not the
+    # whole square canvas (a 16:9 camera's image fills 54 % of it), its stride-1 blocks given the canvas's far
+    # field at the crop's edge: the matches are the whole canvas's (product.network_extent,
+    # model.EloftrNet.far_field_edges). 1280x720 runs 832x512 of 832² (released model; demo model 832x480)
+    reach_crop: bool = True
     # the log-space head on the valid cells only, not the whole square canvas (product.valid_cell_block): the
     # same matches; a 16:9 camera's similarity matrix has 29 % of the canvas's entries (56x104 of 104x104 cells)
     head_on_valid_cells: bool = True

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import EloftrNet, _flat_cells
+from .model import Edge, EloftrNet, _flat_cells
 from .graphs import EloftrFine, border_valid_cells, dual_softmax_confidence, topk_candidates
 from ..compiled import FIXED_SHAPE_COMPILES, CompiledOrEager
 from .options import PRODUCT_HEADS
@@ -249,6 +249,7 @@ class EloftrProduct(nn.Module):
         # whether the host's kernel for the antialiased step accumulates with fused multiply-adds (asked of it)
         self.stage1_fma = host_aa_uses_fma() if stage1 is not None else False
         self._taps: dict[tuple[Any, ...], torch.Tensor] = {}  # stage-1 tables on the device, made before capture
+        self._edges: dict[tuple[Any, ...], dict[str, Edge]] = {}  # far-field edges of the crops (`edges_for`)
         # the threshold is a buffer, read by the compiled and captured code as an input: a new threshold is
         # written in place (`set_threshold`) without recompiling or re-capturing anything
         self.register_buffer("threshold_t", torch.tensor(float(threshold), dtype=torch.float32), persistent=False)
@@ -287,23 +288,27 @@ class EloftrProduct(nn.Module):
 
     def _features_channels_last(self, image0: torch.Tensor, image1: torch.Tensor, mask0: torch.Tensor,
                                 mask1: torch.Tensor, valid: tuple[tuple[int, int], tuple[int, int]],
-                                extent: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+                                extent: tuple[int, int] | None = None,
+                                edges: dict[str, Edge] | None = None) -> dict[str, torch.Tensor]:
         """net.features with the fine maps channels-last: the fine level gathers pixel rows of them
         (gather_windows), a view then instead of a relayout of both full maps every frame (H200, 832²: 1.1 ms).
         Free where the FPN's last convolution already writes channels-last (the CUDA speed form).
 
-        `extent` (rows, cols): run the network on that top-left part of the canvas only (`network_extent`)
-        and zero-pad its maps back to the canvas: what the matching head and the fine level read lies within
-        the network's reach of the valid region, so their values are those of the whole canvas."""
+        `extent` (rows, cols): run the network on that top-left part of the canvas only (`network_extent`),
+        with the far-field `edges` of that crop (`EloftrNet.far_field_edges`). The transformer's maps are
+        zero-padded back to the canvas; the fine maps too when columns were cropped (the fine level's cell
+        ids count canvas columns), else they keep the crop's rows, past every row the fine windows read."""
         side = image0.shape[-1]
         if extent is not None and extent != (side, side):
             rows, cols = extent
             stride = self.cfg.coarse_stride
             feats = self.net.features(image0[..., :rows, :cols], image1[..., :rows, :cols],
                                       mask0[:, :rows // stride, :cols // stride],
-                                      mask1[:, :rows // stride, :cols // stride], valid=valid)
-            for k, full in (("transformer0", side // stride), ("transformer1", side // stride),
-                            ("feat_f0", side), ("feat_f1", side)):
+                                      mask1[:, :rows // stride, :cols // stride], valid=valid, edges=edges)
+            padded = [("transformer0", side // stride), ("transformer1", side // stride)]
+            if cols < side:
+                padded += [("feat_f0", side), ("feat_f1", side)]
+            for k, full in padded:
                 x = feats[k]
                 feats[k] = F.pad(x, (0, full - x.shape[-1], 0, full - x.shape[-2]))
         else:
@@ -312,26 +317,32 @@ class EloftrProduct(nn.Module):
             feats[k] = feats[k].contiguous(memory_format=torch.channels_last)
         return feats
 
-    def network_reach(self) -> int:
-        """Canvas pixels past the valid region that the matches depend on: the backbone's receptive field
-        (3x3 convolutions: layer0 at stride 1, layer1 at 2, layer2 from 2 then 4, layer3 from 4 then 8 px a
-        block; 127 px for the released model) plus 64 px for the fine FPN's reach and the fine windows' ring."""
-        n1, n2, n3 = self.cfg.layer_depths
-        return 1 + 2 * n1 + 2 + 4 * (n2 - 1) + 4 + 8 * (n3 - 1) + 64
-
     def network_extent(self, shape0: tuple[int, ...], shape1: tuple[int, ...]) -> tuple[int, int] | None:
         """(rows, cols) of the canvas the network runs on when `reach_crop`: the larger valid region of the two
-        images plus `network_reach`, in multiples of the canvas granule, at most the canvas (None: the canvas,
-        also when the two canvases differ). A 1280x720 camera (832x448 in a 832² canvas) runs 832x640."""
+        images plus the backbone's edge reach (`RepVGGBackbone.edge_reach`), in multiples of the canvas
+        granule (None: the canvas, also when the two canvases differ, or when both sides would be cropped). A
+        1280x720 camera (832x448 in a 832² canvas) runs 832x512 with the released model."""
         s0, s1 = max(shape0[0], shape0[1]), max(shape1[0], shape1[1])
         if not self.reach_crop or s0 != s1:
             return None
-        granule, reach = self.cfg.canvas_multiple, self.network_reach()
+        granule, reach = self.cfg.canvas_multiple, self.net.backbone.edge_reach()
 
         def side(valid: int) -> int:
             return min(s0, -(-(valid + reach) // granule) * granule)
 
-        return side(max(shape0[0], shape1[0])), side(max(shape0[1], shape1[1]))
+        rows, cols = side(max(shape0[0], shape1[0])), side(max(shape0[1], shape1[1]))
+        return (rows, cols) if (rows < s0) != (cols < s0) else None
+
+    def edges_for(self, side: int, extent: tuple[int, int] | None, device: torch.device
+                  ) -> dict[str, Edge] | None:
+        """The far-field edges of a run on `extent` of the canvas, made once per (canvas, crop, precision
+        context) — by a capture's warm-up, so a capture only reads them."""
+        if extent is None:
+            return None
+        key = (side, extent, device, torch.is_autocast_enabled(device.type))
+        if key not in self._edges:
+            self._edges[key] = self.net.far_field_edges(side, extent[0], extent[1], device)
+        return self._edges[key]
 
     def head_block(self, shape: tuple[int, ...], side: int) -> tuple[int, int]:
         """(rows, cols) of coarse cells the log-space head runs on for a stage-2 image of `shape` whose canvas
@@ -455,9 +466,10 @@ class EloftrProduct(nn.Module):
         rgb0, rgb1 = self.stage1_rgb(rgb0), self.stage1_rgb(rgb1)
         image0, mask0 = self.model_input(rgb0)
         image1, mask1 = self.model_input(rgb1)
+        extent = self.network_extent(tuple(rgb0.shape), tuple(rgb1.shape))
         feats = self._features(image0, image1, mask0, mask1,
-                               valid=self.crop_sizes(tuple(rgb0.shape), tuple(rgb1.shape)),
-                               extent=self.network_extent(tuple(rgb0.shape), tuple(rgb1.shape)))
+                               valid=self.crop_sizes(tuple(rgb0.shape), tuple(rgb1.shape)), extent=extent,
+                               edges=self.edges_for(image0.shape[-1], extent, image0.device))
         t0, t1 = feats["transformer0"], feats["transformer1"]
         cap = self.cap_of(tuple(rgb0.shape))  # rgb0 is stage 2 here
         if self._passing is not None:
