@@ -60,6 +60,10 @@ def test_device_stage1_equals_the_host_bit_for_bit(demo: Any, size: tuple[int, i
     if plan.steps:
         differ = int((got != ref).sum())
         assert differ == 0, f"{differ} of {ref.size} stage-2 values differ from the host's"
+        # a camera pair runs stage 1 once for both (product.front): each image as the host makes it
+        other = np.ascontiguousarray(photo[::-1, ::-1])
+        pair = module.stage1_rgb(torch.from_numpy(np.stack([photo, other]))).numpy()
+        assert np.array_equal(pair[0], ref) and np.array_equal(pair[1], stage2_rgb(other, settings)[0])
     else:
         assert got is not None and np.array_equal(got, photo)
 

@@ -365,25 +365,27 @@ class EloftrProduct(nn.Module):
         return (r0 // a0 * a0, c0 // a0 * a0), (r1 // a1 * a1, c1 // a1 * a1)
 
     def stage1_rgb(self, rgb: torch.Tensor) -> torch.Tensor:
-        """uint8 [H,W,3] camera image -> the stage-2 RGB image (`preprocess.stage2_rgb`), on rgb's device,
-        bit for bit: OpenCV's INTER_AREA and torch's antialiased bilinear replayed tap by tap (preprocess.py)."""
+        """uint8 [..., H,W,3] camera images -> the stage-2 RGB images (`preprocess.stage2_rgb`), on rgb's
+        device, bit for bit: OpenCV's INTER_AREA and torch's antialiased bilinear replayed tap by tap
+        (preprocess.py). A stack of images runs each step once for all (half the kernels for a pair)."""
         from .preprocess import plan_stage1
 
         if self.stage1 is None:
             return rgb
-        plan = plan_stage1(int(rgb.shape[1]), int(rgb.shape[0]), self.stage1)
+        h, w = int(rgb.shape[-3]), int(rgb.shape[-2])
+        plan = plan_stage1(w, h, self.stage1)
         if not plan.steps:
             return rgb
         if not plan.device:
-            raise ValueError(f"stage 1 of a {rgb.shape[1]}x{rgb.shape[0]} image runs on the host (stage2_rgb)")
+            raise ValueError(f"stage 1 of a {w}x{h} image runs on the host (stage2_rgb)")
         x = rgb.to(torch.float32)
         scaled = False
         for taps_h, taps_w, kind in plan.steps:
             if kind == "aa" and not scaled:
                 x, scaled = x / 255.0, True  # numpy's float32 division: IEEE on every device
             fma = kind == "aa" and self.stage1_fma
-            x = self._resample(x, taps_w, 1, fma)  # width first, as both host kernels do
-            x = self._resample(x, taps_h, 0, fma)
+            x = self._resample(x, taps_w, -2, fma)  # width first, as both host kernels do
+            x = self._resample(x, taps_h, -3, fma)
         if not scaled:
             x = x / 255.0
         return (x * 255.0).to(torch.uint8)  # truncation, as the host's astype(uint8)
@@ -463,7 +465,10 @@ class EloftrProduct(nn.Module):
         The lse head inserts its (sim, lse_row, lse_col, passed, cells0, cells1) before the header (at 5..10), for
         `keep_most_confident`: they exist anyway, so a captured front keeps them at no cost."""
         cfg = self.cfg
-        rgb0, rgb1 = self.stage1_rgb(rgb0), self.stage1_rgb(rgb1)
+        if rgb0.shape == rgb1.shape and self.stage1 is not None:  # a camera pair: stage 1 once for both
+            rgb0, rgb1 = self.stage1_rgb(torch.stack([rgb0, rgb1])).unbind(0)
+        else:
+            rgb0, rgb1 = self.stage1_rgb(rgb0), self.stage1_rgb(rgb1)
         image0, mask0 = self.model_input(rgb0)
         image1, mask1 = self.model_input(rgb1)
         extent = self.network_extent(tuple(rgb0.shape), tuple(rgb1.shape))
@@ -538,17 +543,17 @@ def replay_taps(x: torch.Tensor, taps: Any, dim: int, fma: bool, cache: dict[tup
     if key not in cache:  # (a capture's warm-up makes them: no copy from the host while capturing)
         cache[key] = torch.from_numpy(taps.index).to(x.device)
         cache[key + ("w",)] = torch.from_numpy(taps.weight).to(x.device)
-    index, weight = cache[key], cache[key + ("w",)]
+        cache[key + ("w64",)] = cache[key + ("w",)].double()
+    index, weight, weight64 = cache[key], cache[key + ("w",)], cache[key + ("w64",)]
     shape = [1] * x.dim()
     shape[dim] = -1
     out = x.index_select(dim, index[:, 0]) * weight[:, 0].view(shape)
     for t in range(1, index.shape[1]):
         term = x.index_select(dim, index[:, t])
-        w = weight[:, t].view(shape)
-        if fma:  # one rounding of a*w + acc: exact product and sum in float64, then float32
-            out = (term.double() * w.double() + out.double()).float()
-        else:
-            out = out + term * w
+        if fma:  # one rounding of a*w + acc: the product is exact in float64, the sum rounded there, then float32
+            out = torch.addcmul(out.double(), term.double(), weight64[:, t].view(shape)).float()
+        else:  # two roundings: separate kernels (a fused multiply-add would round once)
+            out = out + term * weight[:, t].view(shape)
     return out
 
 
