@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 from .geometry import (NO_MODEL_FOUND, GeometryOptions, GeometryResult, check_input, check_intrinsics)
-from .device_wait import DeviceWait
 
 # Points per minimal sample of the solvers here (8-point for both epipolar models).
 TORCH_MINIMAL_SAMPLE = {"homography": 4, "fundamental": 8, "essential": 8}
@@ -495,8 +494,7 @@ class _CapturedFit:
         self.data_host = torch.zeros(rows, 4, dtype=dtype, pin_memory=True)
         self.kinv_host = torch.zeros(2, 3, 3, dtype=dtype, pin_memory=True)
         self.verdict_host = torch.zeros(VERDICT_HEADER + rows, dtype=dtype, pin_memory=True)
-        self.done = torch.cuda.Event(blocking=True)
-        self.waiting = DeviceWait()  # sleep, then poll (device_wait)
+        self.done = torch.cuda.Event(blocking=True)  # the host sleeps on it instead of spinning a core
         self.fit = fit
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -529,7 +527,7 @@ class _CapturedFit:
         return self._collect
 
     def _collect(self) -> np.ndarray:
-        self.waiting.wait(self.done)  # the one wait for the device
+        self.done.synchronize()  # the one wait for the device
         return self.verdict_host.numpy()
 
     def device_ms(self, repeat: int) -> float:

@@ -19,7 +19,6 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from ..device_wait import DeviceWait
 from ..errors import BackendUnavailableError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -133,8 +132,6 @@ class TorchBackend:
         # (graph, output, shape, dtype) -> pinned host buffer
         self._pinned: dict[tuple[str, str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
         self._done: Any = torch.cuda.Event(blocking=True) if self.stream is not None else None
-        # the host's waits for _done, one per site (device_wait: sleep, then poll; not the event's own sleep)
-        self._waits: dict[str, DeviceWait] = {}
         self._uploaded: Any = torch.cuda.Event(blocking=True) if self.stream is not None else None
         self._closed = False
 
@@ -186,17 +183,10 @@ class TorchBackend:
                 host.copy_(t, non_blocking=True)
                 pending.append((n, host))
             self._done.record(self.stream)
-        self._wait_done("outputs")
+        self._done.synchronize()  # a blocking-sync event: the thread sleeps instead of spinning a core
         for n, host in pending:
             result[n] = host.numpy().copy()  # the pinned buffer is reused by the next run
         return result
-
-    def _wait_done(self, site: str) -> None:
-        """Wait for `_done` (recorded after the device work and the copies down) at one of the wait sites."""
-        wait = self._waits.get(site)
-        if wait is None:
-            wait = self._waits[site] = DeviceWait()
-        wait.wait(self._done)
 
     def _autocast(self) -> Any:
         # the autocast weight cache must be off while capturing (its casts would be baked in as stale tensors)
@@ -316,7 +306,7 @@ class TorchBackend:
                     host = rb.header_host
                     host.copy_(rb.state[-1], non_blocking=True)
                     self._done.record(self.stream)
-            self._wait_done("front")
+            self._done.synchronize()
             # first frame of this size (or one whose captures failed part way): front's outputs now hold real
             # indices for the warm-ups
             for r in [r for r in module.row_buckets(rb.cap) if r not in rb.backs]:
@@ -329,11 +319,11 @@ class TorchBackend:
                 with torch.cuda.stream(self.stream), self._autocast():
                     module.keep_most_confident(rb.state, rb.cap)
                     host = self._replay_back(rb, needed)
-                self._wait_done("over_cap")
+                self._done.synchronize()
             elif needed > rows:  # the prediction was short (or there was none): the bucket that holds them all
                 with torch.cuda.stream(self.stream):
                     host = self._replay_back(rb, needed)
-                self._wait_done("back")
+                self._done.synchronize()
             rb.rows = needed
         return {module.output_names[0]: host.numpy().copy()}  # the pinned buffer is reused by the next frame
 
