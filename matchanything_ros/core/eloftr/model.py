@@ -448,8 +448,16 @@ class EloftrNet(nn.Module):
         islands), each block's term in the dtype its convolution runs in."""
         if not (rows < side) ^ (cols < side):
             raise ValueError(f"far-field edges need one side of the crop cropped: {rows}x{cols} of {side}")
-        inputs: dict[str, torch.Tensor] = {}
-        hooks = [block.register_forward_pre_hook(lambda _m, args, name=name: inputs.__setitem__(name, args[0]))
+        # block -> (its input's row or column just past the crop, the crop's rows or columns at its resolution)
+        past: dict[str, tuple[torch.Tensor, int]] = {}
+
+        def keep_past(name: str, x: torch.Tensor) -> None:
+            spacing = side // x.shape[-1]
+            r, c = rows // spacing, cols // spacing
+            # a copy: a view would keep the whole map alive through the run
+            past[name] = (x[:, :, r:r + 1, :c].clone(), r) if rows < side else (x[:, :, :r, c:c + 1].clone(), c)
+
+        hooks = [block.register_forward_pre_hook(lambda _m, args, name=name: keep_past(name, args[0]))
                  for name, block in self.backbone.named_modules()
                  if isinstance(block, RepVGGBlock) and block.stride == 1]
         zero = torch.zeros(1, 1, side, side, device=device)
@@ -461,20 +469,18 @@ class EloftrNet(nn.Module):
             for hook in hooks:
                 hook.remove()
         edges: dict[str, Edge] = {}
-        for name, far in inputs.items():
+        for name, (far, length) in past.items():
             block = self.backbone.get_submodule(name)
             assert isinstance(block, RepVGGBlock)
             kernel = block.edge_kernel()
-            spacing = side // far.shape[-1]
-            r, c = rows // spacing, cols // spacing
             with torch.autocast(device.type, enabled=False):  # the block's own dtype, set explicitly
                 if rows < side:  # the row past the crop through the kernel's bottom taps
-                    values = F.conv2d(far[:, :, r:r + 1, :c].to(kernel.dtype), kernel[:, :, 2:, :], padding=(0, 1))
-                    where = torch.zeros(1, 1, r, 1, dtype=kernel.dtype, device=device)
+                    values = F.conv2d(far.to(kernel.dtype), kernel[:, :, 2:, :], padding=(0, 1))
+                    where = torch.zeros(1, 1, length, 1, dtype=kernel.dtype, device=device)
                     where[:, :, -1] = 1
                 else:  # the column past the crop through the kernel's right taps
-                    values = F.conv2d(far[:, :, :r, c:c + 1].to(kernel.dtype), kernel[:, :, :, 2:], padding=(1, 0))
-                    where = torch.zeros(1, 1, 1, c, dtype=kernel.dtype, device=device)
+                    values = F.conv2d(far.to(kernel.dtype), kernel[:, :, :, 2:], padding=(1, 0))
+                    where = torch.zeros(1, 1, 1, length, dtype=kernel.dtype, device=device)
                     where[..., -1] = 1
             edges[name] = (values, where)
         return edges
