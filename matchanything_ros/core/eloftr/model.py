@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
 
 
-# A cropped map's far-field term for one block: (values, where) added to its pre-activation as values * where,
-# values [1, C, 1, W] (the row past the crop) or [1, C, H, 1], where a one-hot row or column of the crop's last
+# A cropped map's far-field term for one block, added to its pre-activation as values * where: values [1, C, 1, W]
+# with where [1, 1, H, 1] one-hot at the crop's last row, or values [1, C, H, 1] with where [1, 1, 1, W] one-hot
+# at its last column
 Edge = tuple[torch.Tensor, torch.Tensor]
 # how far the fine FPN's error at a crop's edge reaches back (canvas px): two 3x3 convolutions at 1/4 (8), the
 # x2 upsampling from 1/4 (4), two at 1/2 (4), the upsampling from 1/2 (2), entering one 1/4 cell (4) before the

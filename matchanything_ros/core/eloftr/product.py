@@ -465,7 +465,7 @@ class EloftrProduct(nn.Module):
         The lse head inserts its (sim, lse_row, lse_col, passed, cells0, cells1) before the header (at 5..10), for
         `keep_most_confident`: they exist anyway, so a captured front keeps them at no cost."""
         cfg = self.cfg
-        if rgb0.shape == rgb1.shape and self.stage1 is not None:  # a camera pair: stage 1 once for both
+        if rgb0.shape == rgb1.shape and self.stage2_shape(rgb0) != tuple(rgb0.shape):  # a pair to resample: once
             rgb0, rgb1 = self.stage1_rgb(torch.stack([rgb0, rgb1])).unbind(0)
         else:
             rgb0, rgb1 = self.stage1_rgb(rgb0), self.stage1_rgb(rgb1)
