@@ -391,3 +391,21 @@ def test_the_far_field_edges_give_the_released_models_features_on_the_valid_regi
         assert gap(cut, key, rows) < 1e-5, key  # float rounding (measured 5e-7 - 9e-7)
     # without the edges (measured 1.1e-4), or with them on 32 px past the valid rows (1.2e-4), it differs
     assert gap(plain, "feats_c0", rows_c) > 5e-5 and gap(short, "feats_c0", rows_c) > 5e-5
+
+
+def test_a_crop_is_taken_only_where_one_side_of_the_canvas_is_left_over(demo_model: Any) -> None:
+    """`reach_crop` crops rows for a wide pair and columns for a tall one; a square pair, a wide image beside a
+    tall one (each fills a different side of the canvas), or a pair whose two canvases differ run on the whole
+    canvas; and the far-field edges are refused for a crop of neither or both sides."""
+    cfg, state = demo_model
+    net = EloftrPipeline({"threshold": 0.1}, cfg).build_net(state)
+    product = EloftrProduct(net, 0.1, 1000, reach_crop=True)
+    wide, tall, square = (448, 832, 3), (832, 448, 3), (832, 832, 3)
+    assert product.network_extent(wide, wide) == (480, 832)  # 448 + 24 px, in 32s
+    assert product.network_extent(tall, tall) == (832, 480)
+    assert product.network_extent(wide, (384, 832, 3)) == (480, 832)  # the larger valid region of the two
+    for pair in ((square, square), (wide, tall), (wide, (448, 640, 3))):
+        assert product.network_extent(*pair) is None, pair
+    for rows, cols in ((832, 832), (480, 480)):
+        with pytest.raises(ValueError, match="one side of the crop"):
+            net.far_field_edges(832, rows, cols, torch.device("cpu"))
