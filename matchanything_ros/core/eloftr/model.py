@@ -138,6 +138,8 @@ class RepVGGBackbone(nn.Module):
     def run_layer(self, name: str, x: torch.Tensor, edges: dict[str, Edge] | None = None) -> torch.Tensor:
         """One of layer0..layer3; `edges` by block name ("layer1.0", ...), see RepVGGBlock.forward."""
         layer = getattr(self, name)
+        if not edges:  # called as a module: the exported graph's node names stay /layer1/layer1.0/...
+            return layer(x)
         named = [(name, layer)] if isinstance(layer, RepVGGBlock) else [(f"{name}.{i}", b) for i, b in enumerate(layer)]
         for block_name, block in named:
             x = block(x, None if edges is None else edges.get(block_name))
