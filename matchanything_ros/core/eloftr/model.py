@@ -142,7 +142,7 @@ class RepVGGBackbone(nn.Module):
             return layer(x)
         named = [(name, layer)] if isinstance(layer, RepVGGBlock) else [(f"{name}.{i}", b) for i, b in enumerate(layer)]
         for block_name, block in named:
-            x = block(x, None if edges is None else edges.get(block_name))
+            x = block(x, edges.get(block_name))
         return x
 
     def edge_reach(self) -> int:
