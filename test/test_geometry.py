@@ -14,8 +14,9 @@ import pytest
 
 from matchanything_ros.core.errors import ConfigError
 from matchanything_ros.core.geometry import (BAD_INTRINSICS, DEGENERATE, MINIMAL_SAMPLE, NO_INTRINSICS, NON_FINITE,
-                                             TOO_FEW_MATCHES, GeometryOptions, GeometryResult,
-                                             fundamental_from_essential, sampson_error, transfer_error, verify)
+                                             SUBSET_GRID, TOO_FEW_MATCHES, GeometryOptions, GeometryResult,
+                                             fundamental_from_essential, opencv_inlier_error, sampson_error,
+                                             spread_subset, transfer_error, verify)
 from matchanything_ros.core.geometry_torch import TORCH_MINIMAL_SAMPLE, TorchVerifier, padded_size
 from matchanything_ros.core.result import MatchResult
 
@@ -154,18 +155,96 @@ def test_recovers_the_true_model_among_40_percent_outliers(verifier, model: str)
 
 
 def test_opencv_path_is_usac_magsac_and_seeded() -> None:
-    """Seed 0 is exactly what the cv2.USAC_MAGSAC flag gives; another seed samples otherwise, reproducibly."""
+    """Seed 0 on all matches (usac_matches at or above their count) is exactly what the cv2.USAC_MAGSAC flag gives;
+    another seed samples otherwise, reproducibly (on all matches and on a subset)."""
     with np.load(FIXTURE) as data:
         k0, k1 = data["motorcycle_k0"].astype(np.float64), data["motorcycle_k1"].astype(np.float64)
-    ours = verify(k0, k1, GeometryOptions("fundamental", 1.0, 0.999, 10000, seed=0))
+    n = len(k0)
+    assert n > GeometryOptions().usac_matches  # the default fits a subset of this pair
+    ours = verify(k0, k1, GeometryOptions("fundamental", 1.0, 0.999, 10000, usac_matches=n, seed=0))
     F, mask = cv2.findFundamentalMat(k0, k1, cv2.USAC_MAGSAC, 1.0, 0.999, 10000)
     assert np.array_equal(ours.matrix, F) and np.array_equal(ours.inliers, mask.ravel().astype(bool))
+    assert "usac_matches" not in ours.extras
     H, mask = cv2.findHomography(k0, k1, cv2.USAC_MAGSAC, 1.0, maxIters=10000, confidence=0.999)
-    ours = verify(k0, k1, GeometryOptions("homography", 1.0, 0.999, 10000, seed=0))
+    ours = verify(k0, k1, GeometryOptions("homography", 1.0, 0.999, 10000, usac_matches=n + 1, seed=0))
     assert np.array_equal(ours.matrix, H) and np.array_equal(ours.inliers, mask.ravel().astype(bool))
-    first = verify(k0, k1, GeometryOptions("fundamental", seed=7))
-    again = verify(k0, k1, GeometryOptions("fundamental", seed=7))
-    assert np.array_equal(first.matrix, again.matrix) and np.array_equal(first.inliers, again.inliers)
+    for usac_matches in (n, 2000):
+        first = verify(k0, k1, GeometryOptions("fundamental", usac_matches=usac_matches, seed=7))
+        again = verify(k0, k1, GeometryOptions("fundamental", usac_matches=usac_matches, seed=7))
+        assert np.array_equal(first.matrix, again.matrix) and np.array_equal(first.inliers, again.inliers)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_inlier_error_is_the_one_opencvs_mask_thresholds(model: str) -> None:
+    """opencv_inlier_error(model) < threshold reproduces OpenCV's own mask (up to float rounding at the threshold),
+    so matches left out of a subset's fit are classified as OpenCV would have: also for the essential matrix of
+    two cameras with very different focal lengths, where a pixel Sampson distance would not do."""
+    K0 = np.array([[500.0, 0.0, 640.0], [0.0, 900.0, 360.0], [0.0, 0.0, 1.0]])
+    K1 = np.array([[1400.0, 0.0, 600.0], [0.0, 700.0, 350.0], [0.0, 0.0, 1.0]])
+    k0, k1, _ = two_view_scene(3000, outlier_share=0.3, seed=3, planar=model == "homography")
+    # the same scene seen through K0 / K1: pixels mapped by K0 K_LEFT^-1, K1 K_RIGHT^-1 (affine maps)
+    k0 = k0 @ (K0 @ np.linalg.inv(K_LEFT))[:2, :2].T + (K0 @ np.linalg.inv(K_LEFT))[:2, 2]
+    k1 = k1 @ (K1 @ np.linalg.inv(K_RIGHT))[:2, :2].T + (K1 @ np.linalg.inv(K_RIGHT))[:2, 2]
+    for threshold in (0.5, 1.0, 3.0):
+        options = GeometryOptions(model, threshold, usac_matches=len(k0), K0=K0, K1=K1)
+        result = verify(k0, k1, options)
+        assert result is not None and result.found and "usac_matches" not in result.extras
+        error = opencv_inlier_error(model, result.matrix, k0, k1, K0, K1)
+        differ = (error < threshold) != result.inliers
+        assert np.all(np.abs(error[differ] - threshold) < 1e-6 * threshold), (threshold, error[differ])
+        assert 0.3 * len(k0) < result.num_inliers < len(k0)  # a threshold that splits the matches
+
+
+def test_the_subset_is_seeded_and_spread_over_the_image() -> None:
+    """A cluster of 9,000 matches beside 1,000 spread ones: every occupied cell of the grid gives its points in
+    turn, so the sparse region is in the subset in full; the same seed, the same subset."""
+    rng = np.random.default_rng(0)
+    dense = rng.normal([300.0, 200.0], 5.0, (9000, 2))
+    sparse = rng.uniform([0.0, 0.0], [1280.0, 720.0], (1000, 2))
+    points = np.concatenate([dense, sparse])
+    subset = spread_subset(points, 2000, seed=0)
+    assert subset.shape == (2000,) and np.all(np.diff(subset) > 0) and subset[-1] < len(points)
+    assert np.array_equal(subset, spread_subset(points, 2000, seed=0))
+    assert not np.array_equal(subset, spread_subset(points, 2000, seed=1))
+    span = points.max(axis=0) - points.min(axis=0)
+    cell_xy = np.minimum((points - points.min(axis=0)) / span * SUBSET_GRID, SUBSET_GRID - 1).astype(int)
+    cell = cell_xy[:, 1] * SUBSET_GRID + cell_xy[:, 0]
+    counts = np.bincount(cell, minlength=SUBSET_GRID ** 2)
+    taken = np.bincount(cell[subset], minlength=SUBSET_GRID ** 2)
+    # water filling: each cell gives all its points or at least as many as any cell that gave more
+    level = taken[taken < counts].min()
+    assert np.all((taken == counts) | (taken >= level)) and taken.max() <= level + 1
+    assert np.isin(np.arange(9000, 10000), subset).mean() > 0.75  # a uniform draw would keep ~20 %
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("outlier_share", [0.0, 0.4])
+def test_above_usac_matches_a_subset_fit_classifies_every_match_as_a_fit_on_all(model: str,
+                                                                                 outlier_share: float) -> None:
+    """10,000 matches: the default fits 4,000 of them, then every match is an inlier exactly when its error
+    against that model is under the threshold. The verdict agrees with a fit on all 10,000 (OpenCV's plain run):
+    inlier sets within Jaccard 0.995, and the model as close to the truth."""
+    k0, k1, truth = two_view_scene(10000, outlier_share=outlier_share, seed=10000, planar=model == "homography")
+    intrinsics = {"K0": K_LEFT, "K1": K_RIGHT} if model == "essential" else {}
+    subset_fit = verify(k0, k1, GeometryOptions(model, **intrinsics))
+    all_fit = verify(k0, k1, GeometryOptions(model, usac_matches=len(k0), **intrinsics))
+    assert subset_fit is not None and all_fit is not None and subset_fit.found and all_fit.found
+    assert subset_fit.extras["usac_matches"] == GeometryOptions().usac_matches == 4000
+    error = opencv_inlier_error(model, subset_fit.matrix, k0, k1, K_LEFT, K_RIGHT)
+    assert np.array_equal(subset_fit.inliers, error < 1.0) and subset_fit.num_inliers == int((error < 1.0).sum())
+    jaccard = (subset_fit.inliers & all_fit.inliers).sum() / (subset_fit.inliers | all_fit.inliers).sum()
+    assert jaccard >= 0.995, jaccard
+    recall = [(r.inliers & truth).sum() / truth.sum() for r in (subset_fit, all_fit)]
+    assert recall[0] >= recall[1] - 0.005, recall
+    if model == "homography":
+        corners = np.array([[0.0, 0.0], [1280.0, 0.0], [1280.0, 720.0], [0.0, 720.0]])
+        assert np.abs(transfer_error(subset_fit.matrix, corners, cv2.perspectiveTransform(
+            corners[None], all_fit.matrix)[0])).max() < 1.0
+    else:  # the true correspondences' epipolar error against each model
+        F = [r.matrix if model == "fundamental" else fundamental_from_essential(r.matrix, K_LEFT, K_RIGHT)
+             for r in (subset_fit, all_fit)]
+        errors = [np.median(sampson_error(f, k0[truth], k1[truth])) for f in F]
+        assert errors[0] <= 1.1 * errors[1], errors
 
 
 def test_torch_verifier_is_reproducible_and_ignores_padding(torch_verifier) -> None:  # type: ignore[no-untyped-def]
@@ -249,7 +328,7 @@ def test_settings_are_parameters() -> None:
     config = MatcherConfig(geometry="essential", geometry_threshold_px=0.5)
     assert (config.geometry, config.geometry_threshold_px) == ("essential", 0.5)
     for bad in ({"geometry": "affine"}, {"geometry_threshold_px": 0.0}, {"geometry_confidence": 0.0},
-                {"geometry_max_iterations": 0}):
+                {"geometry_max_iterations": 0}, {"geometry_usac_matches": 499}):
         with pytest.raises(ConfigError):
             MatcherConfig(**bad)  # type: ignore[arg-type]
     from matchanything_ros.core.geometry_torch import DEFAULT_HYPOTHESES

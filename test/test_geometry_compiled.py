@@ -35,7 +35,9 @@ THRESHOLD_PX = 1.0
 # fit's weights, and so its rounding, reach out as far as the threshold; the compiled fit also pads to more rows,
 # and its sums over them round differently: 0.0204 px measured on a weakly constrained essential-matrix frame)
 AGREEMENT_SHARE = 0.03
-MAX_FLIPPED_SHARE = 0.002  # of the matches, whose inlier flag differs (each that close to the threshold)
+# of the matches, whose inlier flag differs (each that close to the threshold): 4 of 1,612 (0.25 %) on an AMD EPYC
+# (Zen 4) CPU's compiled kernels, 1 and 7 on the larger frames; 0.2 % had held on the Xeon before it
+MAX_FLIPPED_SHARE = 0.005
 
 
 @pytest.fixture(scope="module")

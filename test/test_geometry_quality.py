@@ -105,6 +105,27 @@ def test_fundamental_agrees_with_opencv_on_stereo(pairs, torch_verifier, stereo_
     assert correct[ours.inliers].mean() >= correct[cv.inliers].mean() - PRECISION_SLACK
 
 
+@pytest.mark.parametrize("usac_matches", [1000, 2500, 4000])
+def test_a_subset_fit_on_the_cpu_keeps_the_quality_of_a_fit_on_all_matches(pairs, stereo_truth,  # type: ignore[no-untyped-def]
+                                                                            usac_matches: int) -> None:
+    """The CPU path above `geometry_usac_matches` (OpenCV on a spread subset, then every match classified) against
+    OpenCV on all 5,953 matches of the real stereo pair: the same inliers within MIN_JACCARD, the ground truth's
+    epipolar error no worse than EPIPOLAR_SLACK times, inliers correct as often."""
+    from matchanything_ros.training.metrics import stereo_correct_mask
+
+    disparity, left, right = stereo_truth
+    k0, k1 = pairs["motorcycle_k0"], pairs["motorcycle_k1"]
+    assert len(k0) > usac_matches
+    subset = verify(k0, k1, GeometryOptions("fundamental", 1.0, usac_matches=usac_matches))
+    every = verify(k0, k1, GeometryOptions("fundamental", 1.0, usac_matches=len(k0)))
+    assert subset.found and every.found and subset.extras["usac_matches"] == usac_matches
+    assert jaccard(subset.inliers, every.inliers) >= MIN_JACCARD, (subset.num_inliers, every.num_inliers)
+    errors = [symmetric_epipolar_error(r.matrix, left, right).mean() for r in (subset, every)]
+    assert errors[0] <= EPIPOLAR_SLACK * errors[1], errors
+    correct = stereo_correct_mask(k0, k1, disparity)
+    assert correct[subset.inliers].mean() >= correct[every.inliers].mean() - PRECISION_SLACK
+
+
 def test_verification_raises_the_share_of_correct_matches(pairs, stereo_truth) -> None:  # type: ignore[no-untyped-def]
     """What a user gets from it: the inliers are correct more often than the raw matches."""
     from matchanything_ros.training.metrics import stereo_correct_mask

@@ -5,6 +5,11 @@
 CPU and for ONNX Runtime / TensorRT outputs; `geometry_torch.TorchVerifier` is the batched one that
 stays on a CUDA device. Both check their input the same way (`check_input`).
 
+USAC's time grows with the number of matches it scores (every hypothesis and every local-optimisation step
+visits them all), not with the scene. Above `options.usac_matches` matches it therefore fits on a seeded subset
+spread over image0 (`spread_subset`), and every match is then classified against that model with the error and
+threshold OpenCV's own mask uses (`opencv_inlier_error`); at or below it, the result is plain OpenCV's.
+
 Bad input never raises: fewer matches than a minimal sample, a degenerate set (all points identical or
 on one line in either image), non-finite coordinates or missing/invalid intrinsics give no model, every
 inlier flag false, and a reason (a short code for counters and a sentence for people).
@@ -29,6 +34,8 @@ MAGSAC_LO = {"homography": (75, 15), "fundamental": (50, 10), "essential": (50, 
 # A point set whose second principal axis is below this fraction of the first lies on a line (exactly,
 # up to float rounding): no homography or epipolar geometry is defined by it.
 COLLINEAR_RATIO = 1e-6
+# Cells per side of the grid a subset for OpenCV's fit is spread over (spread_subset).
+SUBSET_GRID = 16
 
 # Reason codes (counted by the node's diagnostics); the sentence in GeometryResult.reason says more.
 TOO_FEW_MATCHES = "too_few_matches"
@@ -48,6 +55,7 @@ class GeometryOptions:
     threshold_px: float = default("geometry_threshold_px")  # inlier: transfer error / Sampson distance below this
     confidence: float = default("geometry_confidence")
     max_iterations: int = default("geometry_max_iterations")
+    usac_matches: int = default("geometry_usac_matches")  # OpenCV fits on at most this many (see spread_subset)
     seed: int = 0  # the sampler's state: the same seed and input give the same result
     K0: np.ndarray | None = None
     K1: np.ndarray | None = None
@@ -168,17 +176,48 @@ def usac_params(options: GeometryOptions) -> Any:
     return params
 
 
-def verify(keypoints0: np.ndarray, keypoints1: np.ndarray, options: GeometryOptions) -> GeometryResult | None:
-    """Fit `options.model` to the matches with OpenCV's USAC MAGSAC. None when the model is `none`."""
+def spread_subset(points: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of `size` of the [N, 2] `points`, spread over their bounding box: a seeded shuffle taken
+    round-robin over a SUBSET_GRID x SUBSET_GRID grid of cells (every occupied cell gives its k-th point before
+    any cell gives its k+1-th), so a sparse region of the image keeps its matches and a dense one cannot crowd
+    it out of the fit."""
+    n = len(points)
+    shuffled = np.random.default_rng(seed).permutation(n)
+    cell = np.zeros(n, np.int16)
+    for axis, scale in ((0, 1), (1, SUBSET_GRID)):  # per column: numpy's axis-0 reductions of [N, 2] are slow
+        values = points[shuffled, axis]
+        low, span = values.min(), max(float(values.max() - values.min()), 1e-12)
+        cell += np.minimum((values - low) * (SUBSET_GRID / span), SUBSET_GRID - 1).astype(np.int16) * scale
+    by_cell = np.argsort(cell, kind="stable")  # shuffled order within each cell (a radix sort for int16)
+    sorted_cell = cell[by_cell]
+    first_of_cell = np.flatnonzero(np.r_[True, sorted_cell[1:] != sorted_cell[:-1]])
+    turn = np.empty(n, np.int64)  # the point's place in its cell
+    turn[by_cell] = np.arange(n) - np.repeat(first_of_cell, np.diff(np.r_[first_of_cell, n]))
+    taken = np.argpartition(turn * n + np.arange(n), size - 1)[:size]  # by turn, then by shuffled position
+    return np.sort(shuffled[taken])
+
+
+def opencv_inlier_error(model: str, matrix: np.ndarray, k0: np.ndarray, k1: np.ndarray,
+                        K0: np.ndarray | None = None, K1: np.ndarray | None = None) -> np.ndarray:
+    """[N] the error OpenCV's USAC thresholds for its inlier mask, in pixels: forward transfer error
+    (homography), Sampson distance (fundamental), Sampson distance in normalised camera coordinates times the
+    mean of the four focal lengths (essential: OpenCV divides the pixel threshold by that mean)."""
+    if model == "homography":
+        return transfer_error(matrix, k0, k1)
+    if model == "fundamental":
+        return sampson_error(matrix, k0, k1)
+    assert K0 is not None and K1 is not None
+    calibrated0 = homogeneous(k0) @ np.linalg.inv(K0).T
+    calibrated1 = homogeneous(k1) @ np.linalg.inv(K1).T
+    mean_focal = (K0[0, 0] + K0[1, 1] + K1[0, 0] + K1[1, 1]) / 4.0
+    return sampson_error(matrix, calibrated0[:, :2], calibrated1[:, :2]) * mean_focal
+
+
+def _opencv_fit(model: str, k0: np.ndarray, k1: np.ndarray, options: GeometryOptions,
+                K0: np.ndarray | None, K1: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+    """OpenCV's USAC_MAGSAC on these matches -> (3x3 model, inlier mask, "") or (None, None, why not)."""
     import cv2
 
-    if options.model == "none":
-        return None
-    model = options.model
-    failure, k0, k1 = check_input(keypoints0, keypoints1, options, MINIMAL_SAMPLE[model])
-    if failure is not None:
-        return failure
-    n = len(k0)
     params = usac_params(options)
     try:
         if model == "homography":
@@ -186,24 +225,49 @@ def verify(keypoints0: np.ndarray, keypoints1: np.ndarray, options: GeometryOpti
         elif model == "fundamental":
             matrix, mask = cv2.findFundamentalMat(k0, k1, params)
         else:
-            K0, _ = check_intrinsics(options.K0, "K0")
-            K1, _ = check_intrinsics(options.K1, "K1")
-            assert K0 is not None and K1 is not None  # check_input accepted them
             no_distortion = np.zeros(5)
             matrix, mask = cv2.findEssentialMat(k0, k1, K0, K1, no_distortion, no_distortion, params)
     except cv2.error as exc:  # OpenCV refuses some inputs our checks let through (e.g. near-degenerate)
-        return GeometryResult.failure(model, n, NO_MODEL_FOUND, f"OpenCV found no {model}: {exc.err}")
+        return None, None, f"OpenCV found no {model}: {exc.err}"
     if matrix is None or mask is None or np.asarray(matrix).size < 9 or not np.isfinite(matrix).all():
-        return GeometryResult.failure(model, n, NO_MODEL_FOUND,
-                                      f"no {model} fits the {n} matches (threshold {options.threshold_px:g} px)")
-    matrix = np.asarray(matrix, dtype=np.float64)[:3, :3].copy()  # several E solutions come stacked: the best
-    inliers = np.asarray(mask).reshape(-1).astype(bool)
+        return None, None, f"no {model} fits the {len(k0)} matches (threshold {options.threshold_px:g} px)"
+    # several E solutions come stacked: the first is the best
+    return np.asarray(matrix, dtype=np.float64)[:3, :3].copy(), np.asarray(mask).reshape(-1).astype(bool), ""
+
+
+def verify(keypoints0: np.ndarray, keypoints1: np.ndarray, options: GeometryOptions) -> GeometryResult | None:
+    """Fit `options.model` to the matches with OpenCV's USAC MAGSAC (on a spread subset above
+    `options.usac_matches` matches). None when the model is `none`."""
+    if options.model == "none":
+        return None
+    model = options.model
+    failure, k0, k1 = check_input(keypoints0, keypoints1, options, MINIMAL_SAMPLE[model])
+    if failure is not None:
+        return failure
+    n = len(k0)
+    K0 = K1 = None
+    if model == "essential":
+        K0, _ = check_intrinsics(options.K0, "K0")
+        K1, _ = check_intrinsics(options.K1, "K1")
+    extras: dict[str, Any] = {}
+    matrix = inliers = None
+    if n > options.usac_matches:
+        subset = spread_subset(k0, options.usac_matches, options.seed)
+        matrix, _, _ = _opencv_fit(model, k0[subset], k1[subset], options, K0, K1)
+        if matrix is not None:
+            inliers = opencv_inlier_error(model, matrix, k0, k1, K0, K1) < options.threshold_px
+            extras["usac_matches"] = len(subset)
+    if matrix is None:  # all matches, or a subset that gave no model (then all matches get their chance)
+        matrix, inliers, why = _opencv_fit(model, k0, k1, options, K0, K1)
+        if matrix is None:
+            return GeometryResult.failure(model, n, NO_MODEL_FOUND, why)
+    assert inliers is not None
     num_inliers = int(inliers.sum())
     minimal = MINIMAL_SAMPLE[model]
     if num_inliers < minimal:
         return GeometryResult.failure(model, n, NO_MODEL_FOUND,
                                       f"the best {model} has {num_inliers} inliers, fewer than {minimal}")
-    return GeometryResult(model, matrix, inliers, num_inliers)
+    return GeometryResult(model, matrix, inliers, num_inliers, extras=extras)
 
 
 # ------------------------------------------------------------------------------------ error measures

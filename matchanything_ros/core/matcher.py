@@ -24,7 +24,8 @@ from .variants import pipeline_class
 
 # settings of the geometric verification, which runs on the matches after the graphs (changed in place)
 GEOMETRY_PARAM_NAMES = frozenset({"geometry", "geometry_threshold_px", "geometry_confidence",
-                                  "geometry_max_iterations", "publish_inliers_only"})
+                                  "geometry_max_iterations", "geometry_usac_matches",
+                                  "publish_inliers_only"})
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class MatcherConfig:
     geometry_threshold_px: float = default("geometry_threshold_px")
     geometry_confidence: float = default("geometry_confidence")
     geometry_max_iterations: int = default("geometry_max_iterations")
+    geometry_usac_matches: int = default("geometry_usac_matches")
     publish_inliers_only: bool = default("publish_inliers_only")
     model_file_path: str = default("model_file_path")
     engine_file_path: str = default("engine_file_path")
@@ -163,7 +165,7 @@ class Matcher:
 
         c = self.config
         options = GeometryOptions(c.geometry, c.geometry_threshold_px, c.geometry_confidence,
-                                  c.geometry_max_iterations, K0=K0, K1=K1)
+                                  c.geometry_max_iterations, c.geometry_usac_matches, K0=K0, K1=K1)
         t0 = time.perf_counter()
         if self.backend.name == "torch" and str(self.backend.device).startswith("cuda"):
             if self._torch_verifier is None:

@@ -127,6 +127,10 @@ PARAMS: tuple[ParamSpec, ...] = (
        min=0.0, max=1.0, min_exclusive=True, why_not_min="a fit that need not succeed samples nothing"),
     _P("geometry_max_iterations", 10000, "Most minimal samples the robust fit tries (OpenCV; the GPU verifier "
        "solves min(this, 8192) in one batch)", min=1, max=1_000_000),
+    _P("geometry_usac_matches", 4000, "CPU verification (OpenCV USAC, whose time grows with the matches it scores): "
+       "fit on at most this many, a seeded subset spread over image0, then classify every match against the model "
+       "with OpenCV's own error. At or above the match count: plain OpenCV on all matches. The GPU verifier scores "
+       "every match", min=500, max=1 << 22),
     _P("publish_inliers_only", False, "Keep only the inliers of the fitted model in the output (messages, JSON, "
        "drawings); a pair where no model is found then has no matches. No effect with geometry none"),
     # --- engines -------------------------------------------------------------------------------
