@@ -51,6 +51,41 @@ def test_device_stage1_equals_this_hosts_stage1_bit_for_bit(size: tuple[int, int
     assert differ.max() <= 1 and (differ > 0).mean() <= 1e-3
 
 
+@pytest.mark.parametrize("preset", ["robot832", "robot640", "hf_space"])
+def test_stage1_kernels_give_the_torch_forms_bytes(preset: str) -> None:
+    """The Triton form of stage 1 (stage1_kernel.py, the default on CUDA) gives the bytes of the torch ops' form
+    (which test_eloftr_device_stage1.py holds to the host's stage 1 bit for bit), for one image and a stacked
+    pair, at every camera size and preset that resamples on the device."""
+    from matchanything_ros.core.bundled import resolve_eloftr_checkpoint
+    from matchanything_ros.core.checkpoint import load_state_dict
+    from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
+    from matchanything_ros.core.eloftr.preprocess import PreprocessSettings, plan_stage1
+    from matchanything_ros.core.eloftr.product import EloftrProduct, stage1_kernel_module
+
+    assert stage1_kernel_module() is not None, "Triton is not importable on this CUDA machine"
+    settings = {"robot832": PreprocessSettings(), "robot640": PreprocessSettings(resize_max=640),
+                "hf_space": PreprocessSettings(force_resize_wh=(640, 480))}[preset]
+    path, cfg, _ = resolve_eloftr_checkpoint("")
+    net = EloftrPipeline({}, cfg).build_net(load_state_dict(str(path), "eloftr"))
+    torch_form = EloftrProduct(net, 0.1, 100, stage1=settings)  # on the CPU
+    kernels = EloftrProduct(net, 0.1, 100, stage1=settings, stage1_kernel=True).cuda()
+    checked = 0
+    for width, height in CAMERA_SIZES:
+        plan = plan_stage1(width, height, settings)
+        if not plan.steps or not plan.device:
+            continue
+        photo = camera_photo(width, height)
+        pair = torch.from_numpy(np.stack([photo, np.ascontiguousarray(photo[::-1, ::-1])]))
+        for images in (pair[0], pair):
+            got = kernels.stage1_rgb(images.cuda()).cpu()
+            want = torch_form.stage1_rgb(images)
+            assert got.dtype == torch.uint8 and got.shape == want.shape
+            differ = int((got != want).sum())
+            assert differ == 0, f"{width}x{height} {preset}: {differ} of {want.numel()} values differ"
+        checked += 1
+    assert checked >= 3
+
+
 def test_cuda_fp32_gives_the_cpus_matches() -> None:
     from matchanything_ros.core.matcher import Matcher, MatcherConfig
 

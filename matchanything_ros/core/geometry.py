@@ -225,6 +225,7 @@ def _opencv_fit(model: str, k0: np.ndarray, k1: np.ndarray, options: GeometryOpt
         elif model == "fundamental":
             matrix, mask = cv2.findFundamentalMat(k0, k1, params)
         else:
+            assert K0 is not None and K1 is not None  # check_input accepted them
             no_distortion = np.zeros(5)
             matrix, mask = cv2.findEssentialMat(k0, k1, K0, K1, no_distortion, no_distortion, params)
     except cv2.error as exc:  # OpenCV refuses some inputs our checks let through (e.g. near-degenerate)

@@ -246,7 +246,7 @@ class EloftrPipeline:
             o = self.options
             graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches, o.head, o.fine, o.compiled,
                                               stage1=self.settings if o.stage1_on_device else None,
-                                              reach_crop=o.reach_crop,
+                                              reach_crop=o.reach_crop, stage1_kernel=o.stage1_kernel,
                                               head_on_valid_cells=o.head_on_valid_cells).eval()
         elif product and not full:
             graphs["product"] = EloftrProduct(net, self.threshold, self.max_matches).eval()

@@ -230,7 +230,7 @@ class EloftrProduct(nn.Module):
 
     def __init__(self, net: EloftrNet, threshold: float, max_matches: int, head: str = "dsmax",
                  fine: str = "exact", compiled: str = "none", stage1: Any = None, reach_crop: bool = False,
-                 head_on_valid_cells: bool = False) -> None:
+                 head_on_valid_cells: bool = False, stage1_kernel: bool = False) -> None:
         super().__init__()
         if head not in PRODUCT_HEADS:
             raise ValueError(f"head must be one of {PRODUCT_HEADS}, got {head!r}")
@@ -249,6 +249,8 @@ class EloftrProduct(nn.Module):
         # whether the host's kernel for the antialiased step accumulates with fused multiply-adds (asked of it)
         self.stage1_fma = host_aa_uses_fma() if stage1 is not None else False
         self._taps: dict[tuple[Any, ...], torch.Tensor] = {}  # stage-1 tables on the device, made before capture
+        # on CUDA with Triton: stage 1 as one kernel per axis (stage1_kernel.py), else the torch ops' replay
+        self.stage1_kernel = bool(stage1_kernel)
         self._edges: dict[tuple[Any, ...], dict[str, Edge]] = {}  # far-field edges of the crops (`edges_for`)
         # the threshold is a buffer, read by the compiled and captured code as an input: a new threshold is
         # written in place (`set_threshold`) without recompiling or re-capturing anything
@@ -378,6 +380,8 @@ class EloftrProduct(nn.Module):
             return rgb
         if not plan.device:
             raise ValueError(f"stage 1 of a {w}x{h} image runs on the host (stage2_rgb)")
+        if self.stage1_kernel and rgb.is_cuda and stage1_kernel_module() is not None:
+            return self._stage1_fused(rgb.contiguous(), plan.steps)
         x = rgb.to(torch.float32)
         scaled = False
         for taps_h, taps_w, kind in plan.steps:
@@ -392,6 +396,22 @@ class EloftrProduct(nn.Module):
 
     def _resample(self, x: torch.Tensor, taps: Any, dim: int, fma: bool) -> torch.Tensor:
         return replay_taps(x, taps, dim, fma, self._taps)
+
+    def _stage1_fused(self, rgb: torch.Tensor, steps: Any) -> torch.Tensor:
+        """stage1_rgb's arithmetic as one Triton kernel per resampled axis, in stage1_rgb's order: the /255 on
+        the first antialiased pass's inputs (else after the last pass), the uint8 cast in the last."""
+        from .stage1_kernel import resample
+
+        passes = [(taps, dim, kind) for taps_h, taps_w, kind in steps
+                  for taps, dim in ((taps_w, -2), (taps_h, -3)) if taps is not None]
+        first_aa = next((n for n, (_, _, kind) in enumerate(passes) if kind == "aa"), None)
+        x = rgb
+        for n, (taps, dim, kind) in enumerate(passes):
+            index, weight = tap_tables(taps, x.device, self._taps, int32=True)
+            last = n == len(passes) - 1
+            x = resample(x, index, weight, dim, kind == "aa" and self.stage1_fma, divide_first=n == first_aa,
+                         to_u8=last, divide_last=last and first_aa is None)
+        return x
 
 
     def model_input(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -532,6 +552,33 @@ class EloftrProduct(nn.Module):
         return next(r for r in self.row_buckets(cap) if r >= needed)
 
 
+@functools.lru_cache(maxsize=1)
+def stage1_kernel_module() -> Any:
+    """stage1_kernel.py where Triton imports (torch's CUDA wheels bring it), else None; decided once."""
+    try:
+        from . import stage1_kernel
+    except Exception:  # noqa: BLE001 - any failure to import means no Triton here
+        return None
+    return stage1_kernel
+
+
+def _taps_key(taps: Any, device: torch.device) -> tuple[Any, ...]:
+    return (device, taps.index.shape, hash(taps.index.tobytes()), hash(taps.weight.tobytes()))
+
+
+def tap_tables(taps: Any, device: torch.device, cache: dict[tuple[Any, ...], torch.Tensor], int32: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index int64, or int32 with `int32`; weight float32) of preprocess.Taps on `device`, from `cache` (made on
+    first use: a capture's warm-up makes them, so nothing is copied from the host while capturing)."""
+    key = _taps_key(taps, device)
+    if key not in cache:
+        cache[key] = torch.from_numpy(taps.index).to(device)
+        cache[key + ("w",)] = torch.from_numpy(taps.weight).to(device)
+        cache[key + ("w64",)] = cache[key + ("w",)].double()
+        cache[key + ("i32",)] = cache[key].int()
+    return cache[key + ("i32",) if int32 else key], cache[key + ("w",)]
+
+
 def replay_taps(x: torch.Tensor, taps: Any, dim: int, fma: bool, cache: dict[tuple[Any, ...], torch.Tensor]
                 ) -> torch.Tensor:
     """One axis of a separable resize (preprocess.Taps) on x's device: out = sum over t of x[index[:, t]] *
@@ -539,12 +586,8 @@ def replay_taps(x: torch.Tensor, taps: Any, dim: int, fma: bool, cache: dict[tup
     sum) as the host kernel does. `cache` holds the tables on the device (made before a capture)."""
     if taps is None:
         return x
-    key = (x.device, taps.index.shape, hash(taps.index.tobytes()), hash(taps.weight.tobytes()))
-    if key not in cache:  # (a capture's warm-up makes them: no copy from the host while capturing)
-        cache[key] = torch.from_numpy(taps.index).to(x.device)
-        cache[key + ("w",)] = torch.from_numpy(taps.weight).to(x.device)
-        cache[key + ("w64",)] = cache[key + ("w",)].double()
-    index, weight, weight64 = cache[key], cache[key + ("w",)], cache[key + ("w64",)]
+    index, weight = tap_tables(taps, x.device, cache)
+    weight64 = cache[_taps_key(taps, x.device) + ("w64",)]
     shape = [1] * x.dim()
     shape[dim] = -1
     out = x.index_select(dim, index[:, 0]) * weight[:, 0].view(shape)
