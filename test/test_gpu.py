@@ -83,7 +83,7 @@ def test_stage1_kernels_give_the_torch_forms_bytes(preset: str) -> None:
             differ = int((got != want).sum())
             assert differ == 0, f"{width}x{height} {preset}: {differ} of {want.numel()} values differ"
         checked += 1
-    assert checked >= 3
+    assert checked >= 2  # hf_space resamples on the device at 2 of the sizes, the robot presets at 3-5
 
 
 def test_cuda_fp32_gives_the_cpus_matches() -> None:

@@ -16,10 +16,6 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-# Host threads that copy a camera image into the pinned buffer it goes to the GPU from (the torch backend on CUDA,
-# torch_backend.TorchBackend._upload; a variant's options may set another count: EloftrOptions/RomaOptions)
-UPLOAD_THREADS = 4
-
 
 @runtime_checkable
 class Backend(Protocol):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailableError, ConfigError, EngineMismatchError, MatchAnythingError
-from .base import UPLOAD_THREADS, Backend
+from .base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +183,7 @@ def create_torch_backend(params: dict[str, Any], pipeline: Any, device: str) -> 
     options = pipeline.options
     return TorchBackend(graphs, device, precision, keep_on_device=pipeline.device_outputs,
                         row_buckets=getattr(options, "row_buckets", True),
-                        predict_rows=getattr(options, "predict_rows", True),
-                        upload_threads=getattr(options, "upload_threads", UPLOAD_THREADS))
+                        predict_rows=getattr(options, "predict_rows", True))
 
 
 def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:

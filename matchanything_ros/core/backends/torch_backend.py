@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -21,14 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailableError, ConfigError
-from .base import UPLOAD_THREADS
 
 log = logging.getLogger(__name__)
-
-# Host inputs go to the device through pinned buffers; a camera image's copy into its buffer is on the frame's
-# critical path. An input of at least two of these blocks is copied by up to `upload_threads` threads, a block of
-# rows each (bench/upload_copy.py).
-UPLOAD_BLOCK_BYTES = 1 << 20
 
 
 # torch's numeric switches per precision on CUDA, set for each run and restored after. fp32 is IEEE fp32
@@ -112,7 +105,7 @@ class TorchBackend:
 
     def __init__(self, graphs: dict[str, torch.nn.Module], device: str = "cpu", precision: str = "fp32",
                  cuda_graphs: bool = True, keep_on_device: Iterable[str] = (), row_buckets: bool = True,
-                 predict_rows: bool = True, upload_threads: int = UPLOAD_THREADS) -> None:
+                 predict_rows: bool = True) -> None:
         if precision not in ("fp32", "fp16"):
             raise ConfigError(f"precision must be fp32 or fp16, got {precision!r}")
         dev = torch.device(device)
@@ -140,9 +133,6 @@ class TorchBackend:
         self._pinned: dict[tuple[str, str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
         self._done: Any = torch.cuda.Event(blocking=True) if self.stream is not None else None
         self._uploaded: Any = torch.cuda.Event(blocking=True) if self.stream is not None else None
-        # host threads that copy a large input into its pinned buffer in row blocks (`_upload`); 1: the caller's
-        self.upload_threads = max(1, int(upload_threads))
-        self._copy_pool: ThreadPoolExecutor | None = None
         self._closed = False
 
     def _to_tensor(self, value: Any) -> torch.Tensor:
@@ -220,7 +210,6 @@ class TorchBackend:
         (Measured alternatives, H200 host, 832²: the two host copies in two threads 0.24 ms faster a frame, the
         driver's own staged copy from pageable memory the same; not worth a thread pool.)"""
         self._uploaded.synchronize()  # the previous upload has left the pinned buffers (normally long since)
-        pending: list[tuple[torch.Tensor, torch.Tensor, list[Any]]] = []
         for buf, name in zip(static, names):
             value = inputs[name]
             if isinstance(value, torch.Tensor) and value.is_cuda:
@@ -231,28 +220,11 @@ class TorchBackend:
             pinned = self._pinned.get(key)
             if pinned is None:
                 pinned = self._pinned[key] = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-            # numpy's copy (it releases the GIL): torch's CPU copy of a few MB runs on its OpenMP pool, whose
-            # threads then spin-wait for ~all cores x the frame time (89 ms of CPU per 11 ms frame, H200 host).
-            # A camera image of several MB is copied by `upload_threads` threads in row blocks, all inputs' blocks
-            # at once; each input goes down as soon as its blocks are in (its transfer overlaps the next copies).
-            pending.append((buf, pinned, self._copy_to_pinned(pinned.numpy(), host.numpy())))
-        for buf, pinned, copies in pending:
-            for copy in copies:
-                copy.result()
+            # numpy's single-threaded copy: torch's CPU copy of a few MB runs on its OpenMP pool, whose
+            # threads then spin-wait for ~all cores x the frame time (89 ms of CPU per 11 ms frame, H200 host)
+            np.copyto(pinned.numpy(), host.numpy())
             buf.copy_(pinned, non_blocking=True)
         self._uploaded.record(torch.cuda.current_stream())
-
-    def _copy_to_pinned(self, pinned: np.ndarray, host: np.ndarray) -> list[Any]:
-        """Copy `host` into `pinned`: in row blocks on the copy threads when it is large (-> their futures), else
-        here and now (-> [])."""
-        blocks = min(self.upload_threads, host.nbytes // UPLOAD_BLOCK_BYTES, host.shape[0] if host.ndim else 1)
-        if blocks < 2:
-            np.copyto(pinned, host)
-            return []
-        if self._copy_pool is None:
-            self._copy_pool = ThreadPoolExecutor(self.upload_threads, thread_name_prefix="upload")
-        edges = np.linspace(0, host.shape[0], blocks + 1).astype(int)
-        return [self._copy_pool.submit(np.copyto, pinned[a:b], host[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 
     def _run_captured(self, graph: str, module: Any, names: list[str], inputs: dict[str, Any]) -> Any:
         """Run `module` through a CUDA graph captured for these input shapes/masks (captured on first use).
@@ -367,9 +339,6 @@ class TorchBackend:
         if self._closed:
             return
         self._closed = True
-        if self._copy_pool is not None:
-            self._copy_pool.shutdown(wait=True)
-            self._copy_pool = None
         self.graphs.clear()
         self._captured.clear()
         self._pinned.clear()

@@ -1,10 +1,12 @@
 """Stage 1 on a CUDA device as one Triton kernel per resampled axis: the same sums as `product.replay_taps`.
 
 `replay_taps` resamples an axis tap by tap with torch ops: each tap is a gather, a multiply and an add over the
-whole image (for a 1920x1080 camera pair about 50 kernels and ~15 passes over 25 MB float32 images: ~0.6 ms on
-an H100). Here one kernel per axis computes each output value in registers, in the same tap order and with the
-same roundings, and folds in the uint8 -> float32 cast, the division by 255 and the final uint8 truncation:
-four passes over the data instead of ~15, three or four launches instead of ~50.
+whole image (a 1920x1080 camera pair: ~50 kernels, 0.55 ms on an H100). Here one kernel per axis computes each
+output value in registers, in the same tap order and with the same roundings, and folds in the uint8 -> float32
+cast, the division by 255 and the final uint8 truncation: 0.06 ms for that pair (0.02-0.04 ms at the smaller
+camera sizes; bench/stage1_device.py, H100, 2026-12-07). Its bytes equal the torch form's on the CPU at every
+camera size and preset (test_gpu.py); the torch form run on the GPU differed from both at every size measured
+(a few values; not traced: torch's CUDA arithmetic is not the CPU's in every rounding).
 
 Bit-exactness rests on three things, each written out: products and sums are rounded separately
 (`enable_fp_fusion=False`: the compiler may not contract them into fused multiply-adds), except where the host

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from ..backends.base import UPLOAD_THREADS
 from ..errors import ConfigError
 
 # the GP's solve forms (gp.solve_posterior): the original's fp32 inverse, the export form, a float64 diagnostic,
@@ -51,8 +50,6 @@ class RomaOptions:
     # fp32 convolutions in TF32 (torch's cuDNN default, which the original's fp32 timing ran with); off: true
     # fp32, the parity form
     fp32_cudnn_tf32: bool = False
-    # host threads that copy a large camera image into its pinned upload buffer (backends.base.UPLOAD_THREADS)
-    upload_threads: int = UPLOAD_THREADS
 
     def __post_init__(self) -> None:
         if self.cuda_gp_solver not in GP_SOLVERS:
