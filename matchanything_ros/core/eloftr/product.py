@@ -413,7 +413,6 @@ class EloftrProduct(nn.Module):
                          to_u8=last, divide_last=last and first_aa is None)
         return x
 
-
     def model_input(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [H,W,3] -> (image [1,1,S,S] float32 in [0,1], mask [1,S/8,S/8] bool), as preprocess.py."""
         h, w = rgb.shape[0], rgb.shape[1]

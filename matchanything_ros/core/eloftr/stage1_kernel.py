@@ -14,7 +14,8 @@ kernel itself fuses them (`tl.fma`: one rounding, as the host CPU's AVX2/AVX-512
 255 is IEEE round-to-nearest (`div_rn`), as numpy's and torch's.
 
 Imported only where Triton is (`product.stage1_kernel_module`): importing this module imports Triton. Under
-TRITON_INTERPRET=1 the kernel runs on CPU tensors (checks by hand; the interpreter has no fused multiply-add).
+TRITON_INTERPRET=1 the kernel runs on CPU tensors (checks by hand: with Triton 3.9's interpreter, whose `tl.fma`
+rounds once, it gave `preprocess.stage2_rgb`'s bytes at every camera size and preset on our CPU).
 """
 from __future__ import annotations
 
