@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailableError, ConfigError, EngineMismatchError, MatchAnythingError
-from .base import Backend
+from ..device_wait import DEFAULT_HOST_WAIT
+from .base import UPLOAD_CHUNK_BYTES, Backend
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,9 @@ def create_torch_backend(params: dict[str, Any], pipeline: Any, device: str) -> 
     options = pipeline.options
     return TorchBackend(graphs, device, precision, keep_on_device=pipeline.device_outputs,
                         row_buckets=getattr(options, "row_buckets", True),
-                        predict_rows=getattr(options, "predict_rows", True))
+                        predict_rows=getattr(options, "predict_rows", True),
+                        host_wait=getattr(options, "host_wait", DEFAULT_HOST_WAIT),
+                        upload_chunk_bytes=getattr(options, "upload_chunk_bytes", UPLOAD_CHUNK_BYTES))
 
 
 def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:

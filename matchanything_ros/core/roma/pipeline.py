@@ -63,7 +63,7 @@ class RomaPipeline:
         # for this pipeline: torch_graphs changes nothing here
         self.stage1_inputs = False
         # the balanced sampler where the dense outputs are on CUDA
-        self._device_sampler = DeviceSampler(self.options.capture_sampler)
+        self._device_sampler = DeviceSampler(self.options.capture_sampler, self.options.host_wait)
 
     def bind_graphs(self, graphs: dict[str, "torch.nn.Module"]) -> None:
         """Feed the dense graph the backend runs (from `torch_graphs`) the inputs it takes. Called once, when the

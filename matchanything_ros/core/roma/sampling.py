@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..device_wait import DEFAULT_HOST_WAIT, DeviceWait
 from .config import BALANCED_EXPANSION, KDE_STD, SAMPLE_THRESH
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ class _SamplerCapture:
     certainty: torch.Tensor
     outputs: tuple[torch.Tensor, ...]  # device_draws' five outputs (the graph's static buffers)
     host: tuple[torch.Tensor, ...]  # pinned buffers for them
+    done: "torch.cuda.Event"  # recorded after their copies down
 
 
 class DeviceSampler:
@@ -201,8 +203,9 @@ class DeviceSampler:
     inside the graph from torch's default CUDA generator, which advances on every replay. Where a capture
     fails (said once in the log), that key runs eagerly. capture=False: always eagerly (RomaOptions.capture_sampler)."""
 
-    def __init__(self, capture: bool = True) -> None:
+    def __init__(self, capture: bool = True, host_wait: str = DEFAULT_HOST_WAIT) -> None:
         self.capture = capture
+        self.waiting = DeviceWait(host_wait)  # the frame's one wait: for the dense network and the draws
         self._captures: dict[tuple[str, int, int, int], _SamplerCapture] = {}
         self._eager: set[tuple[str, int, int, int]] = set()
 
@@ -229,7 +232,8 @@ class DeviceSampler:
             cap.graph.replay()
             for host, out in zip(cap.host, cap.outputs):
                 host.copy_(out, non_blocking=True)
-            wait_without_spinning(m.device)
+            cap.done.record()
+            self.waiting.wait(cap.done)
             return sparse_from_draws([h.numpy().copy() for h in cap.host])  # the pinned buffers are reused
 
     @staticmethod
@@ -256,7 +260,7 @@ class DeviceSampler:
             outputs = draws()
         torch.cuda.current_stream(m.device).wait_stream(side)
         host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in outputs)
-        return _SamplerCapture(graph, static_m, static_c, outputs, host)
+        return _SamplerCapture(graph, static_m, static_c, outputs, host, torch.cuda.Event(blocking=True))
 
 
 def seeded_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator | None:
