@@ -39,7 +39,22 @@ def test_each_wait_returns_only_once_its_work_is_done(lengths: tuple[float, ...]
         job = ThreadJob(seconds)
         waiting.wait(job)
         assert job.finished.is_set()
-    assert len(waiting.recent) == len(lengths)
+
+
+def test_frames_turning_faster_shorten_the_sleep_within_a_few_waits() -> None:
+    """After 40-ms frames come 10-ms ones (a higher threshold, fewer matches): the first ones are overslept, but
+    the wait learns from that (it does not take its own oversleeping for the frames' length) and is back near
+    10 ms by the fourth (taking its oversleeping for the length, it would go on sleeping ~40 ms)."""
+    waiting = DeviceWait()
+    for _ in range(3):
+        waiting.wait(ThreadJob(0.04))
+    walls = []
+    for _ in range(5):
+        job = ThreadJob(0.01)
+        t0 = time.perf_counter()
+        waiting.wait(job)
+        walls.append(time.perf_counter() - t0)
+    assert max(walls[3:]) < 0.016, [round(w * 1e3, 1) for w in walls]
 
 
 def test_a_steady_wait_sleeps_through_most_of_it() -> None:
@@ -75,6 +90,7 @@ def test_a_wait_for_finished_work_asks_once() -> None:
     waiting.wait(job)
     assert time.perf_counter() - t0 < 0.5
     assert (job.queries, job.synchronized) == (1, 0)
+    assert list(waiting.recent) == [10.0]  # nothing learnt from it
 
 
 def test_the_blocking_form_leaves_it_to_the_event() -> None:

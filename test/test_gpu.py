@@ -27,25 +27,6 @@ def demo_pair(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
                      for k in ("image0", "image1"))  # type: ignore[return-value]
 
 
-@pytest.mark.parametrize("chunk_bytes", [0, 100_000, 2 << 20], ids=["whole", "100kB_blocks", "default_blocks"])
-def test_camera_images_reach_the_device_whole_when_sent_in_row_blocks(chunk_bytes: int) -> None:
-    """The torch backend's upload (pinned buffers, large images in row blocks whose transfers overlap the next
-    block's copy) puts every byte of each pair on the device, frame after frame through the same buffers."""
-    from matchanything_ros.core.backends.torch_backend import TorchBackend
-
-    backend = TorchBackend({}, "cuda", upload_chunk_bytes=chunk_bytes)
-    rng = np.random.default_rng(0)
-    for w, h in ((1920, 1080), (641, 479), (1920, 1080)):
-        pair = {f"rgb{k}": rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for k in (0, 1)}
-        static = [torch.zeros((h, w, 3), dtype=torch.uint8, device="cuda") for _ in range(2)]
-        with torch.cuda.stream(backend.stream):
-            backend._upload("camera", static, ["rgb0", "rgb1"], pair)
-        backend.stream.synchronize()
-        for buf, name in zip(static, ("rgb0", "rgb1")):
-            assert np.array_equal(buf.cpu().numpy(), pair[name]), f"{w}x{h} {name}"
-    backend.close()
-
-
 @pytest.mark.parametrize("size", CAMERA_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_device_stage1_equals_this_hosts_stage1_bit_for_bit(size: tuple[int, int]) -> None:
     from matchanything_ros.core.bundled import resolve_eloftr_checkpoint

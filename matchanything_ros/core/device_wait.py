@@ -6,7 +6,8 @@ state, which the kernel cannot foresee for an interrupt). Spinning on the event 
 for the frame's length; polling with short sleeps (tried: 50-us polls) overshoots a sub-millisecond wait.
 `DeviceWait` sleeps for the shortest of the site's recent waits less a margin (a timer the kernel sees coming,
 so it picks a light sleep state), then spins on `query()` — yielding the GIL between queries — until the work
-is done, for at most SPIN_LIMIT_S, after which it falls back to the event's own blocking wait. torch-free: any
+is done, for at most SPIN_LIMIT_S, after which it falls back to the event's own blocking wait. Only a wait seen
+ending while spinning teaches it a length; one found done on waking teaches half its nap. torch-free: any
 object with `query()` and `synchronize()` will do.
 """
 from __future__ import annotations
@@ -44,16 +45,22 @@ class DeviceWait:
         if self.mode == "blocking":
             event.synchronize()
             return
+        if event.query():
+            return  # done before we asked: nothing learnt about its length
         start = time.perf_counter()
-        if not event.query():
-            if self.sleep and self.recent:
-                nap = min(self.recent) - SLEEP_MARGIN_S
-                if nap > 0:
-                    time.sleep(nap)
-            deadline = time.perf_counter() + SPIN_LIMIT_S
-            while not event.query():
-                if time.perf_counter() > deadline:
-                    event.synchronize()
-                    break
-                _yield()
-        self.recent.append(time.perf_counter() - start)
+        nap = min(self.recent) - SLEEP_MARGIN_S if self.sleep and self.recent else 0.0
+        if nap > 0:
+            time.sleep(nap)
+            if event.query():
+                # done before we woke: its length is unknown (at most the nap and the oversleep); remember half
+                # the nap, so that a faster frame than the recent ones (or a host that oversleeps by more than the
+                # margin) shortens the next naps quickly instead of setting them by our own oversleeping
+                self.recent.append(nap / 2)
+                return
+        deadline = time.perf_counter() + SPIN_LIMIT_S
+        while not event.query():
+            if time.perf_counter() > deadline:
+                event.synchronize()
+                break
+            _yield()
+        self.recent.append(time.perf_counter() - start)  # seen done while spinning: its length, to microseconds

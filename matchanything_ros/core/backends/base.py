@@ -16,11 +16,6 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-# The torch backend sends a camera image larger than this in row blocks of about this size, each as soon as it is
-# in its pinned buffer, so the transfer of one block overlaps the host's copy of the next (a 1920x1080 pair is
-# 12 MB). EloftrOptions / RomaOptions.upload_chunk_bytes; 0: each image in one copy
-UPLOAD_CHUNK_BYTES = 2 << 20
-
 
 @runtime_checkable
 class Backend(Protocol):

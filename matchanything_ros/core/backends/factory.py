@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import BackendUnavailableError, ConfigError, EngineMismatchError, MatchAnythingError
 from ..device_wait import DEFAULT_HOST_WAIT
-from .base import UPLOAD_CHUNK_BYTES, Backend
+from .base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +185,7 @@ def create_torch_backend(params: dict[str, Any], pipeline: Any, device: str) -> 
     return TorchBackend(graphs, device, precision, keep_on_device=pipeline.device_outputs,
                         row_buckets=getattr(options, "row_buckets", True),
                         predict_rows=getattr(options, "predict_rows", True),
-                        host_wait=getattr(options, "host_wait", DEFAULT_HOST_WAIT),
-                        upload_chunk_bytes=getattr(options, "upload_chunk_bytes", UPLOAD_CHUNK_BYTES))
+                        host_wait=getattr(options, "host_wait", DEFAULT_HOST_WAIT))
 
 
 def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:

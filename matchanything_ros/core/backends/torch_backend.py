@@ -21,7 +21,6 @@ import torch
 
 from ..device_wait import DEFAULT_HOST_WAIT, DeviceWait
 from ..errors import BackendUnavailableError, ConfigError
-from .base import UPLOAD_CHUNK_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +101,12 @@ class _RowBuckets:
         self.header_host = torch.empty(self.state[-1].shape, dtype=self.state[-1].dtype, pin_memory=True)
 
 
-def upload_rows(array: np.ndarray, chunk_bytes: int) -> int:
-    """Rows (first axis, ndim >= 1) per upload block of `array`: all of them when it is no larger than
-    chunk_bytes (or chunk_bytes is 0), else about chunk_bytes' worth; at least one."""
-    if chunk_bytes <= 0 or array.nbytes <= chunk_bytes:
-        return max(1, len(array))
-    return max(1, chunk_bytes // max(1, array[0].nbytes))
-
-
 class TorchBackend:
     name = "torch"
 
     def __init__(self, graphs: dict[str, torch.nn.Module], device: str = "cpu", precision: str = "fp32",
                  cuda_graphs: bool = True, keep_on_device: Iterable[str] = (), row_buckets: bool = True,
-                 predict_rows: bool = True, host_wait: str = DEFAULT_HOST_WAIT,
-                 upload_chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> None:
+                 predict_rows: bool = True, host_wait: str = DEFAULT_HOST_WAIT) -> None:
         if precision not in ("fp32", "fp16"):
             raise ConfigError(f"precision must be fp32 or fp16, got {precision!r}")
         dev = torch.device(device)
@@ -147,7 +137,6 @@ class TorchBackend:
         # the host's waits for _done, one per site (device_wait: sleep, then spin; or the event's blocking wait)
         self.host_wait = host_wait
         self._waits: dict[str, DeviceWait] = {}
-        self.upload_chunk_bytes = upload_chunk_bytes  # 0: each image in one copy
         self._closed = False
 
     def _to_tensor(self, value: Any) -> torch.Tensor:
@@ -228,11 +217,10 @@ class TorchBackend:
 
     def _upload(self, graph: str, static: list[torch.Tensor], names: list[str], inputs: dict[str, Any]) -> None:
         """Host inputs into a captured graph's static buffers: through reused pinned buffers, so the copy to
-        the device is asynchronous (from pageable memory it would block the thread for its whole length). A large
-        image goes in row blocks (`upload_chunk_bytes`), each block's transfer overlapping the copy of the next.
-        (Measured alternatives, H100 host: 2-8 copying threads, faster alone at 1920x1080 but slower end to end at
-        every size the device resamples; H200 host, 832²: the driver's own staged copy from pageable memory the
-        same.)"""
+        the device is asynchronous (from pageable memory it would block the thread for its whole length).
+        (Measured alternatives, H100 hosts: 2-8 copying threads, faster alone at 1920x1080 but slower end to end
+        at every size the device resamples; row blocks of 1-4 MiB sent as each is copied, no faster at 1920x1080;
+        H200 host, 832²: the driver's own staged copy from pageable memory the same.)"""
         self._uploaded.synchronize()  # the previous upload has left the pinned buffers (normally long since)
         for buf, name in zip(static, names):
             value = inputs[name]
@@ -246,15 +234,8 @@ class TorchBackend:
                 pinned = self._pinned[key] = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
             # numpy's single-threaded copy: torch's CPU copy of a few MB runs on its OpenMP pool, whose
             # threads then spin-wait for ~all cores x the frame time (89 ms of CPU per 11 ms frame, H200 host)
-            src, dst = host.numpy(), pinned.numpy()
-            if src.ndim == 0:
-                np.copyto(dst, src)
-                buf.copy_(pinned, non_blocking=True)
-                continue
-            step = upload_rows(src, self.upload_chunk_bytes)
-            for a in range(0, len(src), step):
-                np.copyto(dst[a:a + step], src[a:a + step])
-                buf[a:a + step].copy_(pinned[a:a + step], non_blocking=True)
+            np.copyto(pinned.numpy(), host.numpy())
+            buf.copy_(pinned, non_blocking=True)
         self._uploaded.record(torch.cuda.current_stream())
 
     def _run_captured(self, graph: str, module: Any, names: list[str], inputs: dict[str, Any]) -> Any:

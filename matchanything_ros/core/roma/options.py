@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from ..backends.base import UPLOAD_CHUNK_BYTES
 from ..device_wait import DEFAULT_HOST_WAIT, HOST_WAITS
 from ..errors import ConfigError
 
@@ -55,18 +54,11 @@ class RomaOptions:
     # how the host waits for the device (device_wait.HOST_WAITS): sleep through most of the expected time, then
     # spin on the event; "blocking": the event's own sleep, whose wake-up comes late on the GPU machines
     host_wait: str = DEFAULT_HOST_WAIT
-    # a camera image larger than this goes up in row blocks, each block's transfer overlapping the host's copy of
-    # the next (backends.base.UPLOAD_CHUNK_BYTES; 0: one copy an image)
-    upload_chunk_bytes: int = UPLOAD_CHUNK_BYTES
 
     def __post_init__(self) -> None:
         if self.host_wait not in HOST_WAITS:
             raise ConfigError(f"{type(self).__name__}.host_wait: {self.host_wait!r} is not one of "
                               f"{', '.join(HOST_WAITS)}")
-        if isinstance(self.upload_chunk_bytes, bool) or not isinstance(self.upload_chunk_bytes, int) \
-                or self.upload_chunk_bytes < 0:
-            raise ConfigError(f"{type(self).__name__}.upload_chunk_bytes: {self.upload_chunk_bytes!r} is not an "
-                              "integer >= 0")
         if self.cuda_gp_solver not in GP_SOLVERS:
             raise ConfigError(f"RomaOptions.cuda_gp_solver: {self.cuda_gp_solver!r} is not one of "
                               f"{', '.join(GP_SOLVERS)}")
