@@ -10,6 +10,8 @@ import time
 import pytest
 
 from matchanything_ros.core.device_wait import SPIN_LIMIT_S, DeviceWait
+from matchanything_ros.core.eloftr.options import EloftrOptions
+from matchanything_ros.core.errors import ConfigError
 
 
 class ThreadJob:
@@ -102,5 +104,7 @@ def test_the_blocking_form_leaves_it_to_the_event() -> None:
 
 
 def test_an_unknown_form_is_refused() -> None:
-    with pytest.raises(ValueError, match="host wait 'busy'"):
+    with pytest.raises(ConfigError, match="DeviceWait.host_wait: 'busy' is not one of sleep_then_spin, blocking"):
         DeviceWait("busy")
+    with pytest.raises(ConfigError, match="EloftrOptions.host_wait: 'spin'"):
+        EloftrOptions(host_wait="spin")

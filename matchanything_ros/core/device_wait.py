@@ -17,6 +17,8 @@ import time
 from collections import deque
 from typing import Any
 
+from .errors import ConfigError
+
 # How the host waits for the device (EloftrOptions.host_wait, RomaOptions.host_wait): DeviceWait's sleep then
 # spin, or the blocking-sync event's own sleep (the form before; kept to compare)
 HOST_WAITS = ("sleep_then_spin", "blocking")
@@ -28,6 +30,12 @@ RECENT_WAITS = 4  # the waits remembered per site
 _yield = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
 
 
+def check_host_wait(value: str, owner: str) -> None:
+    """Refuse a host wait that is not one of HOST_WAITS (ConfigError naming `owner`, e.g. "EloftrOptions")."""
+    if value not in HOST_WAITS:
+        raise ConfigError(f"{owner}.host_wait: {value!r} is not one of {', '.join(HOST_WAITS)}")
+
+
 class DeviceWait:
     """One wait site's waiting, with its own history (different sites wait for different lengths).
 
@@ -35,8 +43,7 @@ class DeviceWait:
     e.g. the verifier's fit, where any sleep's wake-up costs more than the spin)."""
 
     def __init__(self, mode: str = DEFAULT_HOST_WAIT, sleep: bool = True) -> None:
-        if mode not in HOST_WAITS:
-            raise ValueError(f"host wait {mode!r} is not one of {', '.join(HOST_WAITS)}")
+        check_host_wait(mode, type(self).__name__)
         self.mode, self.sleep = mode, sleep
         self.recent: deque[float] = deque(maxlen=RECENT_WAITS)  # seconds from wait() to done, latest last
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..device_wait import DEFAULT_HOST_WAIT, HOST_WAITS
+from ..device_wait import DEFAULT_HOST_WAIT, check_host_wait
 from ..errors import ConfigError
 
 # matching heads of the product graph: the original's dual softmax + top-K (exact on the CPU; the export's);
@@ -64,9 +64,7 @@ class EloftrOptions:
     host_wait: str = DEFAULT_HOST_WAIT
 
     def __post_init__(self) -> None:
-        if self.host_wait not in HOST_WAITS:
-            raise ConfigError(f"{type(self).__name__}.host_wait: {self.host_wait!r} is not one of "
-                              f"{', '.join(HOST_WAITS)}")
+        check_host_wait(self.host_wait, type(self).__name__)
         for name, value, allowed in (("head", self.head, PRODUCT_HEADS), ("fine", self.fine, FINE_FORMS),
                                      ("compiled", self.compiled, COMPILED_PARTS),
                                      ("fp32_island", self.fp32_island, tuple(FP32_ISLANDS))):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from ..device_wait import DEFAULT_HOST_WAIT, HOST_WAITS
+from ..device_wait import DEFAULT_HOST_WAIT, check_host_wait
 from ..errors import ConfigError
 
 # the GP's solve forms (gp.solve_posterior): the original's fp32 inverse, the export form, a float64 diagnostic,
@@ -56,9 +56,7 @@ class RomaOptions:
     host_wait: str = DEFAULT_HOST_WAIT
 
     def __post_init__(self) -> None:
-        if self.host_wait not in HOST_WAITS:
-            raise ConfigError(f"{type(self).__name__}.host_wait: {self.host_wait!r} is not one of "
-                              f"{', '.join(HOST_WAITS)}")
+        check_host_wait(self.host_wait, type(self).__name__)
         if self.cuda_gp_solver not in GP_SOLVERS:
             raise ConfigError(f"RomaOptions.cuda_gp_solver: {self.cuda_gp_solver!r} is not one of "
                               f"{', '.join(GP_SOLVERS)}")
