@@ -407,7 +407,7 @@ class EloftrProduct(nn.Module):
         first_aa = next((n for n, (_, _, kind) in enumerate(passes) if kind == "aa"), None)
         x = rgb
         for n, (taps, dim, kind) in enumerate(passes):
-            index, weight = tap_tables(taps, x.device, self._taps, int32=True)
+            index, weight, _ = tap_tables(taps, x.device, self._taps, int32=True)
             last = n == len(passes) - 1
             x = resample(x, index, weight, dim, kind == "aa" and self.stage1_fma, divide_first=n == first_aa,
                          to_u8=last, divide_last=last and first_aa is None)
@@ -566,16 +566,17 @@ def _taps_key(taps: Any, device: torch.device) -> tuple[Any, ...]:
 
 
 def tap_tables(taps: Any, device: torch.device, cache: dict[tuple[Any, ...], torch.Tensor], int32: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index int64, or int32 with `int32`; weight float32) of preprocess.Taps on `device`, from `cache` (made on
-    first use: a capture's warm-up makes them, so nothing is copied from the host while capturing)."""
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(index int64, or int32 with `int32`; weight float32; weight float64) of preprocess.Taps on `device`, from
+    `cache` (made on first use: a capture's warm-up makes them, so nothing is copied from the host while
+    capturing). The tables' bytes are hashed once a call."""
     key = _taps_key(taps, device)
     if key not in cache:
         cache[key] = torch.from_numpy(taps.index).to(device)
         cache[key + ("w",)] = torch.from_numpy(taps.weight).to(device)
         cache[key + ("w64",)] = cache[key + ("w",)].double()
         cache[key + ("i32",)] = cache[key].int()
-    return cache[key + ("i32",) if int32 else key], cache[key + ("w",)]
+    return cache[key + ("i32",) if int32 else key], cache[key + ("w",)], cache[key + ("w64",)]
 
 
 def replay_taps(x: torch.Tensor, taps: Any, dim: int, fma: bool, cache: dict[tuple[Any, ...], torch.Tensor]
@@ -585,8 +586,7 @@ def replay_taps(x: torch.Tensor, taps: Any, dim: int, fma: bool, cache: dict[tup
     sum) as the host kernel does. `cache` holds the tables on the device (made before a capture)."""
     if taps is None:
         return x
-    index, weight = tap_tables(taps, x.device, cache)
-    weight64 = cache[_taps_key(taps, x.device) + ("w64",)]
+    index, weight, weight64 = tap_tables(taps, x.device, cache)
     shape = [1] * x.dim()
     shape[dim] = -1
     out = x.index_select(dim, index[:, 0]) * weight[:, 0].view(shape)
