@@ -41,16 +41,19 @@ from test_geometry import K_LEFT, K_RIGHT, two_view_scene  # noqa: E402
 FIXTURE = REPO / "test" / "fixtures" / "geometry" / "demo_matches.npz"
 
 
-def cases(sizes: list[int], outlier_shares: list[float]) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+def cases(sizes: list[int], outlier_shares: list[float],
+          models: list[str]) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
     out = []
     for n in sizes:
         for share in outlier_shares:
-            for model in ("homography", "fundamental", "essential"):
+            for model in models:
                 k0, k1, _ = two_view_scene(n, outlier_share=share, seed=n, planar=model == "homography")
                 out.append((f"scene {n} {share:.0%}", model, k0, k1))
     with np.load(FIXTURE) as data:
-        out.append(("coffee (real)", "homography", data["coffee_plain_k0"], data["coffee_plain_k1"]))
-        out.append(("motorcycle (real)", "fundamental", data["motorcycle_k0"], data["motorcycle_k1"]))
+        if "homography" in models:
+            out.append(("coffee (real)", "homography", data["coffee_plain_k0"], data["coffee_plain_k1"]))
+        if "fundamental" in models:
+            out.append(("motorcycle (real)", "fundamental", data["motorcycle_k0"], data["motorcycle_k1"]))
     return out
 
 
@@ -70,6 +73,10 @@ def main() -> int:
     parser.add_argument("--sizes", default="5000,10000")
     parser.add_argument("--outliers", default="0.4", help="outlier shares of the scenes (comma-separated)")
     parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--models", default="homography,fundamental,essential", help="comma-separated")
+    parser.add_argument("--profile", action="store_true",
+                        help="CUDA: then the compiled fit of each model at the largest size, uncaptured, under "
+                             "torch.profiler: its kernel count and the kernels that take the most device time")
     parser.add_argument("--hypotheses", type=int, default=DEFAULT_HYPOTHESES)
     parser.add_argument("--threshold", type=float, default=1.0)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
@@ -88,7 +95,7 @@ def main() -> int:
               f"{'inl ours':>8s} {'jaccard':>7s} {'agreement':>22s}")
     print(header + "\n" + "-" * len(header))
     sizes = [int(v) for v in args.sizes.split(",")]
-    for name, model, k0, k1 in cases(sizes, [float(v) for v in args.outliers.split(",")]):
+    for name, model, k0, k1 in cases(sizes, [float(v) for v in args.outliers.split(",")], args.models.split(",")):
         options = GeometryOptions(model, args.threshold, K0=K_LEFT, K1=K_RIGHT)
         on_all = GeometryOptions(model, args.threshold, usac_matches=len(k0), K0=K_LEFT, K1=K_RIGHT)
         cv_ms = timed_ms(lambda: verify(k0, k1, options), min(args.repeat, 15))
@@ -128,7 +135,34 @@ def main() -> int:
               f"{ms['captured']:8.3f} {ms['verify']:9.3f} {device_ms or float('nan'):7.3f} {compile_s:9.1f} "
               f"{cv.num_inliers:6d} {ours.num_inliers:8d} {jac:7.4f} {agreement:>22s}")
     print("agreement: ours (the product verifier)/OpenCV on the matches both call inliers (pixels)")
+    if args.profile and cuda:
+        for model in args.models.split(","):
+            profile_fit(device, args, model, max(sizes))
     return 0
+
+
+def profile_fit(device: torch.device, args: Any, model: str, n: int) -> None:
+    """Where the compiled fit's device time goes: its kernels, launched one by one (no graph), counted and ranked."""
+    from torch.profiler import ProfilerActivity, profile
+
+    k0, k1, _ = two_view_scene(n, outlier_share=0.4, seed=n, planar=model == "homography")
+    options = GeometryOptions(model, args.threshold, K0=K_LEFT, K1=K_RIGHT)
+    verifier = TorchVerifier(device, args.hypotheses, compiled=True, cuda_graphs=False)
+    for _ in range(3):
+        verifier.verify(k0, k1, options)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        verifier.verify(k0, k1, options)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.device_time for e in kernels)
+    print(f"\nprofile {model} {n}: {len(kernels)} device events, {total_us / 1e3:.3f} ms of device time in them")
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.device_time)
+    ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))
+    for name, times in ranked[:15]:
+        print(f"  {sum(times):8.1f} us {len(times):4d}x  {name[:110]}")
 
 
 if __name__ == "__main__":

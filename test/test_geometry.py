@@ -92,6 +92,14 @@ def test_all_matches_identical_or_on_a_line(verifier, model: str) -> None:  # ty
     result = verifier(k0, line, options(model))
     assert_no_model(result, 60, DEGENERATE)
     assert "one line" in result.reason and "image1" in result.reason
+    # far from the origin (a panorama's pixels): still one line, still one point; a 2-px cloud there is not
+    far = np.array([20000.0, 15000.0])
+    for points, why in ((line + far, "one line"), (same + far, "same point")):
+        result = verifier(k0, points, options(model))
+        assert_no_model(result, 60, DEGENERATE)
+        assert why in result.reason
+    cloud = far + np.random.default_rng(1).uniform(0, 2, (60, 2))
+    assert verifier(k0, cloud, options(model)).reason_code != DEGENERATE
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -114,6 +122,27 @@ def test_essential_without_or_with_unusable_intrinsics(verifier) -> None:  # typ
         result = verifier(k0, k1, GeometryOptions("essential", K0=K0, K1=K1))
         assert_no_model(result, 300, BAD_INTRINSICS)
         assert what in result.reason
+
+
+def test_torch_verifier_follows_changed_intrinsics() -> None:
+    """The verifier remembers the last intrinsics by value: the same array changed in place, a new pair, an unusable
+    one and the first again each give what a fresh verifier gives for them."""
+    k0, k1, _ = two_view_scene(800)
+    K0, K1 = K_LEFT.copy(), K_RIGHT.copy()
+    verifier = TorchVerifier("cpu")
+    first = verifier.verify(k0, k1, GeometryOptions("essential", K0=K0, K1=K1))
+    assert first is not None and first.found
+    K0[0, 0] = K0[1, 1] = 400.0  # the caller's array changed in place: a new camera
+    cases = [(K0, K1), (K_RIGHT, K_LEFT), (np.zeros((3, 3)), K1), (K_LEFT, K_RIGHT)]
+    for a, b in cases:
+        options = GeometryOptions("essential", K0=a, K1=b)
+        got, fresh = verifier.verify(k0, k1, options), TorchVerifier("cpu").verify(k0, k1, options)
+        assert got is not None and fresh is not None and got.reason_code == fresh.reason_code
+        assert np.array_equal(got.inliers, fresh.inliers)
+        assert (got.matrix is None and fresh.matrix is None) or np.array_equal(got.matrix, fresh.matrix)
+    changed = TorchVerifier("cpu").verify(k0, k1, GeometryOptions("essential", K0=K0, K1=K1))
+    assert changed is not None and not np.array_equal(changed.matrix, first.matrix)  # the change mattered
+    assert got.reason_code == "" and np.array_equal(got.matrix, first.matrix)  # back to the first pair
 
 
 def test_none_verifies_nothing(verifier) -> None:  # type: ignore[no-untyped-def]

@@ -52,16 +52,18 @@ def compiled_graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def match_errors(model: str, matrix: np.ndarray, k0: np.ndarray, k1: np.ndarray) -> np.ndarray:
+def match_errors(model: str, matrix: np.ndarray, k0: np.ndarray, k1: np.ndarray,
+                 K0: np.ndarray = MOTORCYCLE_K_LEFT, K1: np.ndarray = MOTORCYCLE_K_RIGHT) -> np.ndarray:
     """[N] each match's distance (pixels) to the model: the verifier's inlier test is this < threshold."""
     if model == "homography":
         return transfer_error(matrix, k0, k1)
-    F = matrix if model == "fundamental" else fundamental_from_essential(matrix, MOTORCYCLE_K_LEFT, MOTORCYCLE_K_RIGHT)
+    F = matrix if model == "fundamental" else fundamental_from_essential(matrix, K0, K1)
     return sampson_error(F, k0, k1)
 
 
 def assert_same_verdict(model: str, compiled: GeometryResult | None, eager: GeometryResult | None,
-                        k0: np.ndarray, k1: np.ndarray, threshold_px: float) -> None:
+                        k0: np.ndarray, k1: np.ndarray, threshold_px: float,
+                        K0: np.ndarray = MOTORCYCLE_K_LEFT, K1: np.ndarray = MOTORCYCLE_K_RIGHT) -> None:
     """The same model up to float rounding (fused kernels sum in another order, and the fit iterates in fp32):
     every match the two call an inlier is as far from both models within AGREEMENT_SHARE of the threshold, and a
     match whose flag differs lies that close to the threshold. Checked on the models' distances, not their
@@ -69,7 +71,7 @@ def assert_same_verdict(model: str, compiled: GeometryResult | None, eager: Geom
     assert compiled is not None and eager is not None and compiled.found and eager.found
     assert compiled.matrix is not None and eager.matrix is not None
     assert eager.num_inliers > 0.3 * len(k0)
-    e_err, c_err = (match_errors(model, m, k0.astype(np.float64), k1.astype(np.float64))
+    e_err, c_err = (match_errors(model, m, k0.astype(np.float64), k1.astype(np.float64), K0, K1)
                     for m in (eager.matrix, compiled.matrix))
     near = eager.inliers | compiled.inliers
     agreement_px = AGREEMENT_SHARE * threshold_px

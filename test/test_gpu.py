@@ -235,10 +235,16 @@ def test_cuda_verifier_is_compiled_once_captured_once_and_agrees_with_the_cpu(mo
     cuda, cpu = TorchVerifier("cuda"), TorchVerifier("cpu", compiled=False)
     assert cuda.compiled and cuda.cuda_graphs
     graphs_before = compiled_graph_count()
-    for threshold, rows in ((1.0, slice(None)), (2.0, slice(None)), (1.0, slice(None, None, 3))):
-        options = GeometryOptions(model, threshold, seed=7, **intrinsics)
+    poisoned = k1.copy()
+    poisoned[-1] = np.nan  # refused after the launch; its row must not leak into the next, smaller frame's padding
+    assert cuda.verify(k0, poisoned, GeometryOptions(model, 1.0, seed=7, **intrinsics)).reason_code == "non_finite"
+    swapped = {"K0": MOTORCYCLE_K_RIGHT, "K1": MOTORCYCLE_K_LEFT} if intrinsics else {}  # new intrinsics: uploaded
+    for threshold, rows, camera in ((1.0, slice(None, None, 3), intrinsics), (1.0, slice(None), intrinsics),
+                                    (2.0, slice(None), intrinsics), (1.0, slice(None, None, 2), swapped)):
+        options = GeometryOptions(model, threshold, seed=7, **camera)
         f0, f1 = k0[rows], k1[rows]
-        assert_same_verdict(model, cuda.verify(f0, f1, options), cpu.verify(f0, f1, options), f0, f1, threshold)
+        assert_same_verdict(model, cuda.verify(f0, f1, options), cpu.verify(f0, f1, options), f0, f1, threshold,
+                            **camera)
     assert cuda.compile_fallback == "" and cuda.compiled
     assert compiled_graph_count() == graphs_before + 1 and len(cuda._captured) == 1
     device_ms = cuda.fit_device_ms(model, 7, len(k0))

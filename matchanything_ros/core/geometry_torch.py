@@ -477,30 +477,35 @@ def unpack_verdict(verdict: np.ndarray, n: int) -> tuple[np.ndarray, bool, int, 
             verdict[VERDICT_HEADER:VERDICT_HEADER + n] > 0)
 
 
+FRAME_PARAMS = 20  # after a frame's two planes: its match count, the threshold, K0^-1 and K1^-1 (row-major)
+
+
 class _CapturedFit:
-    """The fit for one (model, seed, row count) captured in a CUDA graph: static device buffers for the frame,
-    its match count, the inlier threshold and the intrinsics (all inputs: a new threshold is a fill, not a new
-    capture), filled from pinned host buffers and replayed each frame (one launch instead of about a thousand);
-    the packed verdict comes back by one copy into a pinned buffer. All captures of a verifier share one memory
-    pool, so their scratch memory is that of the largest, not the sum: safe in any replay order because they
-    run one at a time, read only static buffers made outside the pool, and their outputs are copied to the
-    host before the next replay."""
+    """The fit for one (model, seed, row count) captured in a CUDA graph: one static device buffer holds all a frame
+    brings (its two planes of matches, their count, the inlier threshold and the intrinsics: all inputs, so a new
+    threshold is a write, not a new capture), filled from one pinned host buffer by one copy and replayed each frame
+    (one launch instead of about a thousand); the packed verdict comes back by one copy into a pinned buffer. All
+    captures of a verifier share one memory pool, so their scratch memory is that of the largest, not the sum: safe
+    in any replay order because they run one at a time, read only static buffers made outside the pool, and their
+    outputs are copied to the host before the next replay."""
 
     def __init__(self, fit: Any, rows: int, calibrated: bool, device: torch.device, dtype: torch.dtype,
                  pool: Any) -> None:
-        # kp0 and kp1 as two planes [2, rows, 2]: the host writes each one contiguously (a [rows, 4] frame's
-        # strided, converting writes cost the host ~70 us at 10,000 matches, a tenth of the fit)
-        self.data = torch.zeros(2, rows, 2, device=device, dtype=dtype)
-        self.count = torch.ones((), device=device, dtype=torch.int64)
-        self.threshold = torch.ones((), device=device, dtype=dtype)
-        self.kinv = torch.eye(3, device=device, dtype=dtype).repeat(2, 1, 1) if calibrated else None
-        self.data_host = torch.zeros(2, rows, 2, dtype=dtype, pin_memory=True)
-        self.staged_rows = 0  # rows of data_host holding the last frame (the rest is zero)
-        self.kinv_host = torch.zeros(2, 3, 3, dtype=dtype, pin_memory=True)
+        # kp0 and kp1 as two planes [2, rows, 2] (the host writes each one contiguously: a [rows, 4] frame's strided,
+        # converting writes cost the host ~70 us at 10,000 matches, a tenth of the fit), then the parameters: one
+        # copy to the device instead of a copy and two fills (each a launch of the host's)
+        self.rows, self.calibrated = rows, calibrated
+        self.frame = torch.zeros(4 * rows + FRAME_PARAMS, device=device, dtype=dtype)
+        self.frame_host = torch.zeros(4 * rows + FRAME_PARAMS, dtype=dtype, pin_memory=True)
+        self.staged_rows = 0  # rows of the planes holding the last frame (the rest is zero)
         self.verdict_host = torch.zeros(VERDICT_HEADER + rows, dtype=dtype, pin_memory=True)
         self.done = torch.cuda.Event(blocking=True)
         self.waiting = DeviceWait(sleep=False)  # a sub-millisecond wait: spin on the event (device_wait)
         self.fit = fit
+        # a valid count, threshold and intrinsics (identities) for the warm-up and the capture
+        self.frame_host[4 * rows:4 * rows + 2] = 1.0
+        self.frame_host[4 * rows + 2:].view(2, 3, 3).copy_(torch.eye(3, dtype=dtype).expand(2, 3, 3))
+        self.frame.copy_(self.frame_host)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.no_grad():
@@ -511,27 +516,29 @@ class _CapturedFit:
             self.verdict = self._run()
 
     def _run(self) -> torch.Tensor:
-        kinv = (None, None) if self.kinv is None else (self.kinv[0], self.kinv[1])
-        return self.fit(self.data[0], self.data[1], self.count, self.threshold, *kinv)
+        planes = self.frame[:4 * self.rows].view(2, self.rows, 2)
+        params = self.frame[4 * self.rows:]
+        kinv = (params[2:11].view(3, 3), params[11:20].view(3, 3)) if self.calibrated else (None, None)
+        return self.fit(planes[0], planes[1], params[0], params[1], *kinv)
 
     def launch(self, kp0: np.ndarray, kp1: np.ndarray, threshold: float,
                Kinv: np.ndarray | None) -> Callable[[], np.ndarray]:
         """Queue the fit of kp0, kp1 [n, 2] on the device -> a function that waits for it and returns the packed
         verdict on the host (valid until the next launch)."""
-        n = len(kp0)
-        staged = self.data_host.numpy()
+        n, rows = len(kp0), self.rows
+        staged = self.frame_host.numpy()
+        planes = staged[:4 * rows].reshape(2, rows, 2)
         # numpy, single-threaded (torch's CPU copy would spin its OpenMP pool); padding rows are zero
-        staged[0, :n], staged[1, :n] = kp0, kp1
-        staged[:, n:self.staged_rows] = 0
+        planes[0, :n], planes[1, :n] = kp0, kp1
+        planes[:, n:self.staged_rows] = 0
         self.staged_rows = n
-        self.data.copy_(self.data_host, non_blocking=True)
-        self.count.fill_(n)
-        self.threshold.fill_(threshold)
-        if self.kinv is not None and Kinv is not None:
-            self.kinv_host.numpy()[:] = Kinv
-            self.kinv.copy_(self.kinv_host, non_blocking=True)
+        params = staged[4 * rows:]
+        params[0], params[1] = n, threshold  # the count is exact in float32 up to 2^24 rows
+        if self.calibrated and Kinv is not None:
+            params[2:] = Kinv.reshape(-1)
+        self.frame.copy_(self.frame_host, non_blocking=True)
         self.graph.replay()
-        self.verdict_host.copy_(self.verdict, non_blocking=True)
+        self.verdict_host[:VERDICT_HEADER + n].copy_(self.verdict[:VERDICT_HEADER + n], non_blocking=True)
         self.done.record()
         return self._collect
 
@@ -581,6 +588,7 @@ class TorchVerifier:
         self._fits: dict[tuple[str, int], Any] = {}
         self._captured: dict[tuple[str, int, int], _CapturedFit] = {}
         self._graph_pool: Any = None
+        self._last_intrinsics: tuple[tuple[Any, ...], np.ndarray | None] | None = None  # (K0, K1 by value, Kinv)
 
     def tables(self, model: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (model, seed)
@@ -645,9 +653,27 @@ class TorchVerifier:
         kinv = ((None, None) if Kinv is None else
                 tuple(torch.from_numpy(Kinv[i]).to(device=self.device, dtype=self.dtype) for i in range(2)))
         with torch.no_grad():
-            verdict = fit(data[0], data[1], torch.tensor(n, device=self.device),
+            verdict = fit(data[0], data[1], torch.tensor(float(n), dtype=self.dtype, device=self.device),
                           torch.tensor(float(options.threshold_px), dtype=self.dtype, device=self.device), *kinv)
         return lambda: verdict.cpu().numpy()
+
+    def _inverse_intrinsics(self, options: GeometryOptions) -> np.ndarray | None:
+        """[K0^-1, K1^-1] in the verifier's dtype, or None when either is missing or not a camera matrix. The last
+        pair given as arrays is remembered by value: a camera's intrinsics seldom change, and checking and
+        inverting them costs the host ~45 us a frame."""
+        K0, K1 = options.K0, options.K1
+        key = None
+        if isinstance(K0, np.ndarray) and isinstance(K1, np.ndarray):
+            key = (K0.dtype.str, K0.shape, K0.tobytes(), K1.dtype.str, K1.shape, K1.tobytes())
+            if self._last_intrinsics is not None and self._last_intrinsics[0] == key:
+                return self._last_intrinsics[1]
+        checked0, why0 = check_intrinsics(K0, "K0")
+        checked1, why1 = check_intrinsics(K1, "K1")
+        Kinv = (None if checked0 is None or checked1 is None or why0 or why1 else
+                np.stack([np.linalg.inv(checked0), np.linalg.inv(checked1)]).astype(self._host_dtype))
+        if key is not None:
+            self._last_intrinsics = (key, Kinv)
+        return Kinv
 
     def rows_for(self, n: int) -> int:
         """The row count a frame of n matches is padded to: COMPILED_ROWS or more when compiled, else the next
@@ -665,20 +691,15 @@ class TorchVerifier:
         model = options.model
         k0, k1 = np.asarray(keypoints0).reshape(-1, 2), np.asarray(keypoints1).reshape(-1, 2)
         n = len(k0)
-        Kinv = None
-        if model == "essential":
-            K0, why0 = check_intrinsics(options.K0, "K0")
-            K1, why1 = check_intrinsics(options.K1, "K1")
-            if K0 is not None and K1 is not None and not (why0 or why1):
-                Kinv = np.stack([np.linalg.inv(K0), np.linalg.inv(K1)]).astype(self._host_dtype)
+        Kinv = self._inverse_intrinsics(options) if model == "essential" else None
         if k0.shape != k1.shape or n < TORCH_MINIMAL_SAMPLE[model] or (model == "essential" and Kinv is None):
             failure, _, _ = check_input(keypoints0, keypoints1, options, TORCH_MINIMAL_SAMPLE[model])
             assert failure is not None  # each of these is a failure check_input reports (or raises)
             return failure
-        # the fit is queued first and the input checked while the device works (they cost the host ~0.3 ms at
-        # 10,000 matches); a rejected frame's verdict is waited for and dropped
+        # the fit is queued first and the input checked while the device works (~0.1 ms of the host's at 10,000
+        # matches; the intrinsics were checked above); a rejected frame's verdict is waited for and dropped
         collect = self._launch(model, options, k0, k1, Kinv)
-        failure, _, _ = check_input(k0, k1, options, TORCH_MINIMAL_SAMPLE[model])
+        failure, _, _ = check_input(k0, k1, options, TORCH_MINIMAL_SAMPLE[model], intrinsics=False)
         matrix, found, num_inliers, inliers = unpack_verdict(collect(), n)
         if failure is not None:
             return failure
