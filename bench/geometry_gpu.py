@@ -94,8 +94,8 @@ def main() -> int:
               f"{'eager ms':>8s} {'captured':>8s} {'verify ms':>9s} {'fit dev':>7s} {'compile s':>9s} {'inl cv':>6s} "
               f"{'inl ours':>8s} {'jaccard':>7s} {'agreement':>22s}")
     print(header + "\n" + "-" * len(header))
-    sizes = [int(v) for v in args.sizes.split(",")]
-    for name, model, k0, k1 in cases(sizes, [float(v) for v in args.outliers.split(",")], args.models.split(",")):
+    sizes, models = [int(v) for v in args.sizes.split(",")], args.models.split(",")
+    for name, model, k0, k1 in cases(sizes, [float(v) for v in args.outliers.split(",")], models):
         options = GeometryOptions(model, args.threshold, K0=K_LEFT, K1=K_RIGHT)
         on_all = GeometryOptions(model, args.threshold, usac_matches=len(k0), K0=K_LEFT, K1=K_RIGHT)
         cv_ms = timed_ms(lambda: verify(k0, k1, options), min(args.repeat, 15))
@@ -136,7 +136,7 @@ def main() -> int:
               f"{cv.num_inliers:6d} {ours.num_inliers:8d} {jac:7.4f} {agreement:>22s}")
     print("agreement: ours (the product verifier)/OpenCV on the matches both call inliers (pixels)")
     if args.profile and cuda:
-        for model in args.models.split(","):
+        for model in models:
             profile_fit(device, args, model, max(sizes))
     return 0
 

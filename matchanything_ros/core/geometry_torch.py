@@ -480,6 +480,34 @@ def unpack_verdict(verdict: np.ndarray, n: int) -> tuple[np.ndarray, bool, int, 
 FRAME_PARAMS = 20  # after a frame's two planes: its match count, the threshold, K0^-1 and K1^-1 (row-major)
 
 
+def frame_size(rows: int) -> int:
+    """Values in a frame buffer of `rows` rows: kp0 and kp1 as two planes [2, rows, 2], then FRAME_PARAMS."""
+    return 4 * rows + FRAME_PARAMS
+
+
+def stage_frame(frame: np.ndarray, rows: int, kp0: np.ndarray, kp1: np.ndarray, threshold: float,
+                Kinv: np.ndarray | None) -> np.ndarray:
+    """Write a frame of n = len(kp0) matches into a host frame buffer (rows n and beyond are left as they are) ->
+    its planes [2, rows, 2]. The count is exact in float32 up to 2^24 rows. numpy, single-threaded: torch's CPU
+    copy or cast would spin its OpenMP pool (87 ms of host CPU per 13 ms frame, H100 host)."""
+    n = len(kp0)
+    planes = frame[:4 * rows].reshape(2, rows, 2)
+    planes[0, :n], planes[1, :n] = kp0, kp1  # each plane written contiguously (strided writes: ~70 us at 10,000)
+    params = frame[4 * rows:]
+    params[0], params[1] = n, threshold
+    if Kinv is not None:
+        params[2:] = Kinv.reshape(-1)
+    return planes
+
+
+def frame_inputs(frame: torch.Tensor, rows: int, calibrated: bool) -> tuple[torch.Tensor | None, ...]:
+    """A frame buffer on the device -> the fit's inputs as views of it: (kp0, kp1, count, threshold, Kinv0, Kinv1)."""
+    planes = frame[:4 * rows].view(2, rows, 2)
+    params = frame[4 * rows:]
+    kinv = (params[2:11].view(3, 3), params[11:20].view(3, 3)) if calibrated else (None, None)
+    return (planes[0], planes[1], params[0], params[1], *kinv)
+
+
 class _CapturedFit:
     """The fit for one (model, seed, row count) captured in a CUDA graph: one static device buffer holds all a frame
     brings (its two planes of matches, their count, the inlier threshold and the intrinsics: all inputs, so a new
@@ -491,12 +519,11 @@ class _CapturedFit:
 
     def __init__(self, fit: Any, rows: int, calibrated: bool, device: torch.device, dtype: torch.dtype,
                  pool: Any) -> None:
-        # kp0 and kp1 as two planes [2, rows, 2] (the host writes each one contiguously: a [rows, 4] frame's strided,
-        # converting writes cost the host ~70 us at 10,000 matches, a tenth of the fit), then the parameters: one
-        # copy to the device instead of a copy and two fills (each a launch of the host's)
+        # the frame's layout (stage_frame): one copy to the device instead of a copy and two fills (each a launch
+        # of the host's)
         self.rows, self.calibrated = rows, calibrated
-        self.frame = torch.zeros(4 * rows + FRAME_PARAMS, device=device, dtype=dtype)
-        self.frame_host = torch.zeros(4 * rows + FRAME_PARAMS, dtype=dtype, pin_memory=True)
+        self.frame = torch.zeros(frame_size(rows), device=device, dtype=dtype)
+        self.frame_host = torch.zeros(frame_size(rows), dtype=dtype, pin_memory=True)
         self.staged_rows = 0  # rows of the planes holding the last frame (the rest is zero)
         self.verdict_host = torch.zeros(VERDICT_HEADER + rows, dtype=dtype, pin_memory=True)
         self.done = torch.cuda.Event(blocking=True)
@@ -516,26 +543,16 @@ class _CapturedFit:
             self.verdict = self._run()
 
     def _run(self) -> torch.Tensor:
-        planes = self.frame[:4 * self.rows].view(2, self.rows, 2)
-        params = self.frame[4 * self.rows:]
-        kinv = (params[2:11].view(3, 3), params[11:20].view(3, 3)) if self.calibrated else (None, None)
-        return self.fit(planes[0], planes[1], params[0], params[1], *kinv)
+        return self.fit(*frame_inputs(self.frame, self.rows, self.calibrated))
 
     def launch(self, kp0: np.ndarray, kp1: np.ndarray, threshold: float,
                Kinv: np.ndarray | None) -> Callable[[], np.ndarray]:
         """Queue the fit of kp0, kp1 [n, 2] on the device -> a function that waits for it and returns the packed
         verdict on the host (valid until the next launch)."""
-        n, rows = len(kp0), self.rows
-        staged = self.frame_host.numpy()
-        planes = staged[:4 * rows].reshape(2, rows, 2)
-        # numpy, single-threaded (torch's CPU copy would spin its OpenMP pool); padding rows are zero
-        planes[0, :n], planes[1, :n] = kp0, kp1
-        planes[:, n:self.staged_rows] = 0
+        n = len(kp0)
+        planes = stage_frame(self.frame_host.numpy(), self.rows, kp0, kp1, threshold, Kinv)
+        planes[:, n:self.staged_rows] = 0  # padding rows are zero
         self.staged_rows = n
-        params = staged[4 * rows:]
-        params[0], params[1] = n, threshold  # the count is exact in float32 up to 2^24 rows
-        if self.calibrated and Kinv is not None:
-            params[2:] = Kinv.reshape(-1)
         self.frame.copy_(self.frame_host, non_blocking=True)
         self.graph.replay()
         self.verdict_host[:VERDICT_HEADER + n].copy_(self.verdict[:VERDICT_HEADER + n], non_blocking=True)
@@ -631,7 +648,7 @@ class TorchVerifier:
         if key not in self._fits:
             self._fits[key] = self._make_fit(model, options.seed)
         fit = self._fits[key]
-        rows, n = self.rows_for(len(kp0)), len(kp0)
+        rows = self.rows_for(len(kp0))
         if self.cuda_graphs:
             try:
                 captured = self._captured.get((*key, rows))
@@ -645,16 +662,11 @@ class TorchVerifier:
                 logging.getLogger(__name__).warning("geometry: CUDA graph capture failed (%s); verifying without a "
                                                     "graph", exc)
                 self.cuda_graphs = False
-        # built in the verifier's dtype by numpy (single-threaded): torch's CPU cast of a frame's ~37k values
-        # runs on its OpenMP pool, whose threads then spin-wait (87 ms of host CPU per 13 ms frame, H100 host)
-        pad = np.zeros((2, rows, 2), self._host_dtype)
-        pad[0, :n], pad[1, :n] = kp0, kp1
-        data = torch.from_numpy(pad).to(device=self.device)
-        kinv = ((None, None) if Kinv is None else
-                tuple(torch.from_numpy(Kinv[i]).to(device=self.device, dtype=self.dtype) for i in range(2)))
+        # the captured fit's frame layout, built in the verifier's dtype (stage_frame), padding rows zero
+        frame = np.zeros(frame_size(rows), self._host_dtype)
+        stage_frame(frame, rows, kp0, kp1, float(options.threshold_px), Kinv)
         with torch.no_grad():
-            verdict = fit(data[0], data[1], torch.tensor(float(n), dtype=self.dtype, device=self.device),
-                          torch.tensor(float(options.threshold_px), dtype=self.dtype, device=self.device), *kinv)
+            verdict = fit(*frame_inputs(torch.from_numpy(frame).to(device=self.device), rows, Kinv is not None))
         return lambda: verdict.cpu().numpy()
 
     def _inverse_intrinsics(self, options: GeometryOptions) -> np.ndarray | None:
