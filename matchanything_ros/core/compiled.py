@@ -2,7 +2,11 @@
 verifier's fit) run eager when compiling fails, and say why."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -15,6 +19,46 @@ log = logging.getLogger(__name__)
 # function's compilations for the whole process, so a process serving several passes torch's default of 8.
 # Past this many a new one runs uncompiled, logged and shown in Matcher.info.
 FIXED_SHAPE_COMPILES = 64
+
+
+@functools.cache
+def _cantsplit_needing_defaults() -> tuple[Any, Any, int] | None:
+    """(Inductor's CantSplit class, its own __init__, how many arguments that requires) or None when it can be
+    built bare already (or there is no Inductor, or the class moved)."""
+    try:
+        from torch._inductor.codegen.simd import CantSplit
+    except Exception:  # noqa: BLE001
+        return None
+    init = CantSplit.__dict__.get("__init__")
+    if init is None:
+        return None
+    required = [p for p in list(inspect.signature(init).parameters.values())[1:]
+                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return (CantSplit, init, len(required)) if required else None
+
+
+@contextlib.contextmanager
+def bare_cantsplit_caught() -> Iterator[None]:
+    """While compiling: Inductor's tiler may construct its control-flow exception `CantSplit` without arguments
+    (`raise CantSplit`, or on unpickling it from a compile worker) while the class's constructor requires two;
+    the TypeError then escapes the tiler's own `except CantSplit` and the whole graph fails to compile (torch
+    2.11 on an H100: ELoFTR's feature stack at 640x480 ran uncompiled, 7.98 instead of ~4.3 ms). Inside this
+    block the arguments default to None, so the raise means what the tiler meant ("not this split: try
+    another tiling"); the class is restored after, leaving torch as it was found."""
+    found = _cantsplit_needing_defaults()
+    if found is None:
+        yield
+        return
+    cls, init, n_required = found
+
+    def init_with_defaults(self: Any, *args: Any) -> None:
+        init(self, *args, *[None] * (n_required - len(args)))
+
+    cls.__init__ = init_with_defaults
+    try:
+        yield
+    finally:
+        cls.__init__ = init
 
 
 class CompiledOrEager:
@@ -39,7 +83,7 @@ class CompiledOrEager:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is not None:
             try:
-                with torch._dynamo.config.patch(**self._config):
+                with torch._dynamo.config.patch(**self._config), bare_cantsplit_caught():
                     return self.compiled(*args, **kwargs)
             except torch.OutOfMemoryError:
                 raise  # not a compiler failure: the eager function would need the memory too
@@ -47,6 +91,7 @@ class CompiledOrEager:
                 name = getattr(self.fn, "__name__", str(self.fn))
                 self.fallback = f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
                 log.warning("torch.compile of %s failed (%s); running it uncompiled", name, self.fallback)
+                log.debug("torch.compile of %s: where it failed", name, exc_info=True)  # for a bug report
                 self.compiled = None
         return self.fn(*args, **kwargs)
 

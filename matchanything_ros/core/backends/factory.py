@@ -185,7 +185,8 @@ def create_torch_backend(params: dict[str, Any], pipeline: Any, device: str) -> 
     return TorchBackend(graphs, device, precision, keep_on_device=pipeline.device_outputs,
                         row_buckets=getattr(options, "row_buckets", True),
                         predict_rows=getattr(options, "predict_rows", True),
-                        host_wait=getattr(options, "host_wait", DEFAULT_HOST_WAIT))
+                        host_wait=getattr(options, "host_wait", DEFAULT_HOST_WAIT),
+                        pinned_upload=getattr(options, "pinned_upload", True))
 
 
 def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:

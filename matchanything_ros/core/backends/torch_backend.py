@@ -106,7 +106,7 @@ class TorchBackend:
 
     def __init__(self, graphs: dict[str, torch.nn.Module], device: str = "cpu", precision: str = "fp32",
                  cuda_graphs: bool = True, keep_on_device: Iterable[str] = (), row_buckets: bool = True,
-                 predict_rows: bool = True, host_wait: str = DEFAULT_HOST_WAIT) -> None:
+                 predict_rows: bool = True, host_wait: str = DEFAULT_HOST_WAIT, pinned_upload: bool = True) -> None:
         if precision not in ("fp32", "fp16"):
             raise ConfigError(f"precision must be fp32 or fp16, got {precision!r}")
         dev = torch.device(device)
@@ -136,6 +136,7 @@ class TorchBackend:
         self._uploaded: Any = torch.cuda.Event(blocking=True) if self.stream is not None else None
         # the host's waits for _done, one per site (device_wait: sleep, then spin; or the event's blocking wait)
         self.host_wait = host_wait
+        self.pinned_upload = pinned_upload
         self._waits: dict[str, DeviceWait] = {}
         self._closed = False
 
@@ -228,6 +229,9 @@ class TorchBackend:
                 buf.copy_(value, non_blocking=True)
                 continue
             host = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+            if not self.pinned_upload:  # the driver stages it; the call returns once the array may change
+                buf.copy_(host, non_blocking=True)
+                continue
             key = (graph, "in:" + name, tuple(host.shape), host.dtype)
             pinned = self._pinned.get(key)
             if pinned is None:

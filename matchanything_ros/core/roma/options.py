@@ -54,6 +54,9 @@ class RomaOptions:
     # how the host waits for the device (device_wait.HOST_WAITS): sleep through most of the expected time, then
     # spin on the event; "blocking": the event's own sleep, whose wake-up comes late on the GPU machines
     host_wait: str = DEFAULT_HOST_WAIT
+    # the torch backend sends the camera images through its reused pinned buffers (numpy's copy into them, then an
+    # asynchronous copy); off: straight from the arrays, staged by the driver (bench/upload_paths.py times both)
+    pinned_upload: bool = True
 
     def __post_init__(self) -> None:
         check_host_wait(self.host_wait, type(self).__name__)
