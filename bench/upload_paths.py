@@ -1,11 +1,11 @@
 """Ways to move a camera pair's bytes (two uint8 HxWx3 arrays from pageable memory, new arrays every frame as
 a ROS message gives them) into device buffers, timed from the arrays to a finished copy.
 
-The matcher's upload is "pinned": numpy's copy into reused pinned buffers, then one asynchronous copy each.
-At 1920x1080 (12.4 MB a pair) that copy is the part of the end-to-end time that grows with the camera size;
-this puts the alternatives beside it on one machine:
+At 1920x1080 (12.4 MB a pair) the upload is the part of the end-to-end time that grows with the camera size;
+this puts the ways to do it side by side on one machine (the matcher's default: "pageable"; its
+`pinned_upload` option: "pinned"):
 
-* pinned      copy both into pinned buffers, then both copies to the device (the matcher's way)
+* pinned      copy both into pinned buffers, then both copies to the device
 * overlapped  the first image's copy to the device runs while the second is copied into its pinned buffer
 * pageable    copies straight from the arrays (the driver stages them through its own pinned buffers)
 * registered  the arrays themselves pinned for the copy (cudaHostRegister), then unregistered

@@ -159,17 +159,18 @@ def test_fp16_keeps_fp32s_matches_on_cuda() -> None:
     assert len(ref) > 1000 and np.mean(d <= 1.0) >= 0.98, (len(out), len(ref), float(np.mean(d <= 1.0)))
 
 
-def test_upload_straight_from_the_arrays_gives_the_pinned_uploads_matches() -> None:
-    """EloftrOptions.pinned_upload=False (the driver stages the camera images) is only another way to the same
-    device bytes: the same matches at a size the device resamples, frame after frame with new arrays."""
+def test_upload_through_pinned_buffers_gives_the_default_uploads_matches() -> None:
+    """The default upload (straight from the arrays, staged by the driver) and EloftrOptions.pinned_upload (through
+    the backend's pinned buffers) are two ways to the same device bytes: the same matches at a size the device
+    resamples, frame after frame with new arrays (a new message's)."""
     from matchanything_ros.core.eloftr.options import EloftrOptions
     from matchanything_ros.core.matcher import Matcher, MatcherConfig
 
     pair = demo_pair((1920, 1080))
     base: dict[str, Any] = {"device": "cuda", "backend": "torch", "precision": "fp16", "threshold": 0.1}
-    with Matcher(MatcherConfig(**base)) as pinned:
+    with Matcher(MatcherConfig(**base, options=EloftrOptions(pinned_upload=True))) as pinned:
         ref = pinned.match(*pair)
-    with Matcher(MatcherConfig(**base, options=EloftrOptions(pinned_upload=False))) as straight:
+    with Matcher(MatcherConfig(**base)) as straight:
         for _ in range(3):
             out = straight.match(*(img.copy() for img in pair))
             assert len(ref) > 1000

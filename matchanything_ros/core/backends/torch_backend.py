@@ -106,7 +106,7 @@ class TorchBackend:
 
     def __init__(self, graphs: dict[str, torch.nn.Module], device: str = "cpu", precision: str = "fp32",
                  cuda_graphs: bool = True, keep_on_device: Iterable[str] = (), row_buckets: bool = True,
-                 predict_rows: bool = True, host_wait: str = DEFAULT_HOST_WAIT, pinned_upload: bool = True) -> None:
+                 predict_rows: bool = True, host_wait: str = DEFAULT_HOST_WAIT, pinned_upload: bool = False) -> None:
         if precision not in ("fp32", "fp16"):
             raise ConfigError(f"precision must be fp32 or fp16, got {precision!r}")
         dev = torch.device(device)
@@ -217,11 +217,15 @@ class TorchBackend:
         return entry
 
     def _upload(self, graph: str, static: list[torch.Tensor], names: list[str], inputs: dict[str, Any]) -> None:
-        """Host inputs into a captured graph's static buffers: through reused pinned buffers, so the copy to
-        the device is asynchronous (from pageable memory it would block the thread for its whole length).
-        (Measured alternatives, H100 hosts: 2-8 copying threads, faster alone at 1920x1080 but slower end to end
-        at every size the device resamples; row blocks of 1-4 MiB sent as each is copied, no faster at 1920x1080;
-        H200 host, 832²: the driver's own staged copy from pageable memory the same.)"""
+        """Host inputs into a captured graph's static buffers. By default straight from the arrays: the driver
+        stages pageable memory through its own pinned buffers in pieces, sending each while it stages the next,
+        and returns once the array may change (H100 host, 2026-12-07: a 1920x1080 pair 1.40 ms, 832² 0.31,
+        against 1.83 / 0.43 through our pinned buffers; ELoFTR end to end 0.3-0.5 ms faster at 1920x1080,
+        alternated runs). `pinned_upload`: numpy's copy into reused pinned buffers first, then one asynchronous
+        copy each (the form before). Also measured and not taken, H100 hosts: 2-8 copying threads (faster alone
+        at 1920x1080, slower end to end), row blocks of 1-4 MiB sent as each is copied (no faster), the arrays
+        registered as pinned for the copy (cudaHostRegister: 1.33 ms at 1920x1080, 0.79 at 1280x720, slower
+        there than pinned buffers)."""
         self._uploaded.synchronize()  # the previous upload has left the pinned buffers (normally long since)
         for buf, name in zip(static, names):
             value = inputs[name]
@@ -229,8 +233,8 @@ class TorchBackend:
                 buf.copy_(value, non_blocking=True)
                 continue
             host = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
-            if not self.pinned_upload:  # the driver stages it; the call returns once the array may change
-                buf.copy_(host, non_blocking=True)
+            if not self.pinned_upload:
+                buf.copy_(host, non_blocking=True)  # pageable: returns once staged (the array may then change)
                 continue
             key = (graph, "in:" + name, tuple(host.shape), host.dtype)
             pinned = self._pinned.get(key)
