@@ -56,7 +56,7 @@ class RomaOptions:
     host_wait: str = DEFAULT_HOST_WAIT
     # the torch backend copies the camera images into its reused pinned buffers (numpy) and sends those; off (the
     # default): straight from the arrays, the driver staging them in pieces while earlier pieces travel. H100 host,
-    # a 1920x1080 pair: 1.40 instead of 1.83 ms (bench/upload_paths.py), ELoFTR end to end 5.5-5.6 instead of 5.9-6.1
+    # a 1920x1080 pair: 1.40 instead of 1.83 ms (bench/upload_paths.py), RoMa end to end 55.7-56.0 instead of 56.1-56.4
     pinned_upload: bool = False
 
     def __post_init__(self) -> None:
