@@ -53,3 +53,16 @@ def test_compiled_part_runs_compiled_and_equals_eager() -> None:
     x = torch.linspace(-4, 4, 257)
     torch.testing.assert_close(part(x), scaled_softplus(x))
     assert part.fallback == ""
+
+
+def test_overlapping_compiles_keep_the_mend_until_the_last_one_leaves() -> None:
+    """Two threads compiling at once (two matchers built together): the first to finish must not take the
+    mend from the other, which may still be in the tiler."""
+    init = CantSplit.__init__
+    first, second = bare_cantsplit_caught(), bare_cantsplit_caught()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert tiler_step() == "another tiling"  # the second is still compiling
+    second.__exit__(None, None, None)
+    assert CantSplit.__init__ is init

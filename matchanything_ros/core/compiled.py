@@ -6,6 +6,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,10 +22,38 @@ log = logging.getLogger(__name__)
 FIXED_SHAPE_COMPILES = 64
 
 
+class _CantSplitMend:
+    """Inductor's CantSplit with its constructor's arguments defaulting to None while at least one compile in
+    the process is inside `bare_cantsplit_caught` (counted: two threads compiling at once keep it until both
+    are done), its own constructor back when none is."""
+
+    def __init__(self, cls: Any, init: Any, n_required: int) -> None:
+        self.cls, self.init = cls, init
+        self.lock = threading.Lock()
+        self.users = 0
+
+        def init_with_defaults(exc: Any, *args: Any) -> None:
+            init(exc, *args, *[None] * (n_required - len(args)))
+
+        self.init_with_defaults = init_with_defaults
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.users == 0:
+                self.cls.__init__ = self.init_with_defaults
+            self.users += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                self.cls.__init__ = self.init
+
+
 @functools.cache
-def _cantsplit_needing_defaults() -> tuple[Any, Any, int] | None:
-    """(Inductor's CantSplit class, its own __init__, how many arguments that requires) or None when it can be
-    built bare already (or there is no Inductor, or the class moved)."""
+def _cantsplit_mend() -> _CantSplitMend | None:
+    """The mend for this torch's Inductor CantSplit, or None when the class can be built bare already (or there
+    is no Inductor, or the class moved)."""
     try:
         from torch._inductor.codegen.simd import CantSplit
     except Exception:  # noqa: BLE001
@@ -34,7 +63,7 @@ def _cantsplit_needing_defaults() -> tuple[Any, Any, int] | None:
         return None
     required = [p for p in list(inspect.signature(init).parameters.values())[1:]
                 if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return (CantSplit, init, len(required)) if required else None
+    return _CantSplitMend(CantSplit, init, len(required)) if required else None
 
 
 @contextlib.contextmanager
@@ -45,20 +74,15 @@ def bare_cantsplit_caught() -> Iterator[None]:
     2.11 on an H100: ELoFTR's feature stack at 640x480 ran uncompiled, 7.98 instead of ~4.3 ms). Inside this
     block the arguments default to None, so the raise means what the tiler meant ("not this split: try
     another tiling"); the class is restored after, leaving torch as it was found."""
-    found = _cantsplit_needing_defaults()
-    if found is None:
+    mend = _cantsplit_mend()
+    if mend is None:
         yield
         return
-    cls, init, n_required = found
-
-    def init_with_defaults(self: Any, *args: Any) -> None:
-        init(self, *args, *[None] * (n_required - len(args)))
-
-    cls.__init__ = init_with_defaults
+    mend.enter()
     try:
         yield
     finally:
-        cls.__init__ = init
+        mend.leave()
 
 
 class CompiledOrEager:

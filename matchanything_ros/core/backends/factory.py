@@ -186,7 +186,7 @@ def create_torch_backend(params: dict[str, Any], pipeline: Any, device: str) -> 
                         row_buckets=getattr(options, "row_buckets", True),
                         predict_rows=getattr(options, "predict_rows", True),
                         host_wait=getattr(options, "host_wait", DEFAULT_HOST_WAIT),
-                        pinned_upload=getattr(options, "pinned_upload", False))
+                        pinned_upload=options.pinned_upload)  # both variants' options have it
 
 
 def choose_backend(params: dict[str, Any], pipeline: Any) -> BackendChoice:

@@ -226,7 +226,8 @@ class TorchBackend:
         at 1920x1080, slower end to end), row blocks of 1-4 MiB sent as each is copied (no faster), the arrays
         registered as pinned for the copy (cudaHostRegister: 1.33 ms at 1920x1080, 0.79 at 1280x720, slower
         there than pinned buffers)."""
-        self._uploaded.synchronize()  # the previous upload has left the pinned buffers (normally long since)
+        if self.pinned_upload:
+            self._uploaded.synchronize()  # the previous upload has left the pinned buffers (normally long since)
         for buf, name in zip(static, names):
             value = inputs[name]
             if isinstance(value, torch.Tensor) and value.is_cuda:
@@ -244,7 +245,8 @@ class TorchBackend:
             # threads then spin-wait for ~all cores x the frame time (89 ms of CPU per 11 ms frame, H200 host)
             np.copyto(pinned.numpy(), host.numpy())
             buf.copy_(pinned, non_blocking=True)
-        self._uploaded.record(torch.cuda.current_stream())
+        if self.pinned_upload:
+            self._uploaded.record(torch.cuda.current_stream())
 
     def _run_captured(self, graph: str, module: Any, names: list[str], inputs: dict[str, Any]) -> Any:
         """Run `module` through a CUDA graph captured for these input shapes/masks (captured on first use).
