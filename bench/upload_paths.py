@@ -1,5 +1,6 @@
-"""Ways to move a camera pair's bytes (two uint8 HxWx3 arrays from pageable memory, new arrays every frame as
-a ROS message gives them) into device buffers, timed from the arrays to a finished copy.
+"""The ways to send a camera pair to the GPU, timed from the arrays to a finished copy.
+
+A pair is two uint8 HxWx3 arrays in pageable memory, new arrays every frame as a ROS message gives them.
 
 At 1920x1080 (12.4 MB a pair) the upload is the part of the end-to-end time that grows with the camera size;
 this puts the ways to do it side by side on one machine (the matcher's default: "pageable"; its
@@ -30,6 +31,8 @@ def main() -> int:
     ap.add_argument("--size", default="1920x1080")
     ap.add_argument("--runs", type=int, default=30)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("upload_paths.py times copies to a CUDA GPU: torch finds none on this machine")
     w, h = (int(v) for v in args.size.split("x"))
     dev = torch.device("cuda")
     stream = torch.cuda.Stream()
