@@ -53,16 +53,17 @@ def test_device_stage1_equals_this_hosts_stage1_bit_for_bit(size: tuple[int, int
 
 @pytest.mark.parametrize("preset", ["robot832", "robot640", "hf_space"])
 def test_stage1_kernels_give_the_torch_forms_bytes(preset: str) -> None:
-    """The Triton form of stage 1 (stage1_kernel.py, the default on CUDA) gives the bytes of the torch ops' form
+    """The Triton form of stage 1 (core/resample_kernel.py, the default on CUDA) gives the bytes of the torch ops' form
     (which test_eloftr_device_stage1.py holds to the host's stage 1 bit for bit), for one image and a stacked
     pair, at every camera size and preset that resamples on the device."""
     from matchanything_ros.core.bundled import resolve_eloftr_checkpoint
     from matchanything_ros.core.checkpoint import load_state_dict
     from matchanything_ros.core.eloftr.pipeline import EloftrPipeline
     from matchanything_ros.core.eloftr.preprocess import PreprocessSettings, plan_stage1
-    from matchanything_ros.core.eloftr.product import EloftrProduct, stage1_kernel_module
+    from matchanything_ros.core.eloftr.product import EloftrProduct
+    from matchanything_ros.core.kernels import resample_kernel
 
-    assert stage1_kernel_module() is not None, "Triton is not importable on this CUDA machine"
+    assert resample_kernel() is not None, "Triton is not importable on this CUDA machine"
     settings = {"robot832": PreprocessSettings(), "robot640": PreprocessSettings(resize_max=640),
                 "hf_space": PreprocessSettings(force_resize_wh=(640, 480))}[preset]
     path, cfg, _ = resolve_eloftr_checkpoint("")
@@ -124,21 +125,36 @@ def test_thresholds_change_in_place_on_cuda_without_recompiling_and_the_cap_keep
     assert out.confidence.min() >= np.sort(full.confidence)[::-1][1000] * (1 - 1e-3)
 
 
-def test_roma_web_ui_stage_on_the_device_matches_numpy() -> None:
+@pytest.mark.parametrize("banded", [True, False], ids=["banded_kernel", "matmuls"])
+@pytest.mark.parametrize("size", CAMERA_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_roma_web_ui_stage_on_the_device_matches_numpy(size: tuple[int, int], banded: bool) -> None:
+    """Both device forms of RoMa's web-UI stage + stretch against the numpy path; the banded one (the default with
+    Triton) also against its arithmetic written in numpy (test_roma_device_resize.banded_sums: the same fused
+    multiply-adds in the same order; up to a rounding apart, as the numpy FMA rounds through float64)."""
+    from test_roma_device_resize import banded_sums
+
+    from matchanything_ros.core.kernels import resample_kernel
     from matchanything_ros.core.roma.device_graph import StretchResize
     from matchanything_ros.core.roma.preprocess import prepare_image
 
-    img = camera_photo(1920, 1080)
+    img = camera_photo(*size)
     ref = prepare_image(img, 560, 864, webui_resize=True)
+    stretch = StretchResize((560, 864), webui=True, banded=banded)
+    if banded:
+        assert resample_kernel() is not None, "Triton is not importable on this CUDA machine"
     saved = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False  # as RomaImageGraph's fp32_math
         with torch.inference_mode():
-            coarse, fine = (t[0].cpu().numpy() for t in
-                            StretchResize((560, 864), webui=True)(torch.from_numpy(img).cuda()[None]))
+            coarse, fine = (t[0].cpu().numpy() for t in stretch(torch.from_numpy(img).cuda()[None]))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
-    assert max(np.abs(coarse - ref.coarse).max(), np.abs(fine - ref.fine).max()) <= 2e-6
+    err = max(np.abs(coarse - ref.coarse).max(), np.abs(fine - ref.fine).max())
+    print(f"{size}: {'banded' if banded else 'MatMuls'} vs numpy {err:.3g}")
+    assert err <= 2e-6
+    if banded:
+        for got, s in ((coarse, 560), (fine, 864)):
+            assert np.abs(got - banded_sums(img, *stretch.matrices(*img.shape[:2], s))).max() <= 2.4e-7
 
 
 def test_fp16_keeps_fp32s_matches_on_cuda() -> None:
@@ -189,7 +205,8 @@ def test_roma_speed_form_kernels_run_on_this_gpu(mode: str) -> None:
 
 
 ROMA_FORMS: dict[str, dict[str, Any]] = {"default": {}, "refiners_cudnn_nchw": {"refiner_blocks": None},
-                                         "window_products_by_gemm": {"fused_window_dots": False}}
+                                         "window_products_by_gemm": {"fused_window_dots": False},
+                                         "stretch_by_matmuls": {"stage1_kernel": False}}
 
 
 @pytest.mark.parametrize("form", list(ROMA_FORMS))
@@ -237,6 +254,21 @@ def test_roma_captured_sampler_draws_what_the_eager_sampler_draws() -> None:
     assert captured.stage1_index is not None and eager.stage1_index is not None
     assert np.array_equal(captured.stage1_index, eager.stage1_index)
     assert np.array_equal(captured.matches, eager.matches) and np.array_equal(captured.confidence, eager.confidence)
+
+
+@pytest.mark.parametrize("tile", [(16, 128), (32, 64), (8, 256)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_the_kde_kernel_gives_the_float64_density(tile: tuple[int, int]) -> None:
+    """The sampler's KDE kernel (the default on CUDA) at the sampler's size (4 x 5000 points, a ragged last tile
+    too) within 1e-6 relative of a float64 KDE, at every tile the benchmark compares."""
+    from matchanything_ros.core.roma.sampling import kde_density, kde_density_triton
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat((torch.rand(15_000, 4, generator=g) * 2 - 1, torch.randn(5_003, 4, generator=g) * 0.05))
+    ref = kde_density(x.double().cuda())
+    got = kde_density_triton(x.cuda(), block_i=tile[0], block_j=tile[1]).double()
+    rel = float(((got - ref).abs() / ref).max())
+    print(f"tile {tile}: max relative {rel:.2e}")
+    assert rel <= 1e-6
 
 
 @pytest.mark.parametrize("model", ["homography", "essential"])  # essential: the fundamental path, calibrated

@@ -1,8 +1,11 @@
-"""RoMa's stretch-resize as two MatMuls inside the graph (the CUDA speed form), checked on the CPU.
+"""RoMa's stretch-resize inside the graph (the CUDA speed form), checked on the CPU.
 
 * The MatMul resize vs the bit-exact numpy path on real photos (the fixtures' images), at the
   fixtures' sizes and at the defaults (640x480 -> 560 / 864): float32 summation order is the only
   difference, bounded by RESIZE_TOL (measured here ~1e-7; the issue expects ~1e-7).
+* The banded form (one Triton kernel per axis on CUDA): each matrix's band holds all its weights, and the
+  kernel's sums (`banded_sums`, its arithmetic in numpy; test_gpu.py holds the kernel to it) are within
+  RESIZE_TOL of the numpy path at every camera size, equal to it at 640x480.
 * The stage-1 host part hands over exactly what the numpy path resizes.
 * It exports to ONNX as MatMuls and ONNX Runtime reproduces it.
 * The gathered local correlation equals the grid_sample one (flows reaching past the borders too).
@@ -21,10 +24,10 @@ import torch
 import parity_rules as pr
 import roma_util as ru
 from matchanything_ros.core.roma.config import WEBUI_SIZE_WH
-from matchanything_ros.core.roma.device_graph import RomaImageGraph, StretchResize
+from matchanything_ros.core.roma.device_graph import RomaImageGraph, StretchResize, band_of
 from matchanything_ros.core.roma.model import (ConvRefiner, fold_batchnorm, local_correlation,
                                                local_correlation_gathered)
-from matchanything_ros.core.roma.preprocess import prepare_image, prepare_stage1, resize_matrix, webui_stage
+from matchanything_ros.core.roma.preprocess import _fma32, prepare_image, prepare_stage1, resize_matrix, webui_stage
 
 RESIZE_TOL = 5e-7  # float32 summation order (the numpy path's FMA chain vs a GEMM); outputs are in [~-0.1, ~1.1]
 FLOW_TOL, CERT_TOL = 1e-3, 1e-2 / 4  # the parity tolerances of test_roma_parity.py
@@ -83,6 +86,55 @@ def test_the_web_ui_stage_on_the_device_matches_numpy_at_camera_sizes(size: tupl
     err = max(np.abs(coarse - ref.coarse).max(), np.abs(fine - ref.fine).max())
     print(f"{size[0]}x{size[1]} -> 640x480 -> 560/864: max |diff| {err:.3g}")
     assert err <= RESIZE_TOL, f"max |diff| {err:.3g}"
+
+
+def banded_sums(image_hwc: np.ndarray, wh: np.ndarray, ww: np.ndarray) -> np.ndarray:
+    """What the resample kernel computes for `StretchResize(banded=True)`, in numpy: each value / 255 first, the
+    width pass then the height pass over each matrix's band (`band_of`), tap 0 a product, the others fused
+    multiply-adds in tap order. [H, W, 3] -> [3, S, S] float32."""
+    x = image_hwc.astype(np.float32) / np.float32(255)
+    index, weight = band_of(ww)
+    rows = x[:, index[:, 0], :] * weight[:, 0][None, :, None]
+    for t in range(1, index.shape[1]):
+        rows = _fma32(x[:, index[:, t], :], weight[:, t][None, :, None], rows)
+    index, weight = band_of(wh)
+    out = rows[index[:, 0]] * weight[:, 0][:, None, None]
+    for t in range(1, index.shape[1]):
+        out = _fma32(rows[index[:, t]], weight[:, t][:, None, None], out)
+    return out.transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (848, 480), (1024, 768), (1280, 720), (1920, 1080), (3840, 2160)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_the_bands_hold_every_weight_of_the_resize_matrices(size: tuple[int, int]) -> None:
+    """A 1920x1080 camera image's 864-pixel rows read 13-19 source pixels each, not 1,080-1,920."""
+    w, h = size
+    for webui in (True, False):
+        for s in (560, 864):
+            for matrix in StretchResize((s,), webui=webui).matrices(h, w, s):
+                index, weight = band_of(matrix)
+                assert index.dtype == np.int32 and weight.dtype == np.float32 and index.shape == weight.shape
+                assert index.min() >= 0 and index.max() < matrix.shape[1]
+                rebuilt = np.zeros_like(matrix)
+                np.add.at(rebuilt, (np.arange(matrix.shape[0])[:, None].repeat(index.shape[1], 1), index), weight)
+                np.testing.assert_array_equal(rebuilt, matrix)
+                assert index.shape[1] <= (20 if w <= 1920 else 40), (webui, s, index.shape)  # measured 13-19, 24-38
+
+
+@pytest.mark.parametrize("size", [(640, 480), (848, 480), (1024, 768), (1280, 720), (1920, 1080), (1000, 700)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_the_banded_sums_match_numpy_at_camera_sizes(size: tuple[int, int]) -> None:
+    from test_eloftr_device_stage1 import camera_photo
+
+    img = camera_photo(*size)
+    ref = prepare_image(img, 560, 864, webui_resize=True)
+    stretch = StretchResize((560, 864), webui=True)
+    errs = [float(np.abs(banded_sums(img, *stretch.matrices(*img.shape[:2], s)) - r).max())
+            for s, r in ((560, ref.coarse), (864, ref.fine))]
+    print(f"{size[0]}x{size[1]} -> 560 / 864, banded sums: max |diff| {errs}")
+    assert max(errs) <= RESIZE_TOL
+    if size == WEBUI_SIZE_WH:
+        assert max(errs) == 0  # the numpy path's own taps in its own order
 
 
 def test_stage1_is_what_the_numpy_path_resizes() -> None:

@@ -43,7 +43,7 @@ class EloftrOptions:
     fp32_island: str = "fpn_backbone12"
     # the product graph resamples the camera images itself (stage 1 on the device, bit for bit)
     stage1_on_device: bool = True
-    # ... as one Triton kernel per resampled axis (stage1_kernel.py: the same sums and roundings as the torch ops'
+    # ... as one Triton kernel per resampled axis (resample_kernel.py: the same sums and roundings as the torch ops'
     # tap-by-tap form; a 1920x1080 pair 0.06 instead of 0.55 ms on an H100); off, or without Triton: the torch ops
     stage1_kernel: bool = True
     # ... and runs the backbone and the fine FPN on the valid region plus the backbone's edge reach, not the

@@ -23,6 +23,7 @@ from torch import nn
 from .model import Edge, EloftrNet, _flat_cells
 from .graphs import EloftrFine, border_valid_cells, dual_softmax_confidence, topk_candidates
 from ..compiled import FIXED_SHAPE_COMPILES, CompiledOrEager
+from ..kernels import resample_kernel
 from .options import PRODUCT_HEADS
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ class EloftrProduct(nn.Module):
         # whether the host's kernel for the antialiased step accumulates with fused multiply-adds (asked of it)
         self.stage1_fma = host_aa_uses_fma() if stage1 is not None else False
         self._taps: dict[tuple[Any, ...], torch.Tensor] = {}  # stage-1 tables on the device, made before capture
-        # on CUDA with Triton: stage 1 as one kernel per axis (stage1_kernel.py), else the torch ops' replay
+        # on CUDA with Triton: stage 1 as one kernel per axis (core/resample_kernel.py), else the torch ops' replay
         self.stage1_kernel = bool(stage1_kernel)
         self._edges: dict[tuple[Any, ...], dict[str, Edge]] = {}  # far-field edges of the crops (`edges_for`)
         # the threshold is a buffer, read by the compiled and captured code as an input: a new threshold is
@@ -380,7 +381,7 @@ class EloftrProduct(nn.Module):
             return rgb
         if not plan.device:
             raise ValueError(f"stage 1 of a {w}x{h} image runs on the host (stage2_rgb)")
-        if self.stage1_kernel and rgb.is_cuda and stage1_kernel_module() is not None:
+        if self.stage1_kernel and rgb.is_cuda and resample_kernel() is not None:
             return self._stage1_fused(rgb.contiguous(), plan.steps)
         x = rgb.to(torch.float32)
         scaled = False
@@ -400,8 +401,7 @@ class EloftrProduct(nn.Module):
     def _stage1_fused(self, rgb: torch.Tensor, steps: Any) -> torch.Tensor:
         """stage1_rgb's arithmetic as one Triton kernel per resampled axis, in stage1_rgb's order: the /255 on
         the first antialiased pass's inputs (else after the last pass), the uint8 cast in the last."""
-        from .stage1_kernel import resample
-
+        resample = resample_kernel().resample
         passes = [(taps, dim, kind) for taps_h, taps_w, kind in steps
                   for taps, dim in ((taps_w, -2), (taps_h, -3)) if taps is not None]
         first_aa = next((n for n, (_, _, kind) in enumerate(passes) if kind == "aa"), None)
@@ -549,16 +549,6 @@ class EloftrProduct(nn.Module):
         """The smallest row bucket that holds a frame's matches (header: front()'s count row)."""
         needed = min(int(header[0, 0]), cap)
         return next(r for r in self.row_buckets(cap) if r >= needed)
-
-
-@functools.lru_cache(maxsize=1)
-def stage1_kernel_module() -> Any:
-    """stage1_kernel.py where Triton imports (torch's CUDA wheels bring it), else None; decided once."""
-    try:
-        from . import stage1_kernel
-    except Exception:  # noqa: BLE001 - any failure to import means no Triton here
-        return None
-    return stage1_kernel
 
 
 def _taps_key(taps: Any, device: torch.device) -> tuple[Any, ...]:

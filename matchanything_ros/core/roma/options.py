@@ -44,8 +44,12 @@ class RomaOptions:
     # ... with its window products by the Triton kernel `window_dots` where it runs (False: gathered windows and a
     # batched GEMM, ~5 GB of windows written and re-read a pair at 864: 6.4 ms fp16, H200). Gathered form only
     fused_window_dots: bool = True
-    # the torch backend's graph takes the stage-1 images and stretch-resizes them itself (device_graph.py)
+    # the torch backend's graph takes the stage-1 images and stretch-resizes them itself (device_graph.py) ...
     stage1_on_device: bool = True
+    # ... each resize matrix's product by its band, one Triton kernel per axis (core/resample_kernel.py: 10-20
+    # weights a value, where the dense MatMuls sum whole rows: 49 GFLOP of IEEE fp32 for a 1920x1080 pair); off,
+    # or without Triton: two MatMuls per image and size
+    stage1_kernel: bool = True
     # the balanced sampler replayed as one CUDA graph a frame (sampling.DeviceSampler; False: eager kernels)
     capture_sampler: bool = True
     # fp32 convolutions in TF32 (torch's cuDNN default, which the original's fp32 timing ran with); off: true

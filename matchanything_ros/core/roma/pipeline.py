@@ -215,7 +215,8 @@ class RomaPipeline:
             return {"dense": RomaImageGraph(net, self.config.coarse_res, self.config.upsample_res,
                                             cudnn_benchmark=fp32,
                                             warmup_headroom_gib=FP32_WARMUP_HEADROOM_GIB if fp32 else None,
-                                            webui=self.config.webui_resize, cudnn_tf32=o.fp32_cudnn_tf32).eval()}
+                                            webui=self.config.webui_resize, cudnn_tf32=o.fp32_cudnn_tf32,
+                                            banded_resize=o.stage1_kernel).eval()}
         return {"dense": RomaDenseGraph(net).eval()}
 
     def example_inputs(self, graph: str = "dense") -> dict[str, "torch.Tensor"]:

@@ -46,22 +46,25 @@ def kde_density(x: torch.Tensor, std: float = KDE_STD, rows_per_chunk: int = 204
     return torch.cat(out)
 
 
-def kde_density_triton(x: torch.Tensor, std: float = KDE_STD) -> torch.Tensor:
+def kde_density_triton(x: torch.Tensor, std: float = KDE_STD, block_i: int | None = None,
+                       block_j: int | None = None) -> torch.Tensor:
     """`kde_density` in one Triton kernel (`triton_kernels.kde`; CUDA): each program sums
     exp(-|x_i - x_j|^2 / (2 std^2)) over all j for a block of rows in registers, so none of the N x N
     distances is written to memory (cdist + square + exp + sum make ~6 passes over them). Rounds
-    differently from cdist (which squares a square root): 1e-7 relative from a float64 KDE."""
+    differently from cdist (which squares a square root): 1e-7 relative from a float64 KDE. block_i / block_j:
+    the kernel's tile (None: KDE_BLOCK_I / KDE_BLOCK_J; bench/roma_sampler.py compares tiles)."""
     from .triton_kernels import kde
 
-    x = x.float().contiguous()
     assert x.dim() == 2 and x.shape[1] == 4, x.shape
+    xt = x.float().t().contiguous()  # [4, N]: each coordinate a row
     n = x.shape[0]
+    bi, bj = block_i or KDE_BLOCK_I, block_j or KDE_BLOCK_J
     out = torch.empty(n, dtype=torch.float32, device=x.device)
-    kde[(-(-n // KDE_BLOCK_I),)](x, out, n, -1.0 / (2 * std**2), BLOCK_I=KDE_BLOCK_I, BLOCK_J=128, num_warps=4)
+    kde[(-(-n // bi),)](xt, out, n, -1.0 / (2 * std**2), BLOCK_I=bi, BLOCK_J=bj, num_warps=4)
     return out
 
 
-KDE_BLOCK_I = 16  # rows per program of `kde_density_triton` (H200, 20000 points: 16 0.63 ms, 32 0.85, 64 0.89, 128 4.6)
+KDE_BLOCK_I, KDE_BLOCK_J = 16, 128  # the KDE kernel's tile: points a program, points a step of its loop
 
 
 def exponential_race(weights: torch.Tensor, num: int, generator: torch.Generator | None = None) -> torch.Tensor:

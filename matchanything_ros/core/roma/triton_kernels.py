@@ -57,31 +57,34 @@ def bias_relu_nhwc(x_ptr, b_ptr, scale_ptr, shift_ptr, P, C,  # type: ignore[no-
 
 
 @triton.jit(do_not_specialize=["n"])  # type: ignore[untyped-decorator, unused-ignore]
-def kde(x_ptr, out_ptr, n, neg_scale,  # type: ignore[no-untyped-def]
+def kde(xt_ptr, out_ptr, n, neg_scale,  # type: ignore[no-untyped-def]
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """out[i] = sum_j exp(neg_scale * |x_i - x_j|^2) for x [n, 4] fp32 contiguous; BLOCK_I rows a program."""
+    """out[i] = sum_j exp(neg_scale * |x_i - x_j|^2) for the points x given as xt [4, n] fp32 contiguous (each
+    coordinate a row: coalesced loads); BLOCK_I points a program. Each lane sums its own column of terms and
+    the lanes are added once at the end (a reduction across lanes per tile of BLOCK_J points cost more than
+    the terms)."""
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     mi = i < n
-    a0 = tl.load(x_ptr + i * 4, mask=mi, other=0.0)
-    a1 = tl.load(x_ptr + i * 4 + 1, mask=mi, other=0.0)
-    a2 = tl.load(x_ptr + i * 4 + 2, mask=mi, other=0.0)
-    a3 = tl.load(x_ptr + i * 4 + 3, mask=mi, other=0.0)
-    acc = tl.zeros([BLOCK_I], dtype=tl.float32)
+    a0 = tl.load(xt_ptr + i, mask=mi, other=0.0)
+    a1 = tl.load(xt_ptr + n + i, mask=mi, other=0.0)
+    a2 = tl.load(xt_ptr + 2 * n + i, mask=mi, other=0.0)
+    a3 = tl.load(xt_ptr + 3 * n + i, mask=mi, other=0.0)
+    acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     j0 = n * 0  # a while loop over a run-time int: Triton's interpreter cannot range() over a scalar argument
     while j0 < n:
         j = j0 + tl.arange(0, BLOCK_J)
         mj = j < n
-        d = a0[:, None] - tl.load(x_ptr + j * 4, mask=mj, other=0.0)[None, :]
+        d = a0[:, None] - tl.load(xt_ptr + j, mask=mj, other=0.0)[None, :]
         d2 = d * d
-        d = a1[:, None] - tl.load(x_ptr + j * 4 + 1, mask=mj, other=0.0)[None, :]
+        d = a1[:, None] - tl.load(xt_ptr + n + j, mask=mj, other=0.0)[None, :]
         d2 += d * d
-        d = a2[:, None] - tl.load(x_ptr + j * 4 + 2, mask=mj, other=0.0)[None, :]
+        d = a2[:, None] - tl.load(xt_ptr + 2 * n + j, mask=mj, other=0.0)[None, :]
         d2 += d * d
-        d = a3[:, None] - tl.load(x_ptr + j * 4 + 3, mask=mj, other=0.0)[None, :]
+        d = a3[:, None] - tl.load(xt_ptr + 3 * n + j, mask=mj, other=0.0)[None, :]
         d2 += d * d
-        acc += tl.sum(tl.where(mj[None, :], tl.exp(d2 * neg_scale), 0.0), axis=1)
+        acc += tl.where(mj[None, :], tl.exp(d2 * neg_scale), 0.0)
         j0 += BLOCK_J
-    tl.store(out_ptr + i, acc, mask=mi)
+    tl.store(out_ptr + i, tl.sum(acc, axis=1), mask=mi)
 
 
 @triton.jit(do_not_specialize=["P"])  # type: ignore[untyped-decorator, unused-ignore]

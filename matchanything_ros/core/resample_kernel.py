@@ -1,11 +1,11 @@
-"""Stage 1 on a CUDA device as one Triton kernel per resampled axis: the same sums as `product.replay_taps`.
+"""A separable resize's axis on a CUDA device as one Triton kernel: each output value a sum of taps in registers.
 
-`replay_taps` resamples an axis tap by tap with torch ops: each tap is a gather, a multiply and an add over the
-whole image (a 1920x1080 camera pair: ~50 kernels, 0.55 ms on an H100). Here one kernel per axis computes each
-output value in registers, in the same tap order and with the same roundings, and folds in the uint8 -> float32
-cast, the division by 255 and the final uint8 truncation: 0.06 ms for that pair (0.02-0.04 ms at the smaller
-camera sizes; bench/stage1_device.py, H100, 2026-12-07). Its bytes equal the torch form's on the CPU at every
-camera size and preset (test_gpu.py); the torch form run on the GPU differed from both at every size measured
+Used by ELoFTR's stage 1 (`eloftr/product.py`: the same sums and roundings as `product.replay_taps`, whose torch
+ops cost a 1920x1080 camera pair ~50 kernels and 0.55 ms on an H100, against 0.06 ms here; 0.02-0.04 ms at the
+smaller camera sizes; bench/stage1_device.py, H100, 2026-12-07) and by RoMa's stretch-resize (`roma/device_graph.py`:
+a resize matrix's band, where a dense MatMul would sum the whole row). It folds in the uint8 -> float32 cast, the
+division by 255 and, where asked, the final uint8 truncation. ELoFTR's bytes equal the torch form's on the CPU at
+every camera size and preset (test_gpu.py); the torch form run on the GPU differed from both at every size measured
 (a few values; not traced: torch's CUDA arithmetic is not the CPU's in every rounding).
 
 Bit-exactness rests on three things, each written out: products and sums are rounded separately
@@ -13,7 +13,7 @@ Bit-exactness rests on three things, each written out: products and sums are rou
 kernel itself fuses them (`tl.fma`: one rounding, as the host CPU's AVX2/AVX-512 kernel); and the division by
 255 is IEEE round-to-nearest (`div_rn`), as numpy's and torch's.
 
-Imported only where Triton is (`product.stage1_kernel_module`): importing this module imports Triton. Under
+Imported only where Triton is (`kernels.resample_kernel`): importing this module imports Triton. Under
 TRITON_INTERPRET=1 the kernel runs on CPU tensors (checks by hand: with Triton 3.9's interpreter, whose `tl.fma`
 rounds once, it gave `preprocess.stage2_rgb`'s bytes at every camera size and preset on our CPU).
 """
