@@ -1,14 +1,14 @@
 """The "dense" graph fed with stage-1 images: the stretch-resize runs on the device.
 
-torchvision's antialiased bicubic resize is linear and separable, so each image's coarse and fine
-inputs are `Wh @ X @ Ww^T` per channel with fixed matrices (`preprocess.resize_matrix`, built from
-the same taps as the bit-exact numpy path, once per input size). The host only hands over the uint8
-image (0.9 MB at 640x480) instead of resizing 4 images in numpy (~270 ms). On CUDA with Triton each
-product runs as the matrix's band (`band_of`, `core/resample_kernel.py`: each output value sums the
-10-20 non-zero weights of its row) — the dense MatMuls sum every row in full, 49 GFLOP in IEEE fp32 for
-a 1920x1080 pair; elsewhere (the CPU, ONNX/TensorRT export, torch without Triton) they are two MatMuls
-per image and size. Either deviates from the numpy path by float32 summation order only (bounded in
-test/test_roma_device_resize.py and test_gpu.py); the numpy path stays the exact one (CPU parity).
+torchvision's antialiased bicubic resize is linear and separable, so each image's coarse and fine inputs are
+`Wh @ X @ Ww^T` per channel with fixed matrices (`preprocess.resize_matrix`, built from the same taps as the
+bit-exact numpy path, once per input size). The host only hands over the uint8 image (0.9 MB at 640x480)
+instead of resizing 4 images in numpy (~270 ms). On CUDA with Triton each product runs as the matrix's band
+(`band_of`, `core/resample_kernel.py`: each output value sums the 4-19 non-zero weights of its row at the
+camera sizes) — the dense MatMuls sum every row in full, 49 GFLOP in IEEE fp32 for a 1920x1080 pair; elsewhere
+(the CPU, ONNX/TensorRT export, torch without Triton) they are two MatMuls per image and size. Either deviates
+from the numpy path by float32 summation order only (bounded in test/test_roma_device_resize.py and
+test_gpu.py); the numpy path stays the exact one (CPU parity).
 
 The graph has fixed shapes per input size (`capture_key`), so the torch backend captures it whole
 in a CUDA graph. cuDNN/TF32 settings it needs are set for its own forward only and restored after.

@@ -46,9 +46,9 @@ class RomaOptions:
     fused_window_dots: bool = True
     # the torch backend's graph takes the stage-1 images and stretch-resizes them itself (device_graph.py) ...
     stage1_on_device: bool = True
-    # ... each resize matrix's product by its band, one Triton kernel per axis (core/resample_kernel.py: 10-20
-    # weights a value, where the dense MatMuls sum whole rows: 49 GFLOP of IEEE fp32 for a 1920x1080 pair); off,
-    # or without Triton: two MatMuls per image and size
+    # ... each resize matrix's product by its band, one Triton kernel per axis (core/resample_kernel.py: 4-19
+    # weights a value at the camera sizes, where the dense MatMuls sum whole rows: 49 GFLOP of IEEE fp32 for a
+    # 1920x1080 pair); off, or without Triton: two MatMuls per image and size
     stage1_kernel: bool = True
     # the balanced sampler replayed as one CUDA graph a frame (sampling.DeviceSampler; False: eager kernels)
     capture_sampler: bool = True

@@ -61,8 +61,8 @@ def kde(xt_ptr, out_ptr, n, neg_scale,  # type: ignore[no-untyped-def]
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """out[i] = sum_j exp(neg_scale * |x_i - x_j|^2) for the points x given as xt [4, n] fp32 contiguous (each
     coordinate a row: coalesced loads); BLOCK_I points a program. Each lane sums its own column of terms and
-    the lanes are added once at the end (a reduction across lanes per tile of BLOCK_J points cost more than
-    the terms)."""
+    the lanes are added once at the end, not after every tile of BLOCK_J points (the form before; the two not
+    yet timed against each other on a GPU: bench/roma_stages.py)."""
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     mi = i < n
     a0 = tl.load(xt_ptr + i, mask=mi, other=0.0)
